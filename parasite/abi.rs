@@ -1,0 +1,374 @@
+//! The ABI shared by crust and its two blobs (parasite and restorer).
+//!
+//! This file is compiled three times: into crust (as `crate::abi`), into the
+//! parasite blob and into the restorer blob. Everything here is `#[repr(C)]`
+//! plain data with no pointers that outlive one address space: addresses are
+//! plain `u64`s, valid in the task the blob runs in.
+
+#![allow(dead_code)]
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Number of signals the kernel knows (1..=64).
+pub const NSIG: usize = 64;
+/// RLIMIT_NLIMITS on x86-64.
+pub const NR_RLIMITS: usize = 16;
+
+/// Most iovecs the parasite takes for one `vmsplice` batch.
+pub const MAX_IOVS: usize = 1024;
+
+// ---- parasite commands -------------------------------------------------
+
+/// Create the page pipe and size it to `ParasiteCtl::pipe_size`.
+pub const PARASITE_CMD_INIT: u64 = 1;
+/// `vmsplice` `ParasiteCtl::iovs[..nr_iovs]` into the page pipe.
+pub const PARASITE_CMD_DUMP_PAGES: u64 = 2;
+/// Fill `ParasiteCtl::misc` with the state only the task can read about itself.
+pub const PARASITE_CMD_GET_MISC: u64 = 3;
+/// Close the page pipe.
+pub const PARASITE_CMD_FINI: u64 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct IoVec {
+    pub base: u64,
+    pub len: u64,
+}
+
+/// The kernel's `struct sigaction` as rt_sigaction(2) takes it on x86-64.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct KSigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ITimerVal {
+    pub interval_sec: i64,
+    pub interval_usec: i64,
+    pub value_sec: i64,
+    pub value_usec: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub _pad: i32,
+    pub size: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct RLimit {
+    pub cur: u64,
+    pub max: u64,
+}
+
+/// State the parasite reads from inside the task.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MiscState {
+    /// Index i holds signal i+1.
+    pub sigactions: [KSigAction; NSIG],
+    pub itimers: [ITimerVal; 3],
+    pub sigaltstack: SigAltStack,
+    pub rlimits: [RLimit; NR_RLIMITS],
+    pub tid_address: u64,
+    /// The program break, brk(0); /proc shows only its page-aligned VMA end.
+    pub brk: u64,
+    // prctl state; the first five are per thread.
+    pub timer_slack: u64,
+    pub no_new_privs: i32,
+    pub securebits: i32,
+    pub pdeath_signal: i32,
+    pub mce_kill: i32,
+    pub dumpable: i32,
+    pub child_subreaper: i32,
+    pub thp_disable: i32,
+    pub _pad: i32,
+    /// Bitmask of the sigactions that could be read.
+    pub sigactions_ok: u64,
+}
+
+/// The control block at a fixed offset in the parasite region: crust writes
+/// a command and its arguments, runs the parasite, and reads the reply here.
+#[repr(C)]
+pub struct ParasiteCtl {
+    pub cmd: u64,
+    /// Address of the ucontext of the rt_sigframe crust built with the
+    /// task's own state: every command ends with rt_sigreturn through it,
+    /// so the task is itself again even if crust died meanwhile.
+    pub sigframe_uc: u64,
+    /// Zero or positive on success, `-errno` on failure.
+    pub ret: i64,
+    pub pipe_size: u64,
+    pub pipe_rd: i32,
+    pub pipe_wr: i32,
+    pub nr_iovs: u64,
+    pub iovs: [IoVec; MAX_IOVS],
+    pub misc: MiscState,
+}
+
+// ---- restorer ----------------------------------------------------------
+
+/// One premapped VMA the restorer moves into place.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct VmaMove {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+    pub prot: u64,
+}
+
+/// The kernel's `struct prctl_mm_map` (PR_SET_MM_MAP).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PrctlMmMap {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: u64,
+    pub auxv_size: u32,
+    pub exe_fd: u32,
+}
+
+pub const MAX_AUXV: usize = 128;
+pub const MAX_GROUPS: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreCreds {
+    pub uid: [u32; 3],
+    pub gid: [u32; 3],
+    pub fsuid: u32,
+    pub fsgid: u32,
+    pub ngroups: u32,
+    pub groups: [u32; MAX_GROUPS],
+    pub cap_eff: u64,
+    pub cap_prm: u64,
+    pub cap_inh: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct RseqConf {
+    pub addr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+/// Restorer steps, reported with the errno through `status_fd` when one fails.
+pub const RSTEP_UNMAP: u32 = 1;
+pub const RSTEP_MREMAP: u32 = 2;
+pub const RSTEP_MPROTECT: u32 = 3;
+pub const RSTEP_VDSO: u32 = 4;
+pub const RSTEP_MM_MAP: u32 = 5;
+pub const RSTEP_SIGACTION: u32 = 6;
+pub const RSTEP_RSEQ: u32 = 7;
+pub const RSTEP_FSBASE: u32 = 8;
+pub const RSTEP_CREDS: u32 = 9;
+pub const RSTEP_ITIMER: u32 = 10;
+pub const RSTEP_THREAD: u32 = 11;
+pub const RSTEP_SCHED: u32 = 12;
+pub const RSTEP_SIGQUEUE: u32 = 13;
+
+pub fn restorer_step_name(step: u32) -> &'static str {
+    match step {
+        RSTEP_UNMAP => "unmapping crust's memory",
+        RSTEP_MREMAP => "moving a premapped VMA into place",
+        RSTEP_MPROTECT => "setting a VMA's protection",
+        RSTEP_VDSO => "mapping the vDSO",
+        RSTEP_MM_MAP => "PR_SET_MM_MAP",
+        RSTEP_SIGACTION => "restoring signal handlers",
+        RSTEP_RSEQ => "registering rseq",
+        RSTEP_FSBASE => "setting fs/gs base",
+        RSTEP_CREDS => "restoring credentials",
+        RSTEP_ITIMER => "restoring interval timers",
+        RSTEP_THREAD => "creating a thread with its TID",
+        RSTEP_SCHED => "restoring the scheduling policy",
+        RSTEP_SIGQUEUE => "queueing pending signals",
+        _ => "unknown step",
+    }
+}
+
+/// Everything the restorer needs, placed in the hole by crust before the jump.
+/// `vmas_off` and `sigframe_off` are offsets from the start of this struct.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RestorerArgs {
+    pub hole_start: u64,
+    pub hole_end: u64,
+    pub vmas_off: u64,
+    pub nr_vmas: u64,
+    /// Address where the vDSO data pages start, 0 when the task had none.
+    pub vdso_addr: u64,
+    pub mm_map: PrctlMmMap,
+    pub auxv: [u64; MAX_AUXV],
+    pub status_fd: i32,
+    pub dumpable: i32,
+    pub child_subreaper: i32,
+    pub thp_disable: i32,
+    pub sigactions: [KSigAction; NSIG],
+    pub sigactions_ok: u64,
+    pub itimers: [ITimerVal; 3],
+    /// The thread running the restorer (the leader): what is its own.
+    pub leader: ThreadArgs,
+    /// Signals to queue to the whole process (siginfo records, as above).
+    pub shared_pending_off: u64,
+    pub nr_shared_pending: u64,
+    /// The other threads: `nr_threads` `ThreadArgs` at `threads_off`.
+    pub threads_off: u64,
+    pub nr_threads: u64,
+    /// Counts the threads that are done; the main thread waits for all
+    /// before it closes the status pipe (a futex word).
+    pub threads_done: u32,
+    pub _pad: u32,
+}
+
+/// What a thread other than the leader restores of its own. The restorer
+/// creates it with clone3(set_tid) on the stack below `stack_top`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadArgs {
+    /// Address of the process's `RestorerArgs`.
+    pub args: u64,
+    pub tid: i32,
+    pub has_rseq: u32,
+    pub rseq: RseqConf,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub tid_address: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    pub creds: RestoreCreds,
+    /// Address of the thread's ucontext in its prebuilt rt_sigframe.
+    pub sigframe_uc: u64,
+    pub stack_top: u64,
+    pub stack_size: u64,
+    /// The thread's name, NUL-terminated.
+    pub comm: [u8; 16],
+    pub sched_policy: i32,
+    pub sched_priority: i32,
+    pub nice: i32,
+    pub no_new_privs: i32,
+    pub securebits: i32,
+    pub pdeath_signal: i32,
+    pub mce_kill: i32,
+    pub nr_affinity: u32,
+    pub affinity: [u64; MAX_CPU_WORDS],
+    pub timer_slack: u64,
+    /// Signals to queue to this thread: `nr_pending` 128-byte siginfo
+    /// records at `pending_off` from the start of `RestorerArgs`.
+    pub pending_off: u64,
+    pub nr_pending: u64,
+}
+
+/// CPU affinity words carried per thread (64 CPUs each).
+pub const MAX_CPU_WORDS: usize = 16;
+
+/// The kernel's `struct clone_args` (clone3).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+// ---- the rt_sigframe the restorer returns through -----------------------
+
+pub const UC_FP_XSTATE: u64 = 0x1;
+pub const UC_SIGCONTEXT_SS: u64 = 0x2;
+pub const UC_STRICT_RESTORE_SS: u64 = 0x4;
+pub const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+pub const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+/// Offset of the software-reserved bytes inside the FXSAVE area.
+pub const FXSAVE_SW_RESERVED_OFF: usize = 464;
+
+/// `struct sigcontext` of x86-64.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SigContext {
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub rdx: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rsp: u64,
+    pub rip: u64,
+    pub eflags: u64,
+    pub cs: u16,
+    pub gs: u16,
+    pub fs: u16,
+    pub ss: u16,
+    pub err: u64,
+    pub trapno: u64,
+    pub oldmask: u64,
+    pub cr2: u64,
+    pub fpstate: u64,
+    pub reserved1: [u64; 8],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct StackT {
+    pub ss_sp: u64,
+    pub ss_flags: i32,
+    pub _pad: i32,
+    pub ss_size: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UContext {
+    pub uc_flags: u64,
+    pub uc_link: u64,
+    pub uc_stack: StackT,
+    pub uc_mcontext: SigContext,
+    pub uc_sigmask: u64,
+}
+
+/// `struct rt_sigframe` of x86-64 without the trailing FPU state; rt_sigreturn
+/// reads it at `rsp - 8`, so the restorer jumps with rsp = &frame.uc.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct RtSigFrame {
+    pub pretcode: u64,
+    pub uc: UContext,
+    pub info: [u64; 16],
+}

@@ -1,0 +1,363 @@
+//! `crust dump`: seize the tree, collect every task, drain its memory through
+//! the parasite, write the images (inventory last), then kill or release.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use tracing::info;
+
+use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
+use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
+use crate::parasite_ctl::Parasite;
+use crate::proc;
+use crate::resources::{creds, files, memory, pipes, prctl, regs, sched, signals, timers};
+use crate::seize::{SeizedTask, seize_threads};
+use crate::{abi, sys};
+
+pub struct DumpOpts {
+    pub pid: i32,
+    pub dir: PathBuf,
+    pub shell_job: bool,
+    pub leave_running: bool,
+    pub file_locks: bool,
+}
+
+/// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
+/// named stage, so tests can check what a dead crust leaves behind.
+fn fault_point(stage: &str) {
+    if std::env::var("CRUST_FAULT").is_ok_and(|s| s == stage) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn gone_or_zombie(pid: i32) -> bool {
+    proc::status(pid)
+        .map(|s| s.state == 'Z' || s.state == 'X')
+        .unwrap_or(true)
+}
+
+/// Refuses, before any task is touched, a tree crust could not bring back
+/// as it was: a task in another PID or mount namespace than the root, or in
+/// a process group whose leader is outside the tree (and not the root's).
+fn check_tree(tree: &[TreeNode]) -> Result<()> {
+    let root = &tree[0];
+    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    for n in tree.iter().filter(|n| !n.zombie) {
+        // A vfork() child (or any CLONE_VM child) shares its parent's memory;
+        // restored apart they would not. kcmp tells.
+        const KCMP_VM: i32 = 1;
+        // SAFETY: kcmp compares two kernel objects; it reads no memory of ours.
+        if n.pid != root.pid
+            && unsafe { libc::syscall(libc::SYS_kcmp, n.pid, n.ppid, KCMP_VM, 0, 0) } == 0
+        {
+            bail!(
+                "task {} shares its memory with its parent {} (a vfork() in progress, or CLONE_VM); dump again once it has exec'd or exited",
+                n.pid,
+                n.ppid
+            );
+        }
+        for kind in ["pid", "mnt"] {
+            if n.pid != root.pid && ns(n.pid, kind) != ns(root.pid, kind) {
+                let comm = proc::status(n.pid).map(|s| s.name).unwrap_or_default();
+                bail!(
+                    "task {} ({comm}) is in another {} namespace than PID {}; crust does not dump namespaces yet",
+                    n.pid,
+                    if kind == "pid" { "PID" } else { "mount" },
+                    root.pid
+                );
+            }
+        }
+        if n.pid != root.pid && n.pgid != root.pgid && !tree.iter().any(|t| t.pid == n.pgid) {
+            bail!(
+                "task {} is in process group {}, whose leader is not in the tree; crust cannot rebuild that group",
+                n.pid,
+                n.pgid
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One process of the tree as /proc shows it.
+#[derive(Clone, Debug, PartialEq)]
+struct TreeNode {
+    pid: i32,
+    ppid: i32,
+    pgid: i32,
+    sid: i32,
+    zombie: bool,
+    stopped: bool,
+    exit_status: i32,
+}
+
+/// The process `pid` and all its descendants, parents before children
+/// (children in PID order), found through /proc/PID/task/*/children.
+fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
+    let st = proc::status(pid)
+        .map_err(|_| anyhow::anyhow!("no process with PID {pid}; check the PID (ps -p {pid})"))?;
+    if st.tgid != pid {
+        bail!(
+            "{pid} is a thread of process {}; dump the process (-t {})",
+            st.tgid,
+            st.tgid
+        );
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(stat) = proc::stat_fields(p) else {
+            continue;
+        };
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next().map(str::to_string))
+            })
+            .unwrap_or_default();
+        out.push(TreeNode {
+            pid: p,
+            ppid: proc::stat_field(&stat, 4) as i32,
+            pgid: proc::stat_field(&stat, 5) as i32,
+            sid: proc::stat_field(&stat, 6) as i32,
+            zombie: state == "Z",
+            stopped: state == "T",
+            exit_status: proc::stat_field(&stat, 52) as i32,
+        });
+        let mut kids: Vec<i32> = std::fs::read_dir(format!("/proc/{p}/task"))
+            .map(|d| d.filter_map(|e| e.ok()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        kids.sort_unstable();
+        // Depth first, lowest PID first: push in reverse.
+        todo.extend(kids.into_iter().rev());
+    }
+    Ok(out)
+}
+
+pub fn dump(opts: &DumpOpts) -> Result<()> {
+    let t0 = Instant::now();
+    // A PID that is no process is refused before anything is written.
+    let mut tree = collect_tree(opts.pid)?;
+    check_tree(&tree)?;
+    let dir = ImageDir::create(&opts.dir)?;
+    // Seize until the tree stands still: a task may fork or exit while
+    // its parent is being seized. One entry per live process: its threads,
+    // the leader first.
+    let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
+    for _ in 0..100 {
+        for n in tree.iter().filter(|n| !n.zombie) {
+            if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
+                match seize_threads(n.pid) {
+                    Ok(t) => seized.push(t),
+                    // It exited (or died) since the walk: the next walk
+                    // shows it gone, or a zombie.
+                    Err(_) if gone_or_zombie(n.pid) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut now = collect_tree(opts.pid)?;
+        // Seized tasks show as traced ('t'): whether a task was stopped by
+        // job control is what it was first seen as.
+        for n in &mut now {
+            if let Some(old) = tree.iter().find(|o| o.pid == n.pid) {
+                n.stopped = old.stopped;
+            }
+        }
+        if now == tree {
+            break;
+        }
+        tree = now;
+    }
+    seized.retain(|t| tree.iter().any(|n| n.pid == t[0].pid.as_raw() && !n.zombie));
+    // Dump in tree order.
+    seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
+    fault_point("seized");
+    info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
+    let mut refs = Vec::new();
+    // The fd tables first, for the whole tree: a pipe is dumped once, and
+    // one whose other end is outside the tree is refused before any task
+    // is touched.
+    let seen_pipes = std::cell::RefCell::new(std::collections::HashSet::new());
+    let descriptions = files::Descriptions::default();
+    let mut tables = Vec::new();
+    for threads in &seized {
+        let pid = threads[0].pid.as_raw();
+        tables.push(files::dump_fd_table(
+            pid,
+            opts.shell_job,
+            opts.file_locks,
+            &seen_pipes,
+            &descriptions,
+        )?);
+    }
+    let pairs: Vec<(i32, &FdTable)> = seized
+        .iter()
+        .map(|t| t[0].pid.as_raw())
+        .zip(tables.iter())
+        .collect();
+    pipes::check_pipes_closed(&pairs)?;
+    for (threads, fds) in seized.iter().zip(tables) {
+        dump_task(threads, fds, &dir)?;
+    }
+    for n in &tree {
+        refs.push(TaskRef {
+            pid: n.pid,
+            ppid: n.ppid,
+            pgid: n.pgid,
+            sid: n.sid,
+            zombie: n.zombie,
+            stopped: n.stopped,
+            exit_status: n.exit_status,
+        });
+    }
+    let inv = Inventory {
+        format_version: FORMAT_VERSION,
+        root_pid: opts.pid,
+        tasks: refs,
+        crust_version: env!("CARGO_PKG_VERSION").into(),
+        dump_time_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        shell_job: opts.shell_job,
+        kernel_release: nix::sys::utsname::uname()?
+            .release()
+            .to_string_lossy()
+            .into_owned(),
+    };
+    fault_point("before-inventory");
+    dir.write_msg(ImageKind::Inventory, 0, &inv)?;
+    for threads in seized {
+        let mut threads = threads.into_iter();
+        let leader = threads.next().expect("a process has a leader");
+        if opts.leave_running {
+            for t in threads {
+                t.release()?;
+            }
+            leader.release()?;
+        } else {
+            // SIGKILL to the leader ends the whole thread group.
+            leader.kill()?;
+            for t in threads {
+                t.forget();
+            }
+        }
+    }
+    info!("dump of {} done in {:?}", opts.pid, t0.elapsed());
+    Ok(())
+}
+
+/// What one thread holds of its own, read from outside (ptrace, /proc).
+fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
+    let tid = t.pid.as_raw();
+    let (resume, restarted) = regs::resume_regs(tid, &t.stop_regs, regs::ResumeIn::Image);
+    let st = proc::status(tid)?;
+    let (robust_list, robust_len) = sys::get_robust_list(t.pid).unwrap_or((0, 0));
+    Ok(ThreadCore {
+        tid,
+        comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
+        regs: Some(regs::to_pb(&resume)),
+        xsave: t.xstate.clone(),
+        sigmask: t.sigmask,
+        rseq: sys::get_rseq_conf(t.pid)
+            .ok()
+            .filter(|c| c.rseq_abi_pointer != 0)
+            .map(|c| crate::images::pb::Rseq {
+                addr: c.rseq_abi_pointer,
+                len: c.rseq_abi_size,
+                sig: c.signature,
+            }),
+        robust_list,
+        robust_len,
+        creds: Some(creds::dump_creds(&st)),
+        restarted_syscall: restarted,
+        sched: Some(sched::dump_sched(tid)),
+        pending: sys::peek_pending(t.pid, false).context("reading pending signals")?,
+        ..Default::default()
+    })
+}
+
+fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()> {
+    let task = &threads[0];
+    let pid = task.pid.as_raw();
+    let st = proc::status(pid)?;
+    let mut mm = memory::dump_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
+    memory::scan_pages(pid, &mut mm)?;
+    let mut threads_core = threads
+        .iter()
+        .map(|t| dump_thread(t, pid))
+        .collect::<Result<Vec<_>>>()?;
+    let mut core = TaskCore {
+        pid,
+        comm: st.name.clone(),
+        personality: std::fs::read_to_string(format!("/proc/{pid}/personality"))
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or(0),
+        shared_pending: sys::peek_pending(task.pid, true).context("reading pending signals")?,
+        oom_score_adj: std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+        ..Default::default()
+    };
+
+    let t = Instant::now();
+    let mut parasite = Parasite::infect(task)?;
+    fault_point("infected");
+    // What only a thread can read about itself: asked in each thread, the
+    // leader first (whose answer also holds the process-wide state).
+    for (i, (t, th)) in threads.iter().zip(threads_core.iter_mut()).enumerate() {
+        let r = parasite.run_on(t, abi::PARASITE_CMD_GET_MISC)?;
+        if r < 0 {
+            bail!(
+                "thread {} of {pid}: the parasite could not read its state: errno {}",
+                th.tid,
+                -r
+            );
+        }
+        let m = parasite.ctl().misc;
+        signals::dump_thread_signals(&m, th);
+        prctl::dump_thread_prctl(&m, th);
+        if i == 0 {
+            signals::dump_signals(&m, &mut core);
+            timers::dump_itimers(&m, &mut core);
+            creds::dump_rlimits(&m, &mut core);
+            prctl::dump_prctl(&m, &mut core);
+            if m.brk >= mm.start_brk {
+                mm.brk = m.brk;
+            }
+        }
+    }
+    core.threads = threads_core;
+
+    let mut pages = PagesWriter::create(dir, pid)?;
+    memory::dump_pages(&mut parasite, &mm, &mut pages)?;
+    fault_point("pages-drained");
+    parasite.cure()?;
+    let bytes = pages.len;
+    pages.finish()?;
+    info!(
+        "PID {pid}: {} MiB of pages in {:?}",
+        bytes >> 20,
+        t.elapsed()
+    );
+
+    dir.write_msg(ImageKind::Core, pid, &core)?;
+    dir.write_msg(ImageKind::Mm, pid, &mm)?;
+    dir.write_msg(ImageKind::Files, pid, &fds)?;
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The images directory: protobuf messages and raw page data, each file
+//! framed by a header with a magic, the format version, the payload length
+//! and a CRC32 of the payload, verified on every read.
+//!
+//! Layout of a directory for a dump of task tree rooted at PID:
+//! `core-PID.img`, `mm-PID.img`, `files-PID.img`, `pages-PID.img` per task,
+//! and `inventory.img`, written last.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use prost::Message;
+
+#[allow(clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/crust.images.rs"));
+}
+
+/// Bumped on every incompatible change of a schema or of the framing.
+pub const FORMAT_VERSION: u32 = 2;
+pub const HEADER_LEN: usize = 24;
+/// The pages file keeps its data page-aligned.
+pub const PAGES_HEADER_LEN: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    Inventory,
+    Core,
+    Mm,
+    Files,
+    Pages,
+}
+
+impl ImageKind {
+    pub const ALL: [ImageKind; 5] = [
+        Self::Inventory,
+        Self::Core,
+        Self::Mm,
+        Self::Files,
+        Self::Pages,
+    ];
+
+    pub fn magic(self) -> u32 {
+        match self {
+            Self::Inventory => 0x4352_5349, // "CRSI"
+            Self::Core => 0x4352_5343,      // "CRSC"
+            Self::Mm => 0x4352_534d,        // "CRSM"
+            Self::Files => 0x4352_5346,     // "CRSF"
+            Self::Pages => 0x4352_5350,     // "CRSP"
+        }
+    }
+
+    pub fn file_name(self, pid: i32) -> String {
+        match self {
+            Self::Inventory => "inventory.img".into(),
+            Self::Core => format!("core-{pid}.img"),
+            Self::Mm => format!("mm-{pid}.img"),
+            Self::Files => format!("files-{pid}.img"),
+            Self::Pages => format!("pages-{pid}.img"),
+        }
+    }
+
+    pub fn from_magic(magic: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.magic() == magic)
+    }
+}
+
+fn header(kind: ImageKind, len: u64, crc: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&kind.magic().to_le_bytes());
+    h[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&len.to_le_bytes());
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+pub struct Header {
+    pub kind: ImageKind,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// Checks the framing of a file's first bytes; errors name the file.
+pub fn parse_header(path: &Path, h: &[u8]) -> Result<Header> {
+    if h.len() < HEADER_LEN {
+        bail!(
+            "{}: truncated image (no header); the dump is incomplete, take it again",
+            path.display()
+        );
+    }
+    let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
+    let version = u32::from_le_bytes(h[4..8].try_into().unwrap());
+    let Some(kind) = ImageKind::from_magic(magic) else {
+        bail!(
+            "{}: not a crust image (bad magic {magic:#x}); point -D at a crust images directory",
+            path.display()
+        );
+    };
+    if version != FORMAT_VERSION {
+        bail!(
+            "{}: image format version {version}, this crust reads version {FORMAT_VERSION}; restore with the crust that dumped it",
+            path.display()
+        );
+    }
+    Ok(Header {
+        kind,
+        len: u64::from_le_bytes(h[8..16].try_into().unwrap()),
+        crc: u32::from_le_bytes(h[16..20].try_into().unwrap()),
+    })
+}
+
+/// An images directory, either being written by a dump or read by a restore.
+pub struct ImageDir {
+    pub path: PathBuf,
+}
+
+impl ImageDir {
+    /// Creates (or takes over) a directory for a new dump. An old inventory
+    /// is removed first so that a dump that fails half-way never looks whole.
+    pub fn create(path: &Path) -> Result<Self> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("creating images directory {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting mode 0700 on {}", path.display()))?;
+        let inv = path.join(ImageKind::Inventory.file_name(0));
+        if inv.exists() {
+            fs::remove_file(&inv).with_context(|| format!("removing old {}", inv.display()))?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens a directory holding a finished dump.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_dir() {
+            bail!(
+                "images directory {} does not exist; pass the -D used for the dump",
+                path.display()
+            );
+        }
+        let inv = path.join(ImageKind::Inventory.file_name(0));
+        if !inv.exists() {
+            bail!(
+                "{} has no inventory.img: it is empty or holds an unfinished dump; dump again",
+                path.display()
+            );
+        }
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn file(&self, kind: ImageKind, pid: i32) -> PathBuf {
+        self.path.join(kind.file_name(pid))
+    }
+
+    pub fn create_file(&self, kind: ImageKind, pid: i32) -> Result<(PathBuf, File)> {
+        let p = self.file(kind, pid);
+        let f = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("creating {}", p.display()))?;
+        Ok((p, f))
+    }
+
+    pub fn write_msg<M: Message>(&self, kind: ImageKind, pid: i32, msg: &M) -> Result<()> {
+        let payload = msg.encode_to_vec();
+        let (p, mut f) = self.create_file(kind, pid)?;
+        f.write_all(&header(
+            kind,
+            payload.len() as u64,
+            crc32fast::hash(&payload),
+        ))
+        .and_then(|_| f.write_all(&payload))
+        .and_then(|_| f.sync_data())
+        .with_context(|| format!("writing {}", p.display()))?;
+        Ok(())
+    }
+
+    pub fn read_msg<M: Message + Default>(&self, kind: ImageKind, pid: i32) -> Result<M> {
+        read_msg_file(&self.file(kind, pid), Some(kind))
+    }
+}
+
+/// Reads one framed protobuf image, verifying magic, version, length and CRC.
+pub fn read_msg_file<M: Message + Default>(path: &Path, want: Option<ImageKind>) -> Result<M> {
+    let mut buf = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut buf))
+        .with_context(|| {
+            format!(
+                "{}: cannot read image; the dump is incomplete",
+                path.display()
+            )
+        })?;
+    let h = parse_header(path, &buf)?;
+    if let Some(k) = want
+        && h.kind != k
+    {
+        bail!(
+            "{}: holds a {:?} image, expected {k:?}",
+            path.display(),
+            h.kind
+        );
+    }
+    let payload = &buf[HEADER_LEN..];
+    if payload.len() as u64 != h.len {
+        bail!(
+            "{}: truncated or padded image ({} payload bytes, header says {}); dump again",
+            path.display(),
+            payload.len(),
+            h.len
+        );
+    }
+    if crc32fast::hash(payload) != h.crc {
+        bail!(
+            "{}: checksum mismatch, the image is corrupt; dump again",
+            path.display()
+        );
+    }
+    M::decode(payload).with_context(|| format!("{}: corrupt image, cannot decode", path.display()))
+}
+
+/// The raw page store of one task, written by splicing from the parasite's
+/// pipe. A second thread checksums each part right after it lands (still
+/// hot in the cache), overlapping the CRC with the drain.
+pub struct PagesWriter {
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+    crc_tx: Option<std::sync::mpsc::Sender<u64>>,
+    crc_thread: Option<std::thread::JoinHandle<std::io::Result<u32>>>,
+}
+
+impl PagesWriter {
+    pub fn create(dir: &ImageDir, pid: i32) -> Result<Self> {
+        let (path, file) = dir.create_file(ImageKind::Pages, pid)?;
+        file.write_all_at(&[0u8; PAGES_HEADER_LEN as usize], 0)?;
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::Start(PAGES_HEADER_LEN))?;
+        let reader = file.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let crc_thread = std::thread::spawn(move || {
+            let mut h = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            // Each message is the new length of the data written so far.
+            for upto in rx {
+                while done < upto {
+                    let n = ((upto - done) as usize).min(buf.len());
+                    reader.read_exact_at(&mut buf[..n], PAGES_HEADER_LEN + done)?;
+                    h.update(&buf[..n]);
+                    done += n as u64;
+                }
+            }
+            Ok(h.finalize())
+        });
+        Ok(Self {
+            path,
+            file,
+            len: 0,
+            crc_tx: Some(tx),
+            crc_thread: Some(crc_thread),
+        })
+    }
+
+    /// Records that `n` more bytes were appended to the file.
+    pub fn advance(&mut self, n: u64) {
+        self.len += n;
+        if let Some(tx) = &self.crc_tx {
+            let _ = tx.send(self.len);
+        }
+    }
+
+    /// Waits for the checksum and seals the header.
+    pub fn finish(mut self) -> Result<()> {
+        drop(self.crc_tx.take());
+        let crc = self
+            .crc_thread
+            .take()
+            .unwrap()
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checksum thread panicked"))?
+            .with_context(|| format!("checksumming {}", self.path.display()))?;
+        self.file
+            .write_all_at(&header(ImageKind::Pages, self.len, crc), 0)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+impl Drop for PagesWriter {
+    fn drop(&mut self) {
+        drop(self.crc_tx.take());
+        if let Some(t) = self.crc_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn crc_of_file_range(f: &File, off: u64, len: u64) -> std::io::Result<u32> {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], off + done)?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// Opens a pages image and checks its framing (the CRC is checked by the
+/// reader as it consumes the data).
+pub fn open_pages(dir: &ImageDir, pid: i32) -> Result<(File, Header)> {
+    let p = dir.file(ImageKind::Pages, pid);
+    let f = File::open(&p)
+        .with_context(|| format!("{}: cannot open; the dump is incomplete", p.display()))?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", p.display()))?;
+    let hdr = parse_header(&p, &h)?;
+    let size = f.metadata()?.len();
+    if size != PAGES_HEADER_LEN + hdr.len {
+        bail!(
+            "{}: truncated or padded ({} bytes, header says {}); dump again",
+            p.display(),
+            size,
+            PAGES_HEADER_LEN + hdr.len
+        );
+    }
+    Ok((f, hdr))
+}
+
+/// Verifies the whole pages image's checksum (used by `show`).
+pub fn verify_pages_file(path: &Path) -> Result<Header> {
+    let f = File::open(path)?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+    let hdr = parse_header(path, &h)?;
+    if f.metadata()?.len() != PAGES_HEADER_LEN + hdr.len {
+        bail!(
+            "{}: truncated or padded pages image; dump again",
+            path.display()
+        );
+    }
+    if crc_of_file_range(&f, PAGES_HEADER_LEN, hdr.len)? != hdr.crc {
+        bail!(
+            "{}: checksum mismatch, the image is corrupt; dump again",
+            path.display()
+        );
+    }
+    Ok(hdr)
+}

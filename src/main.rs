@@ -1,0 +1,188 @@
+//! crust: checkpoint/restore for Linux processes.
+//!
+//! The data flow, one module per stage: `seize` (freeze), `parasite_ctl`
+//! (remote code in the task), `resources::*` (what a task holds, each with
+//! its dump and restore side), `images` (the files), `dump` (orchestration),
+//! `restore` (plan, rebuild, restorer hand-over). See docs/ARCHITECTURE.md.
+
+#[path = "../parasite/abi.rs"]
+pub mod abi;
+mod blobs;
+mod check;
+mod dump;
+mod images;
+mod parasite_ctl;
+mod proc;
+mod resources;
+mod restore;
+mod seize;
+mod show;
+mod sys;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "crust",
+    version,
+    about = "Checkpoint/restore for Linux processes"
+)]
+struct Cli {
+    /// Write the log to this file (relative paths go into the images directory).
+    #[arg(short = 'o', long = "log-file", global = true)]
+    log_file: Option<PathBuf>,
+    /// Verbosity: 0 errors, 1 warnings, 2 info, 3 debug, 4 trace.
+    #[arg(short = 'v', long = "verbosity", global = true, default_value_t = 1, num_args = 0..=1, default_missing_value = "2")]
+    verbosity: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check that the kernel has what crust needs.
+    Check {
+        /// List every probe with its result and what it enables.
+        #[arg(long)]
+        all: bool,
+        /// Check one feature by name.
+        #[arg(long)]
+        feature: Option<String>,
+    },
+    /// Checkpoint a process into an images directory.
+    Dump {
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        #[arg(short = 'D', long = "images-dir", default_value = ".")]
+        dir: PathBuf,
+        /// The process was started from a shell: its terminal is crust's.
+        #[arg(long)]
+        shell_job: bool,
+        /// Let the process run on after the dump.
+        #[arg(short = 'R', long)]
+        leave_running: bool,
+        /// Take file locks (flock, POSIX, OFD) along; without it a tree
+        /// holding one is refused.
+        #[arg(short = 'l', long)]
+        file_locks: bool,
+    },
+    /// Bring a checkpointed process back.
+    Restore {
+        #[arg(short = 'D', long = "images-dir", default_value = ".")]
+        dir: PathBuf,
+        /// Return once the process runs instead of waiting for it.
+        #[arg(short = 'd', long)]
+        restore_detached: bool,
+        #[arg(long)]
+        shell_job: bool,
+        /// Write the restored root PID to this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// Accepted for CRIU compatibility: locks in the images are always taken again.
+        #[arg(short = 'l', long)]
+        file_locks: bool,
+    },
+    /// Decode images for people (or scripts, with --json).
+    Show {
+        /// An images directory or one image file.
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let level = match cli.verbosity {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let b = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false);
+    if let Some(path) = &cli.log_file {
+        let path = match (&cli.cmd, path.is_relative()) {
+            (Cmd::Dump { dir, .. } | Cmd::Restore { dir, .. }, true) => {
+                std::fs::create_dir_all(dir).ok();
+                dir.join(path)
+            }
+            _ => path.clone(),
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?;
+        b.with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init();
+    } else {
+        b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    init_logging(&cli)?;
+    match cli.cmd {
+        Cmd::Check { all, feature } => check::run(all, feature.as_deref()),
+        Cmd::Dump {
+            pid,
+            dir,
+            shell_job,
+            leave_running,
+            file_locks,
+        } => {
+            dump::dump(&dump::DumpOpts {
+                pid,
+                dir,
+                shell_job,
+                leave_running,
+                file_locks,
+            })?;
+            Ok(0)
+        }
+        Cmd::Restore {
+            dir,
+            restore_detached,
+            shell_job,
+            pidfile,
+            file_locks: _,
+        } => restore::restore(&restore::RestoreOpts {
+            dir,
+            detach: restore_detached,
+            shell_job,
+            pidfile,
+        }),
+        Cmd::Show { path, json } => {
+            show::show(&path, json)?;
+            Ok(0)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // A task may hold as many fds as its hard limit allows; crust, and the
+    // restored tasks it forks before they get their own limits, need as many.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("Error: {msg}");
+            std::process::exit(1);
+        }
+    }
+}

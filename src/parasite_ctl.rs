@@ -1,0 +1,531 @@
+//! Parasite control (crust's infection engine): remote system calls through
+//! a seized task, loading the parasite blob into it, running its commands,
+//! and curing it again. Every step that changes the task is undone by a
+//! guard on every exit path; between two steps the task's own registers,
+//! FPU state and code are in place, so a crust killed at any step boundary
+//! leaves a task that runs on as it was.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{Ordering, compiler_fence};
+
+use anyhow::{Context, Result, bail};
+use iced_x86::code_asm::CodeAssembler;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use tracing::debug;
+
+use crate::abi::{self, ParasiteCtl};
+use crate::blobs::{PARASITE_BLOB, page_align};
+use crate::resources::regs;
+use crate::seize::{Regs, SeizedTask, wait_task};
+use crate::sys;
+
+/// The machine code of a remote system call: `syscall; int3`.
+fn syscall_trap_code() -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).expect("64-bit assembler");
+    a.syscall().expect("encode syscall");
+    a.int3().expect("encode int3");
+    a.assemble(0).expect("assemble syscall; int3")
+}
+
+/// Bytes of the task's code overwritten for a remote syscall; put back on drop.
+struct CodePatch<'a> {
+    mem: &'a File,
+    addr: u64,
+    saved: Vec<u8>,
+}
+
+impl<'a> CodePatch<'a> {
+    fn apply(mem: &'a File, addr: u64, code: &[u8]) -> Result<Self> {
+        let mut saved = vec![0u8; code.len()];
+        mem.read_exact_at(&mut saved, addr)
+            .context("reading code at rip")?;
+        mem.write_all_at(code, addr)
+            .context("patching code at rip")?;
+        Ok(Self { mem, addr, saved })
+    }
+}
+
+impl Drop for CodePatch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.mem.write_all_at(&self.saved, self.addr) {
+            tracing::error!("restoring code at {:#x}: {e}", self.addr);
+        }
+    }
+}
+
+/// Runs the task from `regs` until it traps (int3), with all signals blocked.
+/// The task's own state is put back by the caller (`SeizedTask::restore_state`).
+fn run_until_trap(task: &SeizedTask, regs: Regs) -> Result<Regs> {
+    let pid = task.pid;
+    // Registers first, mask second: a crust killed in between must not
+    // leave the task's own code running with every signal blocked.
+    ptrace::setregs(pid, regs)?;
+    sys::set_sigmask(pid, !0)?;
+    ptrace::cont(pid, None)?;
+    loop {
+        match wait_task(pid)? {
+            WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+            WaitStatus::Stopped(_, sig) => {
+                let r = ptrace::getregs(pid)?;
+                bail!(
+                    "task {pid} got {sig:?} at {:#x} while running injected code",
+                    r.rip
+                )
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                bail!("task {pid} died while running injected code")
+            }
+            WaitStatus::PtraceEvent(..) => ptrace::cont(pid, None)?,
+            other => bail!("task {pid}: unexpected {other:?} while running injected code"),
+        }
+    }
+    Ok(ptrace::getregs(pid)?)
+}
+
+/// Executes one system call in the task, at its current rip, and puts the
+/// code and the task's registers back before returning.
+pub fn remote_syscall(task: &SeizedTask, nr: i64, args: [u64; 6]) -> Result<i64> {
+    let code = syscall_trap_code();
+    let at = task.regs.rip;
+    let result = {
+        let _patch = CodePatch::apply(&task.mem, at, &code)?;
+        let mut r = task.regs;
+        r.rip = at;
+        // orig_rax = -1: the kernel must not treat this as a syscall restart.
+        r.orig_rax = u64::MAX;
+        r.rax = nr as u64;
+        (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) =
+            (args[0], args[1], args[2], args[3], args[4], args[5]);
+        run_until_trap(task, r).map(|r| r.rax as i64)
+    };
+    task.restore_state()?;
+    let ret = result?;
+    debug!("task {}: remote syscall {nr} = {ret}", task.pid);
+    Ok(ret)
+}
+
+const STACK_SIZE: u64 = 64 * 1024;
+
+const NR_REGS: usize = std::mem::size_of::<Regs>() / 8;
+const INFECTION_LEN: usize = 32 + NR_REGS * 8;
+
+/// What a cure needs to know of a parasite: its region and its pipe, and the
+/// thread it runs in now with that thread's registers as the freeze found
+/// them.
+#[derive(Clone, Copy)]
+struct Infection {
+    base: u64,
+    size: u64,
+    pipe_rd: i32,
+    pipe_wr: i32,
+    tid: i32,
+    stop_regs: Regs,
+}
+
+impl Infection {
+    fn new(base: u64, size: u64) -> Self {
+        // SAFETY: user_regs_struct is plain data for which all-zero is valid.
+        let stop_regs = unsafe { std::mem::zeroed() };
+        Infection {
+            base,
+            size,
+            pipe_rd: -1,
+            pipe_wr: -1,
+            tid: 0,
+            stop_regs,
+        }
+    }
+
+    fn to_bytes(self) -> [u8; INFECTION_LEN] {
+        let mut b = [0u8; INFECTION_LEN];
+        b[0..8].copy_from_slice(&self.base.to_le_bytes());
+        b[8..16].copy_from_slice(&self.size.to_le_bytes());
+        b[16..20].copy_from_slice(&self.pipe_rd.to_le_bytes());
+        b[20..24].copy_from_slice(&self.pipe_wr.to_le_bytes());
+        b[24..28].copy_from_slice(&self.tid.to_le_bytes());
+        // SAFETY: user_regs_struct is NR_REGS plain u64s.
+        let words: [u64; NR_REGS] = unsafe { std::mem::transmute(self.stop_regs) };
+        for (i, w) in words.iter().enumerate() {
+            b[32 + i * 8..40 + i * 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    fn from_bytes(b: &[u8; INFECTION_LEN]) -> Self {
+        let mut words = [0u64; NR_REGS];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = u64::from_le_bytes(b[32 + i * 8..40 + i * 8].try_into().unwrap());
+        }
+        Infection {
+            base: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            size: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            pipe_rd: i32::from_le_bytes(b[16..20].try_into().unwrap()),
+            pipe_wr: i32::from_le_bytes(b[20..24].try_into().unwrap()),
+            tid: i32::from_le_bytes(b[24..28].try_into().unwrap()),
+            // SAFETY: user_regs_struct is NR_REGS plain u64s.
+            stop_regs: unsafe { std::mem::transmute::<[u64; NR_REGS], Regs>(words) },
+        }
+    }
+}
+
+/// A watchdog process that cures the task if crust dies while the parasite
+/// is in it. crust keeps it told of the parasite's region and pipe; when
+/// crust's end of the pipe closes without a final all-clear, crust is gone,
+/// the kernel has detached the task, and the watchdog seizes it again,
+/// unmaps the parasite and closes its pipe.
+struct CureGuard {
+    child: nix::unistd::Pid,
+    tell: File,
+}
+
+impl CureGuard {
+    fn spawn(task: nix::unistd::Pid) -> Result<Self> {
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: crust is single-threaded; the child only reads a pipe,
+        // makes system calls and exits.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Child => {
+                drop(wr);
+                let code = watchdog(task, File::from(rd));
+                // SAFETY: leave without running crust's exit handlers twice.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => Ok(CureGuard {
+                child,
+                tell: File::from(wr),
+            }),
+        }
+    }
+
+    fn arm(&mut self, inf: Infection) -> Result<()> {
+        use std::io::Write;
+        self.tell
+            .write_all(&inf.to_bytes())
+            .context("telling the cure watchdog")
+    }
+
+    /// The parasite is gone: the watchdog exits without touching the task.
+    fn disarm(mut self) {
+        let _ = self.arm(Infection::new(0, 0));
+        drop(self.tell);
+        let _ = nix::sys::wait::waitpid(self.child, None);
+    }
+}
+
+fn watchdog(task: nix::unistd::Pid, mut from_crust: File) -> i32 {
+    use std::io::Read;
+    let mut last = Infection::new(0, 0);
+    let mut b = [0u8; INFECTION_LEN];
+    while from_crust.read_exact(&mut b).is_ok() {
+        last = Infection::from_bytes(&b);
+    }
+    if last.size == 0 {
+        return 0;
+    }
+    // crust died. Its ptrace link goes away a moment after its files close,
+    // and a thread may still be inside the parasite, finishing a command
+    // (which never blocks and ends in rt_sigreturn): let it, and try again.
+    let region = last.base..last.base + last.size;
+    let t = std::time::Instant::now();
+    let mut threads = loop {
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            return 1;
+        }
+        match crate::seize::seize_threads(task.as_raw()) {
+            Ok(ts) if ts.iter().all(|s| !region.contains(&s.regs.rip)) => break ts,
+            Ok(ts) => drop(ts),
+            Err(_) => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    // The thread the parasite returned into may not have run since: then it
+    // sits at its interrupted syscall set up for a restart. Give it back the
+    // registers the freeze found, so that the kernel decides on restart or
+    // EINTR when it runs, as it would have without crust.
+    for th in threads.iter_mut().filter(|th| th.pid.as_raw() == last.tid) {
+        let (resumed, restarted) = crate::resources::regs::resume_regs(
+            last.tid,
+            &last.stop_regs,
+            crate::resources::regs::ResumeIn::Live,
+        );
+        if restarted && th.stop_regs.rip == resumed.rip && th.stop_regs.rax == resumed.rax {
+            th.stop_regs = last.stop_regs;
+        }
+    }
+    let leader = &threads[0];
+    let _ = remote_syscall(leader, libc::SYS_munmap, [last.base, last.size, 0, 0, 0, 0]);
+    for fd in [last.pipe_rd, last.pipe_wr] {
+        if fd >= 0 {
+            let _ = remote_syscall(leader, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
+        }
+    }
+    for th in threads.into_iter().rev() {
+        let _ = th.release();
+    }
+    0
+}
+
+/// A parasite loaded into a seized task. `cure` (or drop) removes it.
+pub struct Parasite<'a> {
+    pub task: &'a SeizedTask,
+    remote_base: u64,
+    size: u64,
+    local: *mut u8,
+    ctl_off: u64,
+    frame_off: u64,
+    frame_size: u64,
+    /// The thread whose state the return frame holds now.
+    framed_tid: i32,
+    /// What the cure watchdog was last told.
+    inf: Infection,
+    /// crust's end of the page pipe (opened through /proc/PID/fd).
+    pub pipe: Option<File>,
+    pub pipe_size: usize,
+    guard: Option<CureGuard>,
+    cured: bool,
+}
+
+impl<'a> Parasite<'a> {
+    /// Maps a shared region into the task, loads the blob and creates the page pipe.
+    pub fn infect(task: &'a SeizedTask) -> Result<Self> {
+        let blob_size = PARASITE_BLOB.mapped_size();
+        let ctl_off = blob_size;
+        let ctl_size = page_align(std::mem::size_of::<ParasiteCtl>() as u64);
+        let frame_off = ctl_off + ctl_size;
+        let frame_size = page_align(regs::sigframe_size(task.xstate.len()) as u64);
+        let size = frame_off + frame_size + STACK_SIZE;
+        let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+        let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS;
+        let mut guard = CureGuard::spawn(task.pid)?;
+        let base = remote_syscall(
+            task,
+            libc::SYS_mmap,
+            [0, size, prot as u64, flags as u64, u64::MAX, 0],
+        )?;
+        if base < 0 {
+            guard.disarm();
+            bail!(
+                "mapping the parasite into task {}: errno {}",
+                task.pid,
+                -base
+            );
+        }
+        let base = base as u64;
+        let mut inf = Infection {
+            tid: task.pid.as_raw(),
+            stop_regs: task.stop_regs,
+            base,
+            size,
+            pipe_rd: -1,
+            pipe_wr: -1,
+        };
+        guard.arm(inf)?;
+        let mut p = Parasite {
+            task,
+            remote_base: base,
+            size,
+            local: std::ptr::null_mut(),
+            ctl_off,
+            frame_off,
+            frame_size,
+            framed_tid: 0,
+            inf,
+            pipe: None,
+            pipe_size: 0,
+            guard: None,
+            cured: false,
+        };
+        // The shared anonymous region is a shmem file: map the same pages here.
+        let path = format!("/proc/{}/map_files/{:x}-{:x}", task.pid, base, base + size);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| path.clone())?;
+        // SAFETY: a fresh shared mapping of the parasite region, owned by `p`.
+        let local = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if local == libc::MAP_FAILED {
+            bail!(
+                "mapping the parasite region locally: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        p.local = local.cast();
+        // SAFETY: `local` spans `size` bytes, the blob fits in its first part.
+        let dst = unsafe { std::slice::from_raw_parts_mut(p.local, blob_size as usize) };
+        PARASITE_BLOB.load_into(dst, base);
+        debug!(
+            "task {}: {} blob loaded at {base:#x}",
+            task.pid, PARASITE_BLOB.name
+        );
+
+        p.guard = Some(guard);
+        p.ctl().pipe_size = 1 << 20;
+        (p.ctl().pipe_rd, p.ctl().pipe_wr) = (-1, -1);
+        let r = p.run(abi::PARASITE_CMD_INIT);
+        // The pipe may exist even when INIT failed half-way: tell the watchdog.
+        (inf.pipe_rd, inf.pipe_wr) = (p.ctl().pipe_rd, p.ctl().pipe_wr);
+        p.inf = inf;
+        if let Some(g) = p.guard.as_mut() {
+            g.arm(inf)?;
+        }
+        let r = r?;
+        if r < 0 {
+            bail!(
+                "parasite in task {}: creating the page pipe failed: errno {}",
+                task.pid,
+                -r
+            );
+        }
+        let (rd, sz) = (p.ctl().pipe_rd, p.ctl().pipe_size);
+        let pipe_path = format!("/proc/{}/fd/{rd}", task.pid);
+        p.pipe = Some(
+            File::open(&pipe_path).with_context(|| format!("opening the page pipe {pipe_path}"))?,
+        );
+        p.pipe_size = sz as usize;
+        Ok(p)
+    }
+
+    pub fn ctl(&mut self) -> &mut ParasiteCtl {
+        // SAFETY: the control block lies inside the local mapping, which lives
+        // as long as `self`; the task only writes it while crust waits for it.
+        unsafe { &mut *(self.local.add(self.ctl_off as usize) as *mut ParasiteCtl) }
+    }
+
+    /// Builds the frame a command returns through: the thread as it is now.
+    fn frame_for(&mut self, t: &SeizedTask) -> Result<()> {
+        if self.framed_tid == t.pid.as_raw() {
+            return Ok(());
+        }
+        // The watchdog learns which thread now returns through the frame.
+        if self.inf.tid != t.pid.as_raw() {
+            self.inf.tid = t.pid.as_raw();
+            self.inf.stop_regs = t.stop_regs;
+            if let Some(g) = self.guard.as_mut() {
+                g.arm(self.inf)?;
+            }
+        }
+        // SAFETY: the frame area lies inside the local mapping.
+        let frame = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.local.add(self.frame_off as usize),
+                self.frame_size as usize,
+            )
+        };
+        let at = self.remote_base + self.frame_off;
+        let uc =
+            regs::build_sigframe(frame, at, &regs::to_pb(&t.regs), &t.xstate, t.sigmask, None)?;
+        self.ctl().sigframe_uc = at + uc as u64 + 8;
+        self.framed_tid = t.pid.as_raw();
+        Ok(())
+    }
+
+    /// Runs one parasite command in the thread the parasite was loaded through.
+    pub fn run(&mut self, cmd: u64) -> Result<i64> {
+        let task = self.task;
+        self.run_on(task, cmd)
+    }
+
+    /// Runs one parasite command in thread `t` of the task and returns its
+    /// result. The command ends with rt_sigreturn into the thread's own
+    /// state; crust stops the thread at that syscall's exit, so its state is
+    /// back in place on return. The other threads stay stopped meanwhile.
+    pub fn run_on(&mut self, t: &SeizedTask, cmd: u64) -> Result<i64> {
+        self.frame_for(t)?;
+        self.ctl().cmd = cmd;
+        self.ctl().ret = -1;
+        compiler_fence(Ordering::SeqCst);
+        let pid = t.pid;
+        let mut r = t.regs;
+        r.rip = self.remote_base + PARASITE_BLOB.entry;
+        r.rsp = self.remote_base + self.size;
+        r.rdi = self.remote_base + self.ctl_off;
+        r.orig_rax = u64::MAX;
+        // Registers first, mask second: a crust killed in between must not
+        // leave the task's own code running with every signal blocked (the
+        // parasite's rt_sigreturn puts the mask back).
+        ptrace::setregs(pid, r)?;
+        sys::set_sigmask(pid, !0)?;
+        let region = self.remote_base..self.remote_base + self.size;
+        let mut in_sigreturn = false;
+        loop {
+            ptrace::syscall(pid, None)?;
+            match wait_task(pid)? {
+                WaitStatus::PtraceSyscall(_) => {
+                    if in_sigreturn {
+                        break;
+                    }
+                    let now = ptrace::getregs(pid)?;
+                    in_sigreturn =
+                        now.orig_rax == libc::SYS_rt_sigreturn as u64 && region.contains(&now.rip);
+                }
+                WaitStatus::Stopped(_, sig) => {
+                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
+                    t.restore_state()?;
+                    bail!("task {pid} got {sig:?} at {rip:#x} while running the parasite");
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    bail!("task {pid} died running the parasite")
+                }
+                WaitStatus::PtraceEvent(..) => {}
+                other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
+            }
+        }
+        compiler_fence(Ordering::SeqCst);
+        Ok(self.ctl().ret)
+    }
+
+    /// Removes the parasite: closes its pipe, unmaps its region in the task.
+    pub fn cure(mut self) -> Result<()> {
+        self.cure_inner()
+    }
+
+    fn cure_inner(&mut self) -> Result<()> {
+        if self.cured {
+            return Ok(());
+        }
+        self.cured = true;
+        self.pipe = None;
+        let fini = self.run(abi::PARASITE_CMD_FINI);
+        // SAFETY: unmapping crust's own view of the region; nothing refers to it now.
+        unsafe { libc::munmap(self.local.cast(), self.size as usize) };
+        let r = remote_syscall(
+            self.task,
+            libc::SYS_munmap,
+            [self.remote_base, self.size, 0, 0, 0, 0],
+        )?;
+        if r < 0 {
+            bail!(
+                "unmapping the parasite from task {}: errno {}",
+                self.task.pid,
+                -r
+            );
+        }
+        if let Some(g) = self.guard.take() {
+            g.disarm();
+        }
+        fini?;
+        Ok(())
+    }
+}
+
+impl Drop for Parasite<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.cure_inner() {
+            tracing::error!("curing task {}: {e:#}", self.task.pid);
+        }
+    }
+}

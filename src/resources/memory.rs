@@ -1,0 +1,531 @@
+//! Memory: the VMAs of a task and the pages it wrote.
+//!
+//! Dump: VMAs come from /proc/PID/smaps, the pages to keep from
+//! /proc/PID/pagemap (present or swapped pages of anonymous memory, and the
+//! private copies a task made of file pages); the parasite vmsplices them
+//! into its pipe and crust splices the pipe into `pages-PID.img`.
+//!
+//! Restore: each VMA is premapped in a hole of the address space that
+//! neither crust nor the task uses, filled from the pages image, and moved
+//! into place by the restorer with mremap.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use anyhow::{Context, Result, bail};
+
+use crate::abi::{self, IoVec, VmaMove};
+use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
+use crate::images::{PAGES_HEADER_LEN, PagesWriter};
+use crate::parasite_ctl::Parasite;
+use crate::proc::{self, MapsEntry};
+
+const PAGE: u64 = abi::PAGE_SIZE;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+// ---------------------------------------------------------------- dump ---
+
+fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
+    Ok(Some(match e.path.as_str() {
+        "[vsyscall]" => return Ok(None),
+        "[vdso]" => VmaKind::VmaVdso,
+        "[vvar]" => VmaKind::VmaVvar,
+        "[vvar_vclock]" => VmaKind::VmaVvarVclock,
+        "/dev/zero (deleted)" | "/dev/zero" if e.shared => VmaKind::VmaAnonShared,
+        p if e.inode == 0 && (p.is_empty() || p.starts_with('[')) => {
+            if p.starts_with('[') && !matches!(p, "[heap]" | "[stack]") && !p.starts_with("[anon:")
+            {
+                bail!(
+                    "mapping {:#x}-{:#x} is {p}, which crust cannot restore yet",
+                    e.start,
+                    e.end
+                );
+            }
+            if e.shared {
+                VmaKind::VmaAnonShared
+            } else {
+                VmaKind::VmaAnonPrivate
+            }
+        }
+        p if p.ends_with(" (deleted)") => bail!(
+            "mapping {:#x}-{:#x} is of a deleted file {p}; deleted files are not supported yet",
+            e.start,
+            e.end
+        ),
+        p if p.starts_with("/SYSV") || p.starts_with("/memfd:") => {
+            bail!(
+                "mapping {:#x}-{:#x} is {p}, which crust cannot restore yet",
+                e.start,
+                e.end
+            )
+        }
+        p if p.starts_with('/') => {
+            if e.shared {
+                VmaKind::VmaFileShared
+            } else {
+                VmaKind::VmaFilePrivate
+            }
+        }
+        p => bail!(
+            "mapping {:#x}-{:#x} is {p:?}, which crust cannot restore yet",
+            e.start,
+            e.end
+        ),
+    }))
+}
+
+/// Collects the address space of a task, without its pages.
+pub fn dump_mm(pid: i32) -> Result<MmEntry> {
+    let stat = proc::stat_fields(pid)?;
+    let f = |n| proc::stat_field(&stat, n);
+    let mut mm = MmEntry {
+        start_code: f(26),
+        end_code: f(27),
+        start_stack: f(28),
+        start_data: f(45),
+        end_data: f(46),
+        start_brk: f(47),
+        arg_start: f(48),
+        arg_end: f(49),
+        env_start: f(50),
+        env_end: f(51),
+        auxv: proc::auxv(pid)?,
+        exe_path: std::fs::read_link(format!("/proc/{pid}/exe"))?
+            .to_string_lossy()
+            .into_owned(),
+        ..Default::default()
+    };
+    for e in proc::smaps(pid)? {
+        let Some(kind) = classify(&e)? else { continue };
+        let mut v = VmaEntry {
+            start: e.start,
+            end: e.end,
+            prot: (e.read as u32 * libc::PROT_READ as u32)
+                | (e.write as u32 * libc::PROT_WRITE as u32)
+                | (e.exec as u32 * libc::PROT_EXEC as u32),
+            kind: kind as i32,
+            growsdown: e.has_flag("gd"),
+            name: if e.path.starts_with('[') {
+                e.path.clone()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        if e.path == "[heap]" {
+            mm.brk = e.end;
+        }
+        if kind == VmaKind::VmaAnonShared {
+            // Its shmem inode tells which processes share it.
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end);
+            let md = std::fs::metadata(&mf).with_context(|| format!("stat {mf}"))?;
+            v.dev = md.dev();
+            v.ino = md.ino();
+            v.pgoff = e.offset;
+        }
+        if matches!(kind, VmaKind::VmaFilePrivate | VmaKind::VmaFileShared) {
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end);
+            let md = std::fs::metadata(&mf).with_context(|| format!("stat {mf}"))?;
+            v.path = e.path.clone();
+            v.pgoff = e.offset;
+            v.file_size = md.size();
+            v.dev = md.dev();
+            v.ino = md.ino();
+            v.open_flags = if e.shared && e.has_flag("mw") {
+                libc::O_RDWR as u32
+            } else {
+                libc::O_RDONLY as u32
+            };
+        }
+        mm.vmas.push(v);
+    }
+    // brk can sit below the end of [heap] only when the heap was never grown;
+    // the kernel's own value is authoritative where stat gives it.
+    if mm.brk == 0 {
+        mm.brk = mm.start_brk;
+    }
+    Ok(mm)
+}
+
+/// Whether a page of this VMA holds data only the images can bring back.
+fn page_needed(kind: VmaKind, pm: u64) -> bool {
+    match kind {
+        VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared => pm & (PM_PRESENT | PM_SWAPPED) != 0,
+        // A private file page that is no longer the file's page is the task's copy.
+        VmaKind::VmaFilePrivate => {
+            pm & PM_SWAPPED != 0 || (pm & PM_PRESENT != 0 && pm & PM_FILE == 0)
+        }
+        _ => false,
+    }
+}
+
+const PM_PFN_MASK: u64 = (1 << 55) - 1;
+
+/// The frame number of the kernel's shared zero page, which an anonymous
+/// page maps after a read and before any write; such pages hold nothing to
+/// store. None when pagemap hides frame numbers (no CAP_SYS_ADMIN).
+fn zero_page_pfn() -> Option<u64> {
+    // SAFETY: a fresh private anonymous page of our own, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE as usize,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: reading the page maps the zero page; then it is unmapped.
+    let pfn = unsafe {
+        std::ptr::read_volatile(p as *const u8);
+        let pm = File::open("/proc/self/pagemap").ok();
+        let mut e = [0u8; 8];
+        let ok = pm.is_some_and(|f| f.read_exact_at(&mut e, p as u64 / PAGE * 8).is_ok());
+        libc::munmap(p, PAGE as usize);
+        if ok {
+            u64::from_le_bytes(e) & PM_PFN_MASK
+        } else {
+            0
+        }
+    };
+    (pfn != 0).then_some(pfn)
+}
+
+/// Builds `mm.pagemap` from /proc/PID/pagemap.
+pub fn scan_pages(pid: i32, mm: &mut MmEntry) -> Result<()> {
+    let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
+    let zero_pfn = zero_page_pfn();
+    let mut buf = Vec::new();
+    let mut runs = Vec::new();
+    for v in &mm.vmas {
+        let kind = v.kind();
+        if matches!(
+            kind,
+            VmaKind::VmaFileShared | VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+        ) {
+            continue;
+        }
+        let n = ((v.end - v.start) / PAGE) as usize;
+        buf.resize(n * 8, 0);
+        pm.read_exact_at(&mut buf, v.start / PAGE * 8)
+            .with_context(|| format!("reading pagemap of {pid}"))?;
+        let mut run: Option<PagemapEntry> = None;
+        for (i, c) in buf.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(c.try_into().unwrap());
+            let addr = v.start + i as u64 * PAGE;
+            let zero = kind == VmaKind::VmaAnonPrivate
+                && e & PM_PRESENT != 0
+                && Some(e & PM_PFN_MASK) == zero_pfn;
+            if page_needed(kind, e) && !zero {
+                match &mut run {
+                    Some(r) if r.vaddr + r.nr_pages * PAGE == addr => r.nr_pages += 1,
+                    _ => {
+                        runs.extend(run.take());
+                        run = Some(PagemapEntry {
+                            vaddr: addr,
+                            nr_pages: 1,
+                        });
+                    }
+                }
+            }
+        }
+        runs.extend(run);
+    }
+    mm.pagemap = runs;
+    Ok(())
+}
+
+/// Drains the pages named in `mm.pagemap` into the pages image.
+pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) -> Result<()> {
+    let pid = parasite.task.pid;
+    let pipe_fd = parasite
+        .pipe
+        .as_ref()
+        .context("parasite has no page pipe")?
+        .as_raw_fd();
+    let pipe_size = parasite.pipe_size as u64;
+    let readable = |addr: u64| {
+        mm.vmas
+            .iter()
+            .find(|v| v.start <= addr && addr < v.end)
+            .is_some_and(|v| v.prot & libc::PROT_READ as u32 != 0)
+    };
+    let mut batch: Vec<IoVec> = Vec::new();
+    let mut batch_len = 0u64;
+    let flush = |parasite: &mut Parasite,
+                 batch: &mut Vec<IoVec>,
+                 batch_len: &mut u64,
+                 out: &mut PagesWriter|
+     -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let ctl = parasite.ctl();
+        ctl.nr_iovs = batch.len() as u64;
+        ctl.iovs[..batch.len()].copy_from_slice(batch);
+        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
+        if r < 0 || r as u64 != *batch_len {
+            bail!("vmsplice of {} bytes in task {pid} returned {r}", batch_len);
+        }
+        crate::sys::splice_all(pipe_fd, out.file.as_raw_fd(), *batch_len as usize)
+            .context("splicing pages to the image")?;
+        out.advance(*batch_len);
+        batch.clear();
+        *batch_len = 0;
+        Ok(())
+    };
+    for run in &mm.pagemap {
+        if !readable(run.vaddr) {
+            // vmsplice cannot read PROT_NONE memory; /proc/PID/mem can.
+            flush(parasite, &mut batch, &mut batch_len, out)?;
+            let mut data = vec![0u8; (run.nr_pages * PAGE) as usize];
+            parasite
+                .task
+                .mem
+                .read_exact_at(&mut data, run.vaddr)
+                .context("reading unreadable pages")?;
+            std::io::Write::write_all(&mut out.file, &data)?;
+            out.advance(data.len() as u64);
+            continue;
+        }
+        let (mut addr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
+        while addr < end {
+            let take = (end - addr).min(pipe_size - batch_len);
+            batch.push(IoVec {
+                base: addr,
+                len: take,
+            });
+            batch_len += take;
+            addr += take;
+            if batch_len == pipe_size || batch.len() == abi::MAX_IOVS {
+                flush(parasite, &mut batch, &mut batch_len, out)?;
+            }
+        }
+    }
+    flush(parasite, &mut batch, &mut batch_len, out)
+}
+
+// ------------------------------------------------------------- restore ---
+
+/// Checks that the files behind file mappings are still the ones dumped.
+pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
+    for v in &mm.vmas {
+        if v.path.is_empty() {
+            continue;
+        }
+        let md = std::fs::metadata(&v.path).map_err(|e| {
+            anyhow::anyhow!(
+                "mapped file {} is gone ({e}); put it back to restore",
+                v.path
+            )
+        })?;
+        if md.size() != v.file_size {
+            bail!(
+                "mapped file {} changed size since the dump ({} bytes, now {}); restore the original file",
+                v.path,
+                v.file_size,
+                md.size()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of hole the premapped VMAs need, gaps included.
+pub fn premap_size(mm: &MmEntry) -> u64 {
+    mm.vmas
+        .iter()
+        .filter(|v| premapped(v))
+        .map(|v| v.end - v.start + GAP)
+        .sum()
+}
+
+/// Space kept between premapped VMAs, so that none merge and a growsdown
+/// stack keeps its guard gap.
+const GAP: u64 = 2 << 20;
+
+fn premapped(v: &VmaEntry) -> bool {
+    !matches!(
+        v.kind(),
+        VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+    )
+}
+
+/// Maps every VMA of `mm` into the hole from `at` on; returns the moves the
+/// restorer must make. Runs in the restored task before the restorer.
+pub fn premap_vmas(
+    mm: &MmEntry,
+    mut at: u64,
+    shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
+) -> Result<Vec<VmaMove>> {
+    let mut moves = Vec::new();
+    for v in mm.vmas.iter().filter(|v| premapped(v)) {
+        let len = v.end - v.start;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let fixed = libc::MAP_FIXED;
+        let (prot, flags, file) = match v.kind() {
+            VmaKind::VmaAnonPrivate => {
+                let gd = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+                (rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | gd, None)
+            }
+            VmaKind::VmaAnonShared => match shared.get(&(v.dev, v.ino)) {
+                // The object crust made for this shmem inode, shared by
+                // every task of the tree that maps it.
+                Some(&(addr, size)) => {
+                    let path = format!("/proc/self/map_files/{addr:x}-{:x}", addr + size);
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .with_context(|| format!("opening shared memory {path}"))?;
+                    (rw, libc::MAP_SHARED, Some(f))
+                }
+                None => (rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
+            },
+            VmaKind::VmaFilePrivate => {
+                let f = File::open(&v.path)
+                    .with_context(|| format!("opening mapped file {}", v.path))?;
+                (rw, libc::MAP_PRIVATE, Some(f))
+            }
+            VmaKind::VmaFileShared => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR)
+                    .open(&v.path)
+                    .with_context(|| format!("opening mapped file {}", v.path))?;
+                let prot = if v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
+                    rw
+                } else {
+                    libc::PROT_READ
+                };
+                (prot, libc::MAP_SHARED, Some(f))
+            }
+            _ => unreachable!(),
+        };
+        let fd = file.as_ref().map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: MAP_FIXED over the hole this process reserved for the premap.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut _,
+                len as usize,
+                prot,
+                flags | fixed,
+                fd,
+                v.pgoff as i64,
+            )
+        };
+        if p == libc::MAP_FAILED || p as u64 != at {
+            bail!(
+                "premapping VMA {:#x}-{:#x}: {}",
+                v.start,
+                v.end,
+                std::io::Error::last_os_error()
+            );
+        }
+        moves.push(VmaMove {
+            src: at,
+            dst: v.start,
+            len,
+            prot: v.prot as u64,
+        });
+        at += len + GAP;
+    }
+    Ok(moves)
+}
+
+/// Reads the pages image into the premapped VMAs, checking its CRC.
+pub fn fill_pages(
+    mm: &MmEntry,
+    moves: &[VmaMove],
+    pages: &File,
+    expect_len: u64,
+    expect_crc: u32,
+) -> Result<()> {
+    let mut off = PAGES_HEADER_LEN;
+    let mut crc = crc32fast::Hasher::new();
+    for run in &mm.pagemap {
+        let len = run.nr_pages * PAGE;
+        let m = moves
+            .iter()
+            .find(|m| m.dst <= run.vaddr && run.vaddr + len <= m.dst + m.len)
+            .with_context(|| {
+                format!(
+                    "pages at {:#x} lie outside every VMA; the mm image is corrupt",
+                    run.vaddr
+                )
+            })?;
+        let dst = m.src + (run.vaddr - m.dst);
+        // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
+        pages
+            .read_exact_at(buf, off)
+            .context("pages image is truncated")?;
+        crc.update(buf);
+        off += len;
+    }
+    if off - PAGES_HEADER_LEN != expect_len {
+        bail!(
+            "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
+            expect_len,
+            off - PAGES_HEADER_LEN
+        );
+    }
+    if crc.finalize() != expect_crc {
+        bail!("pages image checksum mismatch; the images are corrupt");
+    }
+    Ok(())
+}
+
+/// Where ARCH_MAP_VDSO_64 must put the vDSO (the start of its data pages),
+/// after checking that this kernel's vDSO has the dumped layout.
+pub fn vdso_target(mm: &MmEntry) -> Result<u64> {
+    let special: Vec<&VmaEntry> = mm
+        .vmas
+        .iter()
+        .filter(|v| {
+            matches!(
+                v.kind(),
+                VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+            )
+        })
+        .collect();
+    if special.is_empty() {
+        return Ok(0);
+    }
+    let base = special.iter().map(|v| v.start).min().unwrap();
+    let own = proc::smaps(std::process::id() as i32)?;
+    let own: Vec<&MapsEntry> = own
+        .iter()
+        .filter(|e| matches!(e.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+        .collect();
+    let own_base = own.iter().map(|e| e.start).min().unwrap_or(0);
+    let layout_of = |v: Vec<(String, u64, u64)>| {
+        let mut v = v;
+        v.sort();
+        v
+    };
+    let dumped = layout_of(
+        special
+            .iter()
+            .map(|v| (v.name.clone(), v.start - base, v.end - v.start))
+            .collect(),
+    );
+    let here = layout_of(
+        own.iter()
+            .map(|e| (e.path.clone(), e.start - own_base, e.end - e.start))
+            .collect(),
+    );
+    if dumped != here {
+        bail!(
+            "the vDSO of this kernel differs from the dumped one ({dumped:?} vs {here:?}); restore on the kernel that dumped"
+        );
+    }
+    Ok(base)
+}

@@ -1,0 +1,14 @@
+//! One module per kind of resource, each with its dump and restore side.
+
+pub mod creds;
+pub mod epoll;
+pub mod eventfd;
+pub mod files;
+pub mod ghost;
+pub mod memory;
+pub mod pipes;
+pub mod prctl;
+pub mod regs;
+pub mod sched;
+pub mod signals;
+pub mod timers;

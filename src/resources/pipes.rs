@@ -1,0 +1,201 @@
+//! Pipes: both ends anywhere in the dumped tree, with the bytes sitting in
+//! the buffer and the buffer's capacity.
+//!
+//! Dump: crust opens the pipe through /proc/PID/fd/N and `tee`s its buffer
+//! into a pipe of its own, which copies the data without taking it from
+//! the task. Restore: crust makes one pipe per dumped inode before the tree
+//! is forked, refills it, and every task dups the end it held; tasks that
+//! shared an end share one open file description again.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+use anyhow::{Context, Result, bail};
+
+use super::files::{FdProbe, FileKind, RestoreCtx};
+use crate::images::pb::fd_entry::File as FdFile;
+use crate::images::pb::{FdTable, PipeData, PipeEnd};
+
+pub struct PipeKind;
+
+impl FileKind for PipeKind {
+    fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
+        if !p.meta.file_type().is_fifo() || !p.link.starts_with("pipe:[") {
+            return Ok(None);
+        }
+        let ino = p.meta.ino();
+        if p.seen_pipes.borrow_mut().insert(ino) {
+            p.new_pipes.borrow_mut().push(read_pipe(p.pid, p.fd, ino)?);
+        }
+        Ok(Some(FdFile::Pipe(PipeEnd {
+            ino,
+            write: p.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32,
+            flags: p.flags & !(libc::O_CLOEXEC as u32),
+        })))
+    }
+
+    fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
+        let FdFile::Pipe(e) = f else { return Ok(None) };
+        let &(rd, wr) = ctx
+            .pipes
+            .get(&e.ino)
+            .with_context(|| format!("pipe {} is not in the images", e.ino))?;
+        let end = if e.write { wr } else { rd };
+        // SAFETY: duplicating the pipe end crust made before the fork.
+        let fd = unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            bail!(
+                "duplicating pipe {}: {}",
+                e.ino,
+                std::io::Error::last_os_error()
+            );
+        }
+        let keep = (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
+        // SAFETY: setting status flags of the description we hold.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, (e.flags & keep) as i32) };
+        // SAFETY: fd was just created and is owned by no one else.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+/// Copies what is buffered in the pipe behind PID's fd, leaving it there.
+fn read_pipe(pid: i32, fd: RawFd, ino: u64) -> Result<PipeData> {
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
+    // SAFETY: fcntl on an fd we own.
+    let capacity = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if capacity < 0 {
+        bail!(
+            "reading the capacity of pipe {ino}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let (tmp_r, tmp_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // SAFETY: fcntl on an fd we own; a smaller copy pipe only limits tee below.
+    unsafe { libc::fcntl(tmp_w.as_raw_fd(), libc::F_SETPIPE_SZ, capacity) };
+    // SAFETY: tee between two pipes; no user memory is involved.
+    let n = unsafe {
+        libc::tee(
+            src.as_raw_fd(),
+            tmp_w.as_raw_fd(),
+            capacity as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    let n = match n {
+        n if n >= 0 => n as usize,
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => 0,
+        _ => bail!(
+            "copying the buffer of pipe {ino}: {}",
+            std::io::Error::last_os_error()
+        ),
+    };
+    let mut data = vec![0u8; n];
+    std::fs::File::from(tmp_r)
+        .read_exact(&mut data)
+        .context("reading a pipe's buffer")?;
+    Ok(PipeData {
+        ino,
+        capacity: capacity as u32,
+        data,
+    })
+}
+
+/// Which ends of each pipe the tree holds: (read, write).
+fn ends_held<'a>(tables: impl Iterator<Item = &'a FdTable>) -> HashMap<u64, (bool, bool)> {
+    let mut ends: HashMap<u64, (bool, bool)> = HashMap::new();
+    for t in tables {
+        for e in &t.fds {
+            if let Some(FdFile::Pipe(p)) = &e.file {
+                let x = ends.entry(p.ino).or_default();
+                if p.write { x.1 = true } else { x.0 = true }
+            }
+        }
+    }
+    ends
+}
+
+/// A process outside `tree` that holds pipe `ino` open, if any.
+fn outside_holder(ino: u64, tree: &[i32]) -> Option<i32> {
+    let link = format!("pipe:[{ino}]");
+    for p in std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    {
+        if tree.contains(&p) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        if fds
+            .filter_map(|e| e.ok())
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link.as_str()))
+        {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A pipe with one end in the tree and the other held outside it cannot be
+/// restored (nothing could stand in for that end): refuse it. A pipe whose
+/// other end is closed everywhere (make's "bad stdin", say) is fine.
+pub fn check_pipes_closed(tables: &[(i32, &FdTable)]) -> Result<()> {
+    let tree: Vec<i32> = tables.iter().map(|(p, _)| *p).collect();
+    for (ino, (r, w)) in ends_held(tables.iter().map(|(_, t)| *t)) {
+        if r && w {
+            continue;
+        }
+        if let Some(holder) = outside_holder(ino, &tree) {
+            let (pid, fd) = tables
+                .iter()
+                .flat_map(|(p, t)| t.fds.iter().map(move |e| (*p, e)))
+                .find(|(_, e)| matches!(&e.file, Some(FdFile::Pipe(x)) if x.ino == ino))
+                .map(|(p, e)| (p, e.fd))
+                .unwrap_or((0, 0));
+            bail!(
+                "PID {pid} fd {fd} is a pipe (pipe:[{ino}]) whose {} end is held by PID {holder} outside the dumped tree; dump a tree that holds both ends",
+                if r { "write" } else { "read" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes the tree's pipes in crust, refilled, before anything forks; every
+/// restored task inherits them and dups the ends it held.
+pub fn create_pipes<'a>(
+    tables: impl Iterator<Item = &'a FdTable>,
+) -> Result<HashMap<u64, (RawFd, RawFd)>> {
+    let mut out = HashMap::new();
+    for d in tables.flat_map(|t| t.pipes.iter()) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: fcntl on a pipe we own.
+        if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, d.capacity as i32) } < 0 {
+            bail!(
+                "giving pipe {} its capacity of {} bytes: {}",
+                d.ino,
+                d.capacity,
+                std::io::Error::last_os_error()
+            );
+        }
+        nix::unistd::write(&w, &d.data).with_context(|| format!("refilling pipe {}", d.ino))?;
+        // The fds live as long as crust; the forked tasks close their copies.
+        out.insert(
+            d.ino,
+            (
+                std::os::fd::IntoRawFd::into_raw_fd(r),
+                std::os::fd::IntoRawFd::into_raw_fd(w),
+            ),
+        );
+    }
+    Ok(out)
+}

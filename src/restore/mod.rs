@@ -1,0 +1,460 @@
+//! `crust restore`: read and check the images, fork the task with its PID,
+//! rebuild it (`task::build_task`, in the child), hand over to the restorer
+//! blob, and watch it return into the task's own code.
+
+pub mod plan;
+pub mod task;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::ptrace;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tracing::info;
+
+use crate::abi;
+use crate::images::pb::{FdTable, Inventory, MmEntry, TaskCore, TaskRef, VmaKind};
+use crate::images::{self, ImageDir, ImageKind};
+use crate::resources::{files, memory};
+use crate::seize::SeizedTask;
+
+pub struct RestoreOpts {
+    pub dir: PathBuf,
+    pub detach: bool,
+    pub shell_job: bool,
+    pub pidfile: Option<PathBuf>,
+}
+
+impl RestoreOpts {
+    /// What a task below the root needs of the options: only --shell-job
+    /// matters there, and only the root's stdio is crust's terminal.
+    pub fn inherit() -> Self {
+        RestoreOpts {
+            dir: PathBuf::new(),
+            detach: false,
+            shell_job: true,
+            pidfile: None,
+        }
+    }
+}
+
+/// Everything read from the images for one task.
+pub struct TaskImages {
+    pub core: TaskCore,
+    pub mm: MmEntry,
+    pub files: FdTable,
+    pub pages: File,
+    pub pages_len: u64,
+    pub pages_crc: u32,
+}
+
+fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
+    let core: TaskCore = dir.read_msg(ImageKind::Core, pid)?;
+    let mm: MmEntry = dir.read_msg(ImageKind::Mm, pid)?;
+    let files: FdTable = dir.read_msg(ImageKind::Files, pid)?;
+    let (pages, hdr) = images::open_pages(dir, pid)?;
+    if core.threads.is_empty()
+        || core
+            .threads
+            .iter()
+            .any(|t| t.regs.is_none() || t.creds.is_none())
+    {
+        bail!(
+            "{}: missing registers or credentials; the images are corrupt",
+            dir.file(ImageKind::Core, pid).display()
+        );
+    }
+    Ok(TaskImages {
+        core,
+        mm,
+        files,
+        pages,
+        pages_len: hdr.len,
+        pages_crc: hdr.crc,
+    })
+}
+
+/// The process holding `pid`, if any. A zombie left by the dump's kill is
+/// given a few seconds to be reaped (init reaps orphans late).
+fn pid_holder(pid: i32) -> Option<String> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(5) {
+        match crate::proc::status(pid) {
+            Ok(st) if st.state == 'Z' || st.state == 'X' => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => break,
+        }
+    }
+    pid_comm(pid)
+}
+
+fn pid_comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// All a restore works from: the tree and each live task's images and plan.
+pub struct RestoreSet {
+    pub inv: Inventory,
+    pub tasks: HashMap<i32, TaskImages>,
+    pub plans: HashMap<i32, plan::RestorePlan>,
+    /// Shared anonymous memory, by (dev, inode) of its shmem file: created
+    /// by crust before the tree is forked, so every task that maps it maps
+    /// the same object.
+    pub shared: HashMap<(u64, u64), (u64, u64)>,
+    /// The tree's pipes by inode, made by crust before anything forks.
+    pub pipes: HashMap<u64, (std::os::fd::RawFd, std::os::fd::RawFd)>,
+    /// Open file descriptions several processes share, by description id.
+    pub shared_files: HashMap<u64, std::os::fd::RawFd>,
+}
+
+impl RestoreSet {
+    pub fn children_of(&self, pid: i32) -> impl Iterator<Item = &TaskRef> {
+        self.inv
+            .tasks
+            .iter()
+            .filter(move |t| t.ppid == pid && t.pid != pid)
+    }
+    pub fn task_ref(&self, pid: i32) -> &TaskRef {
+        self.inv
+            .tasks
+            .iter()
+            .find(|t| t.pid == pid)
+            .expect("pid of the tree")
+    }
+    pub fn in_tree(&self, pid: i32) -> bool {
+        self.inv.tasks.iter().any(|t| t.pid == pid)
+    }
+}
+
+/// Checks that the tree's sessions and groups can be rebuilt: every task's
+/// session and group lead by a task of the tree, or inherited from outside
+/// by the root.
+fn check_tree(inv: &Inventory) -> Result<()> {
+    let root = inv.tasks.first().context("the inventory names no task")?;
+    if root.pid != inv.root_pid {
+        bail!("inventory.img: the first task is not the root; the images are corrupt");
+    }
+    let has = |pid: i32| inv.tasks.iter().any(|t| t.pid == pid);
+    for t in &inv.tasks[1..] {
+        if !has(t.ppid) {
+            bail!(
+                "inventory.img: task {} has parent {} outside the tree; the images are corrupt",
+                t.pid,
+                t.ppid
+            );
+        }
+        if t.sid != root.sid && !has(t.sid) {
+            bail!(
+                "task {} is in session {}, which no task of the tree leads; crust cannot rebuild it",
+                t.pid,
+                t.sid
+            );
+        }
+        if t.pgid != root.pgid && !has(t.pgid) {
+            bail!(
+                "task {} is in process group {}, which no task of the tree leads; crust cannot rebuild it",
+                t.pid,
+                t.pgid
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates one shared anonymous object per shmem inode the tree maps.
+fn create_shared_anon(tasks: &HashMap<i32, TaskImages>) -> Result<HashMap<(u64, u64), (u64, u64)>> {
+    let mut sizes: HashMap<(u64, u64), u64> = HashMap::new();
+    for img in tasks.values() {
+        for v in img
+            .mm
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::VmaAnonShared)
+        {
+            let e = sizes.entry((v.dev, v.ino)).or_default();
+            *e = (*e).max(v.pgoff + v.end - v.start);
+        }
+    }
+    let mut out = HashMap::new();
+    for (key, size) in sizes {
+        // SAFETY: a new shared anonymous mapping of crust's; the forked
+        // tasks inherit it and drop it with the rest of crust's memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            bail!(
+                "creating {size} bytes of shared memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        out.insert(key, (p as u64, size));
+    }
+    Ok(out)
+}
+
+/// Restores the dump in `opts.dir`; returns the exit code crust should exit with.
+pub fn restore(opts: &RestoreOpts) -> Result<i32> {
+    let dir = ImageDir::open(&opts.dir)?;
+    let inv: Inventory = dir.read_msg(ImageKind::Inventory, 0)?;
+    check_tree(&inv)?;
+    if inv.shell_job && !opts.shell_job {
+        bail!("the images were dumped with --shell-job; restore with --shell-job");
+    }
+    let mut tasks = HashMap::new();
+    for t in inv.tasks.iter().filter(|t| !t.zombie) {
+        let img = load_task(&dir, t.pid)?;
+        memory::check_mapped_files(&img.mm)?;
+        files::check_fd_table(&img.files)?;
+        memory::vdso_target(&img.mm)?;
+        tasks.insert(t.pid, img);
+    }
+    let thread_ids = tasks
+        .values()
+        .flat_map(|t| t.core.threads.iter().skip(1).map(|th| th.tid));
+    for tid in thread_ids {
+        if let Some(holder) = pid_holder(tid) {
+            bail!(
+                "thread id {tid} of the images is taken by a running process ({holder}); stop it (kill {tid}) and restore again"
+            );
+        }
+    }
+    for t in &inv.tasks {
+        if let Some(holder) = pid_holder(t.pid) {
+            bail!(
+                "PID {} is taken by a running process ({holder}); stop it (kill {}) and restore again",
+                t.pid,
+                t.pid
+            );
+        }
+    }
+    let shared = create_shared_anon(&tasks)?;
+    let pipes = crate::resources::pipes::create_pipes(tasks.values().map(|t| &t.files))?;
+    let tty = [0, 1, 2]
+        .into_iter()
+        .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
+    let no_shared = HashMap::new();
+    let ctx = files::RestoreCtx {
+        tty,
+        pipes: &pipes,
+        shared: &no_shared,
+    };
+    let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
+    let mut plans = HashMap::new();
+    for (pid, img) in &tasks {
+        plans.insert(*pid, plan::make_plan(img)?);
+    }
+    let set = RestoreSet {
+        inv,
+        tasks,
+        plans,
+        shared,
+        pipes,
+        shared_files,
+    };
+    let pid = set.inv.root_pid;
+
+    let (status_rd, status_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (sync_rd, sync_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let child = match crate::sys::fork_with_pid(pid) {
+        Ok(0) => {
+            drop(status_rd);
+            drop(sync_wr);
+            task::run_child(&set, pid, opts, status_wr, Some(sync_rd))
+        }
+        Ok(child) => child,
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            bail!(
+                "PID {pid} is taken by {}; stop it and restore again",
+                pid_comm(pid).unwrap_or_else(|| "a process that just exited".into())
+            )
+        }
+        Err(e) => bail!(
+            "creating task {pid} with clone3(set_tid): {e}; crust needs CAP_CHECKPOINT_RESTORE"
+        ),
+    };
+    drop(status_wr);
+    drop(sync_rd);
+    // The tree holds its pipes now; crust's copies would keep them open
+    // (a reader would never see EOF).
+    for &(r, w) in set.pipes.values() {
+        for fd in [r, w].into_iter().filter(|&fd| fd >= 0) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    for &fd in set.shared_files.values() {
+        let _ = nix::unistd::close(fd);
+    }
+    let child = Pid::from_raw(child);
+    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd) {
+        // Nothing lost: what this restore created goes away again (the rest
+        // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(e);
+    }
+    info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
+    if let Some(p) = &opts.pidfile {
+        // Written whole and renamed into place: a reader never sees it empty.
+        let tmp = p.with_extension("crust-tmp");
+        std::fs::write(&tmp, format!("{pid}\n"))
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .with_context(|| format!("writing pidfile {}", p.display()))?;
+    }
+    if opts.detach {
+        return Ok(0);
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waiting for restored task {pid}: {e}"),
+        }
+    }
+}
+
+/// Reads why the child failed: a text message from crust's code in the
+/// child, or a step record from the restorer.
+fn child_failure(mut status: File) -> anyhow::Error {
+    // Other tasks of the tree still hold the pipe: read what is there, not
+    // to the end (a moment for the failing task's message to land).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // SAFETY: setting O_NONBLOCK on our own pipe end.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&status),
+            libc::F_SETFL,
+            libc::O_NONBLOCK,
+        )
+    };
+    let mut buf = Vec::new();
+    let _ = status.read_to_end(&mut buf);
+    if buf.len() == 8 && buf[0] != b'E' {
+        let step = u32::from_le_bytes(buf[0..4].try_into().unwrap());
+        let err = i32::from_le_bytes(buf[4..8].try_into().unwrap());
+        return anyhow::anyhow!(
+            "restorer failed while {}: {}",
+            abi::restorer_step_name(step),
+            std::io::Error::from_raw_os_error(err)
+        );
+    }
+    match buf.strip_prefix(b"E") {
+        Some(msg) => anyhow::anyhow!("{}", String::from_utf8_lossy(msg)),
+        None => anyhow::anyhow!("the restored task died before it was rebuilt"),
+    }
+}
+
+/// Watches every thread of the tree through the restorer's final trap and
+/// rt_sigreturn (new processes and threads are traced from birth through
+/// PTRACE_O_TRACEFORK/TRACECLONE), then removes each task's restorer and
+/// lets the tree run.
+fn finish_tree(root: Pid, set: &RestoreSet, sync_wr: OwnedFd, status_rd: OwnedFd) -> Result<()> {
+    // SAFETY: status_rd is an fd we own; File takes it over.
+    let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
+    let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
+        | ptrace::Options::PTRACE_O_EXITKILL
+        | ptrace::Options::PTRACE_O_TRACECLONE
+        | ptrace::Options::PTRACE_O_TRACEFORK;
+    ptrace::seize(root, opts).context("seizing the restored task")?;
+    nix::unistd::write(&sync_wr, b"g")?;
+    drop(sync_wr);
+    let zombies: Vec<Pid> = set
+        .inv
+        .tasks
+        .iter()
+        .filter(|t| t.zombie)
+        .map(|t| Pid::from_raw(t.pid))
+        .collect();
+    let expected: usize = set.tasks.values().map(|t| t.core.threads.len()).sum();
+    // Per thread: how many syscall stops of rt_sigreturn it has passed
+    // since its final trap (2 = parked at the exit, back in its own code).
+    let mut stage: HashMap<Pid, u8> = HashMap::new();
+    let parked = |stage: &HashMap<Pid, u8>| stage.values().filter(|&&s| s == 2).count();
+    while parked(&stage) < expected {
+        let st = loop {
+            match waitpid(None, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r.context("waiting for the restored tree")?,
+            }
+        };
+        match st {
+            WaitStatus::Stopped(tid, Signal::SIGTRAP) => {
+                stage.insert(tid, 0);
+                ptrace::syscall(tid, None)?;
+            }
+            WaitStatus::PtraceSyscall(tid) => {
+                let s = stage.entry(tid).or_insert(0);
+                *s += 1;
+                if *s < 2 {
+                    ptrace::syscall(tid, None)?;
+                }
+            }
+            // A zombie of the tree died as it should; its parent reaps it.
+            WaitStatus::Exited(p, _) | WaitStatus::Signaled(p, _, _) if zombies.contains(&p) => {}
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err(child_failure(status)),
+            WaitStatus::Stopped(tid, sig) => {
+                let rip = ptrace::getregs(tid).map(|r| r.rip).unwrap_or(0);
+                bail!("restored thread {tid} got {sig:?} at {rip:#x} before it could run");
+            }
+            // Fork and clone events, and the first stop of a new task.
+            WaitStatus::PtraceEvent(tid, ..) => ptrace::cont(tid, None)?,
+            other => bail!("the restored tree stopped with {other:?}"),
+        }
+    }
+    for (pid, img) in &set.tasks {
+        let plan = &set.plans[pid];
+        let mut leader = SeizedTask::from_stopped(Pid::from_raw(*pid))?;
+        let r = crate::parasite_ctl::remote_syscall(
+            &leader,
+            libc::SYS_munmap,
+            [plan.hole_start, plan.hole_end - plan.hole_start, 0, 0, 0, 0],
+        )?;
+        if r < 0 {
+            bail!(
+                "unmapping the restorer from restored task {pid}: errno {}",
+                -r
+            );
+        }
+        // A task stopped by job control gets its SIGSTOP while still held,
+        // so it stops again before it runs a single instruction.
+        if set.task_ref(*pid).stopped {
+            kill(Pid::from_raw(*pid), Signal::SIGSTOP)?;
+        }
+        // A thread stopped in an interruptible syscall goes back into the
+        // kernel's signal code with its orig_rax, as the freeze found it:
+        // the kernel restarts the syscall, or returns EINTR into a handler
+        // if a signal comes first.
+        let with_syscall = |t: &mut SeizedTask, core: &crate::images::pb::ThreadCore| {
+            if let Some(g) = &core.regs {
+                t.stop_regs.orig_rax = g.orig_rax;
+            }
+        };
+        for t in img.core.threads.iter().skip(1) {
+            let mut th = SeizedTask::from_stopped(Pid::from_raw(t.tid))?;
+            with_syscall(&mut th, t);
+            th.release()
+                .with_context(|| format!("releasing restored thread {}", t.tid))?;
+        }
+        with_syscall(&mut leader, &img.core.threads[0]);
+        leader.release()?;
+    }
+    Ok(())
+}

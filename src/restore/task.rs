@@ -1,0 +1,408 @@
+//! The restored task's side of a restore, run in the child crust forked with
+//! the task's PID: rebuild memory (premapped in the hole), files, fs state
+//! and limits, set up the restorer's args, and jump into the restorer.
+
+use std::io::Read;
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+
+use anyhow::{Context, Result, bail};
+
+use super::plan::{RESTORER_STACK, RestorePlan, THREAD_STACK};
+use super::{RestoreOpts, RestoreSet, TaskImages};
+use crate::abi::{MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs, VmaMove};
+use crate::blobs::RESTORER_BLOB;
+use crate::images::pb::ThreadCore;
+use crate::resources::{creds, files, memory, prctl, regs, sched, signals, timers};
+use crate::sys;
+use nix::unistd::Pid;
+use std::os::fd::FromRawFd;
+
+/// Entry of a restored process (a copy of crust made with the task's PID):
+/// never returns. It joins its session and group, forks its children with
+/// their PIDs (each runs this again), then rebuilds itself. A failure is
+/// reported through `status` as "E<message>" and ends the process.
+pub fn run_child(
+    set: &RestoreSet,
+    pid: i32,
+    opts: &RestoreOpts,
+    status: OwnedFd,
+    sync: Option<OwnedFd>,
+) -> ! {
+    let status_fd = status.into_raw_fd();
+    let err = match start_task(set, pid, status_fd, sync) {
+        Ok(()) => build_task(&set.tasks[&pid], &set.plans[&pid], set, opts, status_fd).unwrap_err(),
+        Err(e) => e,
+    };
+    let msg = format!("E{:#}", err);
+    // SAFETY: writing a byte buffer to our status pipe.
+    unsafe {
+        libc::write(status_fd, msg.as_ptr().cast(), msg.len());
+        libc::_exit(1)
+    }
+}
+
+fn start_task(set: &RestoreSet, pid: i32, status_fd: RawFd, sync: Option<OwnedFd>) -> Result<()> {
+    // Signals stay blocked until rt_sigreturn installs the task's own mask.
+    let all = nix::sys::signal::SigSet::all();
+    nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&all), None)?;
+    if let Some(sync) = sync {
+        // The root waits until crust traces it (its descendants are traced
+        // from birth): the restorer's final trap needs a tracer.
+        let mut b = [0u8; 1];
+        std::fs::File::from(sync)
+            .read_exact(&mut b)
+            .context("waiting for crust to trace the new task")?;
+    }
+    join_session(set, pid)?;
+    for child in set.children_of(pid) {
+        match sys::fork_with_pid(child.pid) {
+            Ok(0) => {
+                if child.zombie {
+                    die_as_zombie(child.exit_status)
+                }
+                // SAFETY: dup of our status pipe for the child to own.
+                let st = unsafe {
+                    OwnedFd::from_raw_fd(libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 0))
+                };
+                run_child(set, child.pid, &RestoreOpts::inherit(), st, None)
+            }
+            Ok(c) => {
+                // Put the child in its group from this side too (as shells
+                // do), so the group exists before the next sibling, which
+                // may join it, is forked.
+                let c = Pid::from_raw(c);
+                if child.sid != child.pid && !child.zombie {
+                    if child.pgid == child.pid {
+                        let _ = nix::unistd::setpgid(c, c);
+                    } else if set.in_tree(child.pgid) {
+                        let _ = nix::unistd::setpgid(c, Pid::from_raw(child.pgid));
+                    }
+                }
+            }
+            Err(e) => bail!(
+                "creating task {} (child of {pid}) with its PID: {e}",
+                child.pid
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Sessions and groups: a session leader starts its session, a group leader
+/// its group; a task in a group led by an earlier task joins it. The root
+/// of a tree that is no session leader stays in crust's session and group.
+fn join_session(set: &RestoreSet, pid: i32) -> Result<()> {
+    let me = set.task_ref(pid);
+    if me.sid == pid {
+        nix::unistd::setsid().with_context(|| format!("task {pid}: setsid"))?;
+    } else if me.pgid == pid {
+        nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
+            .with_context(|| format!("task {pid}: setpgid"))?;
+    } else if set.in_tree(me.pgid) && nix::unistd::getpgrp().as_raw() != me.pgid {
+        nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(me.pgid))
+            .with_context(|| format!("task {pid}: joining process group {}", me.pgid))?;
+    }
+    Ok(())
+}
+
+/// A zombie of the tree: dies at once the way it died, and stays a zombie
+/// until its restored parent reaps it.
+fn die_as_zombie(status: i32) -> ! {
+    let sig = status & 0x7f;
+    // SAFETY: the process ends here; nothing of crust's runs after this.
+    unsafe {
+        if sig != 0 {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+        libc::_exit((status >> 8) & 0xff)
+    }
+}
+
+/// Moves an fd of ours to a number at or above `min`.
+fn move_fd_above(fd: RawFd, min: RawFd) -> Result<RawFd> {
+    // SAFETY: duplicating and closing fds this process owns.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if n < 0 {
+        bail!("moving fd {fd}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours and replaced by n.
+    unsafe { libc::close(fd) };
+    Ok(n)
+}
+
+fn build_task(
+    img: &TaskImages,
+    plan: &RestorePlan,
+    set: &RestoreSet,
+    opts: &RestoreOpts,
+    status_fd: RawFd,
+) -> Result<std::convert::Infallible> {
+    reserve_hole(plan)?;
+    let moves = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared)?;
+    memory::fill_pages(&img.mm, &moves, &img.pages, img.pages_len, img.pages_crc)?;
+
+    let exe = std::fs::File::open(&img.mm.exe_path).with_context(|| {
+        format!(
+            "executable {} is gone; put it back to restore",
+            img.mm.exe_path
+        )
+    })?;
+    let top_fd = img.files.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1;
+    let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
+    let status_fd = move_fd_above(status_fd, top_fd)?;
+    let mut keep = vec![exe_fd, status_fd];
+    let holds_tty = img
+        .files
+        .fds
+        .iter()
+        .any(|e| matches!(e.file, Some(crate::images::pb::fd_entry::File::Tty(_))));
+    let tty = if opts.shell_job && holds_tty {
+        let src = [0, 1, 2]
+            .into_iter()
+            .find(|&fd| nix::unistd::isatty(fd).unwrap_or(false));
+        let Some(src) = src else {
+            bail!("--shell-job needs crust to run on a terminal, but none of its fds 0-2 is one");
+        };
+        // SAFETY: duplicating our own terminal fd above the task's fds.
+        let t = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, top_fd) };
+        keep.push(t);
+        Some(t)
+    } else {
+        None
+    };
+
+    load_restorer(img, plan, &moves, exe_fd, status_fd)?;
+
+    files::restore_fd_table(
+        &img.files,
+        &files::RestoreCtx {
+            tty,
+            pipes: &set.pipes,
+            shared: &set.shared_files,
+        },
+        &keep,
+    )?;
+    if let Some(t) = tty {
+        // SAFETY: closing our extra copy of the terminal.
+        unsafe { libc::close(t) };
+    }
+    files::restore_fs(&img.files)?;
+    nix::sys::prctl::set_name(&std::ffi::CString::new(img.core.comm.as_str())?)?;
+    // SAFETY: personality(2) with the dumped persona.
+    unsafe { libc::personality(img.core.personality as libc::c_ulong) };
+    creds::restore_rlimits(&img.core)?;
+    prctl::restore_oom_score_adj(&img.core)?;
+    sys::unregister_own_rseq()?;
+    // SAFETY: the restorer, its args and stack are loaded in the hole; it
+    // never returns into crust's code.
+    unsafe {
+        sys::jump_to_restorer(
+            plan.restorer_at + RESTORER_BLOB.entry,
+            plan.stack_top,
+            plan.args_at,
+        );
+    }
+}
+
+/// The restorer's view of one thread: what it restores of its own.
+fn thread_args(
+    t: &ThreadCore,
+    args_at: u64,
+    sigframe_uc: u64,
+    stack_top: u64,
+) -> Result<ThreadArgs> {
+    let g = t.regs.as_ref().context("a thread without registers")?;
+    let mut comm = [0u8; 16];
+    let n = t.comm.len().min(15);
+    comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+    // SAFETY: ThreadArgs is plain data for which all-zero is valid.
+    let mut a: ThreadArgs = unsafe { std::mem::zeroed() };
+    a.args = args_at;
+    a.tid = t.tid;
+    if let Some(r) = &t.rseq {
+        a.has_rseq = 1;
+        a.rseq = RseqConf {
+            addr: r.addr,
+            len: r.len,
+            sig: r.sig,
+        };
+    }
+    a.fs_base = g.fs_base;
+    a.gs_base = g.gs_base;
+    a.robust_list = t.robust_list;
+    a.robust_len = t.robust_len;
+    a.creds = creds::restore_creds(t.creds.as_ref().context("a thread without creds")?)?;
+    a.sigframe_uc = sigframe_uc;
+    a.stack_top = stack_top;
+    a.stack_size = THREAD_STACK;
+    a.comm = comm;
+    sched::restore_sched(t.sched.as_ref(), &mut a);
+    prctl::restore_thread_prctl(t, &mut a);
+    Ok(a)
+}
+
+fn reserve_hole(plan: &RestorePlan) -> Result<()> {
+    let len = (plan.hole_end - plan.hole_start) as usize;
+    // SAFETY: reserving address space the parent found free in this layout.
+    let p = unsafe {
+        libc::mmap(
+            plan.hole_start as *mut _,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || p as u64 != plan.hole_start {
+        bail!(
+            "reserving the restore hole at {:#x}: {}",
+            plan.hole_start,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Maps the restorer blob, its args and its stack at their places in the hole.
+fn load_restorer(
+    img: &TaskImages,
+    plan: &RestorePlan,
+    moves: &[VmaMove],
+    exe_fd: RawFd,
+    status_fd: RawFd,
+) -> Result<()> {
+    let len = (plan.hole_end - plan.restorer_at) as usize;
+    // SAFETY: MAP_FIXED over the part of our reserved hole kept for the restorer.
+    let p = unsafe {
+        libc::mmap(
+            plan.restorer_at as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mapping the restorer: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the region just mapped, `len` bytes, is ours alone.
+    let region = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) };
+    RESTORER_BLOB.load_into(region, plan.restorer_at);
+
+    let core = &img.core;
+    let mm = &img.mm;
+    if mm.auxv.len() > MAX_AUXV {
+        bail!(
+            "auxv of {} entries is longer than crust handles; the images are corrupt",
+            mm.auxv.len()
+        );
+    }
+    // SAFETY: RestorerArgs is plain data for which all-zero is valid.
+    let mut args: RestorerArgs = unsafe { std::mem::zeroed() };
+    args.hole_start = plan.hole_start;
+    args.hole_end = plan.hole_end;
+    args.vdso_addr = memory::vdso_target(mm)?;
+    args.mm_map = PrctlMmMap {
+        start_code: mm.start_code,
+        end_code: mm.end_code,
+        start_data: mm.start_data,
+        end_data: mm.end_data,
+        start_brk: mm.start_brk,
+        brk: mm.brk,
+        start_stack: mm.start_stack,
+        arg_start: mm.arg_start,
+        arg_end: mm.arg_end,
+        env_start: mm.env_start,
+        env_end: mm.env_end,
+        auxv: 0,
+        auxv_size: (mm.auxv.len() * 8) as u32,
+        exe_fd: exe_fd as u32,
+    };
+    args.auxv[..mm.auxv.len()].copy_from_slice(&mm.auxv);
+    args.status_fd = status_fd;
+    signals::restore_signals(core, &mut args);
+    timers::restore_itimers(core, &mut args);
+    prctl::restore_prctl(core, &mut args);
+
+    let lay = plan.layout;
+    let args_off = (plan.args_at - plan.restorer_at) as usize;
+    let area = &mut region[args_off..args_off + plan.args_size as usize];
+    args.vmas_off = lay.vmas_off as u64;
+    args.nr_vmas = moves.len() as u64;
+    args.threads_off = lay.threads_off as u64;
+    args.nr_threads = core.threads.len().saturating_sub(1) as u64;
+    let mut threads = Vec::new();
+    for (i, t) in core.threads.iter().enumerate() {
+        let g = t.regs.as_ref().context("a thread without registers")?;
+        let fo = lay.frames_off + i * lay.frame_size;
+        let f = regs::build_sigframe(
+            &mut area[fo..fo + lay.frame_size],
+            plan.args_at + fo as u64,
+            g,
+            &t.xsave,
+            t.sigmask,
+            t.sigaltstack.as_ref(),
+        )?;
+        // The leader runs on the restorer's stack; the others below it.
+        let stack_top = match i {
+            0 => plan.stack_top,
+            _ => plan.stack_top - RESTORER_STACK - (i as u64 - 1) * THREAD_STACK,
+        };
+        threads.push(thread_args(
+            t,
+            plan.args_at,
+            plan.args_at + (fo + f) as u64 + 8,
+            stack_top,
+        )?);
+    }
+    if threads.is_empty() {
+        bail!("the core image has no threads; the images are corrupt");
+    }
+    // Pending signals: the process's, then each thread's, 128 bytes each.
+    let mut at = lay.siginfo_off;
+    let mut put = |infos: &[Vec<u8>], area: &mut [u8]| -> Result<(u64, u64)> {
+        let start = at;
+        for i in infos {
+            if i.len() != 128 {
+                bail!(
+                    "a pending signal of {} bytes in the core image; the images are corrupt",
+                    i.len()
+                );
+            }
+            area[at..at + 128].copy_from_slice(i);
+            at += 128;
+        }
+        Ok((start as u64, infos.len() as u64))
+    };
+    (args.shared_pending_off, args.nr_shared_pending) = put(&core.shared_pending, area)?;
+    for (a, t) in threads.iter_mut().zip(&core.threads) {
+        (a.pending_off, a.nr_pending) = put(&t.pending, area)?;
+    }
+    args.leader = threads.remove(0);
+    // SAFETY: plain repr(C) data copied into the args area, laid out by
+    // ArgsLayout from the same counts.
+    unsafe {
+        std::ptr::write_unaligned(area.as_mut_ptr() as *mut RestorerArgs, args);
+        std::ptr::copy_nonoverlapping(
+            moves.as_ptr(),
+            area.as_mut_ptr().add(lay.vmas_off) as *mut VmaMove,
+            moves.len(),
+        );
+        std::ptr::copy_nonoverlapping(
+            threads.as_ptr(),
+            area.as_mut_ptr().add(lay.threads_off) as *mut ThreadArgs,
+            threads.len(),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Freezing: PTRACE_SEIZE + PTRACE_INTERRUPT, with a guard that puts the
+//! task's registers, FPU state and signal mask back and detaches on every
+//! exit path, so a failed dump leaves the task running as it was.
+
+use std::fs::{File, OpenOptions};
+
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::proc;
+use crate::resources::regs::{ResumeIn, resume_regs};
+use crate::sys;
+
+pub type Regs = libc::user_regs_struct;
+
+/// A task stopped under crust's ptrace, with the state it was stopped in.
+pub struct SeizedTask {
+    pub pid: Pid,
+    /// Registers as the task resumes (`regs::resume_regs` for the live
+    /// task), put back after every piece of code crust runs in it.
+    pub regs: Regs,
+    /// Registers as the freeze found them (an interrupted syscall included).
+    pub stop_regs: Regs,
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    /// /proc/PID/mem, for reading and patching the task's memory.
+    pub mem: File,
+    released: bool,
+}
+
+/// Waits for the next stop or exit of a traced task.
+pub fn wait_task(pid: Pid) -> Result<WaitStatus> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            r => return r.with_context(|| format!("waiting for task {pid}")),
+        }
+    }
+}
+
+/// Seizes and stops one task. The dump's tree walk calls this for each task.
+pub fn seize_task(pid: i32) -> Result<SeizedTask> {
+    let st = match proc::status(pid) {
+        Ok(st) => st,
+        Err(_) => bail!("no process with PID {pid}; check the PID (ps -p {pid})"),
+    };
+    if st.tracer_pid != 0 {
+        bail!(
+            "PID {pid} ({}) is already traced by PID {}; detach that tracer (gdb, strace) and dump again",
+            st.name,
+            st.tracer_pid
+        );
+    }
+    if st.state == 'Z' || st.state == 'X' {
+        bail!(
+            "PID {pid} ({}) is a zombie; there is nothing to dump",
+            st.name
+        );
+    }
+    let p = Pid::from_raw(pid);
+    match ptrace::seize(p, ptrace::Options::PTRACE_O_TRACESYSGOOD) {
+        Ok(()) => {}
+        Err(Errno::ESRCH) => bail!("no process with PID {pid}; check the PID (ps -p {pid})"),
+        Err(e) => bail!(
+            "cannot trace PID {pid} ({}): {e}; run crust as root or with CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE",
+            st.name
+        ),
+    }
+    // From here on, a failure must detach again.
+    let detach_on_err = |e: anyhow::Error| {
+        let _ = ptrace::detach(p, None);
+        e
+    };
+    ptrace::interrupt(p)
+        .map_err(|e| detach_on_err(anyhow::anyhow!("PTRACE_INTERRUPT of {pid}: {e}")))?;
+    loop {
+        match wait_task(p).map_err(detach_on_err)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => break,
+            // A signal arrived first: let it be delivered as it would have
+            // been; the interrupt stays pending and stops the task next.
+            WaitStatus::Stopped(_, sig) => {
+                debug!("task {pid}: delivering {sig:?} before the freeze");
+                ptrace::cont(p, Some(sig)).map_err(|e| detach_on_err(e.into()))?;
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                bail!("PID {pid} exited while being seized")
+            }
+            other => debug!("task {pid}: ignoring {other:?} while seizing"),
+        }
+    }
+    let stop_regs = ptrace::getregs(p).map_err(|e| detach_on_err(e.into()))?;
+    // The registers to run the task's own code from after injected code;
+    // not set yet: until crust runs code in the task, a crust that dies
+    // leaves the task as the freeze found it, syscall restart included.
+    let (regs, _) = resume_regs(pid, &stop_regs, ResumeIn::Live);
+    let xstate = sys::get_xstate(p).map_err(|e| detach_on_err(e.into()))?;
+    let sigmask = sys::get_sigmask(p).map_err(|e| detach_on_err(e.into()))?;
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .map_err(|e| detach_on_err(e.into()))?;
+    Ok(SeizedTask {
+        pid: p,
+        regs,
+        stop_regs,
+        xstate,
+        sigmask,
+        mem,
+        released: false,
+    })
+}
+
+impl SeizedTask {
+    /// Takes hold of a task that crust already traces and that is stopped now
+    /// (the restore path's final stop).
+    pub fn from_stopped(pid: Pid) -> Result<Self> {
+        let regs = ptrace::getregs(pid)?;
+        Ok(SeizedTask {
+            pid,
+            regs,
+            stop_regs: regs,
+            xstate: sys::get_xstate(pid)?,
+            sigmask: sys::get_sigmask(pid)?,
+            mem: OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/mem"))?,
+            released: false,
+        })
+    }
+
+    /// Puts back registers, FPU state and signal mask as they were at the stop.
+    pub fn restore_state(&self) -> Result<()> {
+        ptrace::setregs(self.pid, self.regs)?;
+        sys::set_xstate(self.pid, &self.xstate)?;
+        sys::set_sigmask(self.pid, self.sigmask)?;
+        Ok(())
+    }
+
+    /// Resumes the task where it was stopped.
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.detach_as_stopped()
+    }
+
+    /// Detaches with the task exactly as the freeze found it, inside the
+    /// kernel's signal code: the task is brought into an interrupt stop and
+    /// given back its registers as they were at the seize (an interrupted
+    /// syscall still marked -ERESTART*), so the kernel itself decides, when
+    /// the task runs again, between restarting that syscall and returning
+    /// EINTR into a signal handler, as it would have without crust.
+    fn detach_as_stopped(&mut self) -> Result<()> {
+        let pid = self.pid;
+        ptrace::interrupt(pid)?;
+        ptrace::cont(pid, None)?;
+        let mut deliver = None;
+        loop {
+            match wait_task(pid)? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => break,
+                // A signal on its way in: it is delivered on detach, after
+                // the registers are back, with the kernel's restart rules.
+                WaitStatus::Stopped(_, sig) => {
+                    deliver = Some(sig);
+                    break;
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Ok(()),
+                _ => ptrace::cont(pid, None)?,
+            }
+        }
+        ptrace::setregs(pid, self.stop_regs)?;
+        sys::set_xstate(pid, &self.xstate)?;
+        sys::set_sigmask(pid, self.sigmask)?;
+        ptrace::detach(pid, deliver)?;
+        Ok(())
+    }
+
+    /// Leaves the task as it is without touching it again (a thread of a
+    /// process that was killed through its leader).
+    pub fn forget(mut self) {
+        self.released = true;
+    }
+
+    /// Ends the task (the default after a successful dump).
+    pub fn kill(mut self) -> Result<()> {
+        self.released = true;
+        nix::sys::signal::kill(self.pid, Signal::SIGKILL)?;
+        let _ = ptrace::detach(self.pid, None);
+        Ok(())
+    }
+}
+
+impl Drop for SeizedTask {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Err(e) = self.detach_as_stopped() {
+            warn!(
+                "task {}: putting its state back and detaching failed: {e}",
+                self.pid
+            );
+            let _ = self.restore_state();
+            let _ = ptrace::detach(self.pid, None);
+        }
+    }
+}
+
+/// Seizes every thread of process `pid`, the leader first, re-reading
+/// /proc/PID/task until no thread appears that is not seized yet.
+pub fn seize_threads(pid: i32) -> Result<Vec<SeizedTask>> {
+    let mut seized = vec![seize_task(pid)?];
+    loop {
+        let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("listing the threads of {pid}"))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let new: Vec<i32> = tids
+            .into_iter()
+            .filter(|t| !seized.iter().any(|s| s.pid.as_raw() == *t))
+            .collect();
+        if new.is_empty() {
+            return Ok(seized);
+        }
+        for tid in new {
+            match seize_task(tid) {
+                Ok(t) => seized.push(t),
+                // A thread that exited in between is no part of the dump.
+                Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {}
+                Err(e) => return Err(e.context(format!("seizing thread {tid} of {pid}"))),
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Thin, checked wrappers over the system calls crust makes that nix does not
+//! cover. Every `unsafe` block of the dump/restore engine outside the remote
+//! code paths lives here.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use anyhow::{Result, bail};
+use nix::unistd::Pid;
+
+pub const NT_X86_XSTATE: usize = 0x202;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+
+fn check(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The XSAVE area of a stopped tracee.
+pub fn get_xstate(pid: Pid) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 16384];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most iov_len bytes into buf and updates iov_len.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+pub fn set_xstate(pid: Pid, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: xstate.as_ptr() as *mut _,
+        iov_len: xstate.len(),
+    };
+    // SAFETY: the kernel only reads iov_len bytes from the buffer.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            pid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn get_sigmask(pid: Pid) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: PTRACE_GETSIGMASK writes 8 bytes into mask.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            pid.as_raw(),
+            8usize,
+            &mut mask as *mut u64,
+        )
+    })?;
+    Ok(mask)
+}
+
+pub fn set_sigmask(pid: Pid, mask: u64) -> io::Result<()> {
+    // SAFETY: PTRACE_SETSIGMASK reads 8 bytes from mask.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            pid.as_raw(),
+            8usize,
+            &mask as *const u64,
+        )
+    })?;
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub struct RseqConfiguration {
+    pub rseq_abi_pointer: u64,
+    pub rseq_abi_size: u32,
+    pub signature: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+pub fn get_rseq_conf(pid: Pid) -> io::Result<RseqConfiguration> {
+    let mut conf = RseqConfiguration::default();
+    // SAFETY: the kernel writes at most the given size into conf.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            pid.as_raw(),
+            std::mem::size_of::<RseqConfiguration>(),
+            &mut conf as *mut RseqConfiguration,
+        )
+    })?;
+    Ok(conf)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// fork(2) with a chosen PID. Returns 0 in the child, the PID in the parent.
+/// The caller must be single-threaded: the child is a copy of this thread only.
+/// Uses clone3 with set_tid, and /proc/sys/kernel/ns_last_pid where the
+/// kernel's clone3 lacks it (or `CRUST_NO_CLONE3` is set, which tests use to
+/// cover that path).
+pub fn fork_with_pid(pid: i32) -> io::Result<i32> {
+    // A PID can stay taken for a moment after its process is gone: as the
+    // group or session id of exiting processes that init has not reaped yet.
+    let t = std::time::Instant::now();
+    loop {
+        match fork_with_pid_once(pid) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST)
+                    && t.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn fork_with_pid_once(pid: i32) -> io::Result<i32> {
+    if std::env::var_os("CRUST_NO_CLONE3").is_none() {
+        match clone3_with_pid(pid) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::E2BIG)) => {}
+            r => return r,
+        }
+    }
+    fork_via_ns_last_pid(pid)
+}
+
+/// The pre-clone3 way: write PID-1 to ns_last_pid and fork. Racy against
+/// any other fork on the system, so it is serialized with other users of
+/// the file by an flock and the result is checked.
+fn fork_via_ns_last_pid(pid: i32) -> io::Result<i32> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/sys/kernel/ns_last_pid")?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    f.write_all(format!("{}", pid - 1).as_bytes())?;
+    // SAFETY: fork of a single-threaded process.
+    let got = unsafe { libc::fork() };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if got != 0 && got != pid {
+        // Someone else forked in between and took the PID.
+        // SAFETY: kill and reap the child we just made.
+        unsafe {
+            libc::kill(got, libc::SIGKILL);
+            libc::waitpid(got, std::ptr::null_mut(), 0);
+        }
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(got)
+}
+
+fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+    let tids = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM behaves like fork; crust is single-threaded.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    Ok(check(r)? as i32)
+}
+
+/// splice(2) from a pipe into a file at the file's current offset.
+pub fn splice_all(from: RawFd, to: RawFd, mut len: usize) -> io::Result<()> {
+    while len > 0 {
+        // SAFETY: plain fd-to-fd splice, no user memory involved.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "page pipe closed",
+            ));
+        }
+        len -= n as usize;
+    }
+    Ok(())
+}
+
+/// Unregisters this thread's rseq area, which glibc registered; the kernel
+/// would otherwise write into crust's TLS after it is unmapped.
+pub fn unregister_own_rseq() -> Result<()> {
+    let conf = get_own_rseq()?;
+    if conf.rseq_abi_pointer == 0 {
+        return Ok(());
+    }
+    const RSEQ_FLAG_UNREGISTER: u64 = 1;
+    // glibc registered either 32 bytes or its feature size; the kernel wants
+    // the same length back.
+    for len in [32, conf.rseq_abi_size] {
+        // SAFETY: unregisters the area glibc registered for this thread.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rseq,
+                conf.rseq_abi_pointer,
+                len,
+                RSEQ_FLAG_UNREGISTER,
+                conf.signature,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    bail!(
+        "unregistering crust's own rseq area: {}",
+        io::Error::last_os_error()
+    )
+}
+
+unsafe extern "C" {
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+fn get_own_rseq() -> Result<RseqConfiguration> {
+    // SAFETY: glibc (2.35+) exports these read-only symbols.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    if size == 0 {
+        return Ok(RseqConfiguration::default());
+    }
+    let tp: u64;
+    // SAFETY: %fs:0 holds the thread pointer on x86-64 glibc.
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp) };
+    Ok(RseqConfiguration {
+        rseq_abi_pointer: (tp as i64 + off as i64) as u64,
+        rseq_abi_size: size.max(32),
+        signature: 0x5305_3053,
+        ..Default::default()
+    })
+}
+
+/// Jumps to the restorer with a fresh stack. Never returns.
+///
+/// # Safety
+/// `entry` must be the loaded restorer's entry, `stack_top` the top of a stack
+/// and `args` its `RestorerArgs`, all inside the hole.
+pub unsafe fn jump_to_restorer(entry: u64, stack_top: u64, args: u64) -> ! {
+    // SAFETY: per the function contract.
+    unsafe {
+        std::arch::asm!("mov rsp, {st}", "jmp {e}", st = in(reg) stack_top, e = in(reg) entry,
+                        in("rdi") args, options(noreturn));
+    }
+}
+
+/// The robust futex list head of a thread (get_robust_list(2)).
+pub fn get_robust_list(tid: Pid) -> io::Result<(u64, u64)> {
+    let mut head = 0u64;
+    let mut len = 0usize;
+    // SAFETY: the kernel writes one pointer and one size.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    })?;
+    Ok((head, len as u64))
+}
+
+/// The signals queued for a thread (`shared`: for its whole process), as raw
+/// 128-byte siginfo records, oldest first (PTRACE_PEEKSIGINFO).
+pub fn peek_pending(tid: Pid, shared: bool) -> io::Result<Vec<Vec<u8>>> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 128 * 32];
+    loop {
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: shared as u32,
+            nr: 32,
+        };
+        // SAFETY: the kernel writes at most nr 128-byte records into buf.
+        let n = check(unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                tid.as_raw(),
+                &args as *const PeekArgs,
+                buf.as_mut_ptr(),
+            )
+        })? as usize;
+        out.extend(buf[..n * 128].chunks_exact(128).map(|c| c.to_vec()));
+        if n < 32 {
+            return Ok(out);
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The zdtm runner: builds the test programs in zdtm/, starts them, drives
+//! them through `crust dump` and `crust restore`, and collects their verdict.
+//! Every process a test starts is killed and reaped by PID when its guard
+//! drops, whatever the outcome.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub const CRUST: &str = env!("CARGO_BIN_EXE_crust");
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bin_dir() -> PathBuf {
+    root().join("target/zdtm-bin")
+}
+
+/// Compiles zdtm/NAME.c once per test binary run.
+pub fn build(name: &str) -> PathBuf {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        fs::create_dir_all(bin_dir()).unwrap();
+        for e in fs::read_dir(root().join("zdtm")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "c") {
+                let out = bin_dir().join(p.file_stem().unwrap());
+                let st = Command::new("cc")
+                    .args(["-O1", "-Wall", "-mavx512f", "-pthread", "-o"])
+                    .arg(&out)
+                    .arg(&p)
+                    .status()
+                    .expect("running cc");
+                assert!(st.success(), "compiling {}", p.display());
+            }
+        }
+    });
+    bin_dir().join(name)
+}
+
+/// Keeps fds the test harness inherited (from whatever started cargo) out of
+/// the test programs: a stray pipe would make every dump refuse.
+pub fn close_inherited_fds(cmd: &mut Command) {
+    // SAFETY: close_range is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+}
+
+/// A scratch directory for one test, removed on drop.
+pub struct WorkDir(pub PathBuf);
+
+impl WorkDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("crust-zdtm-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        // Tests that drop to another user still create their ready file here.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o1777)).unwrap();
+        WorkDir(p)
+    }
+    pub fn images(&self) -> PathBuf {
+        self.0.join("images")
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn wait_gone(pid: i32) {
+    let t = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "PID {pid} did not go away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_file(p: &Path, what: &str) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn status_field(pid: i32, key: &str) -> String {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A running test task: the original (our child) or a restored one (the
+/// child of a `crust restore` that is our child).
+pub struct Task {
+    pub pid: i32,
+    pub work: WorkDir,
+    pub log: PathBuf,
+    original: Option<Child>,
+    restorer: Option<Child>,
+}
+
+pub type BeforeStart = Box<dyn FnOnce(&Path)>;
+
+pub struct Spawn<'a> {
+    pub name: &'a str,
+    pub args: Vec<String>,
+    /// Where stdout and stderr go: the log file (default) or /dev/null.
+    pub quiet: bool,
+    pub stdout_pipe: bool,
+    pub program: Option<PathBuf>,
+    /// Prepares the work directory before the program starts.
+    pub before_start: Option<BeforeStart>,
+}
+
+impl<'a> Spawn<'a> {
+    pub fn new(name: &'a str) -> Self {
+        Spawn {
+            name,
+            args: Vec::new(),
+            quiet: false,
+            stdout_pipe: false,
+            program: None,
+            before_start: None,
+        }
+    }
+    pub fn args(mut self, a: &[&str]) -> Self {
+        self.args = a.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn quiet(mut self) -> Self {
+        self.quiet = true;
+        self
+    }
+
+    pub fn start(self) -> Task {
+        let work = WorkDir::new(self.name);
+        let log = work.0.join("test.log");
+        let ready = work.0.join("ready");
+        let prog = self.program.clone().unwrap_or_else(|| build(self.name));
+        if let Some(f) = self.before_start {
+            f(&work.0);
+        }
+        let mut cmd = Command::new(prog);
+        cmd.args(&self.args)
+            .env("ZDTM_READY", &ready)
+            .env("ZDTM_DIR", &work.0)
+            .stdin(Stdio::null())
+            .process_group(0);
+        close_inherited_fds(&mut cmd);
+        if self.stdout_pipe {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        } else if self.quiet {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        } else {
+            let f = fs::File::create(&log).unwrap();
+            cmd.stdout(f.try_clone().unwrap()).stderr(f);
+        }
+        let child = cmd.spawn().expect("starting a zdtm test");
+        let pid = child.id() as i32;
+        let mut task = Task {
+            pid,
+            work,
+            log,
+            original: Some(child),
+            restorer: None,
+        };
+        task.wait_file(&ready);
+        task
+    }
+}
+
+impl Task {
+    /// Waits for a file, failing early if the test died.
+    fn wait_file(&mut self, p: &Path) {
+        let t = Instant::now();
+        while !p.exists() {
+            if let Some(c) = self.original.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!(
+                    "test exited with {st} before it was ready: {}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {}",
+                p.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `crust dump` with extra arguments; returns its output.
+    pub fn dump_with(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(CRUST);
+        cmd.arg("dump")
+            .arg("-t")
+            .arg(self.pid.to_string())
+            .arg("-D")
+            .arg(self.work.images());
+        cmd.args(["-o", "dump.log", "-v", "3"]).args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running crust dump")
+    }
+
+    /// Dumps (killing the task) and asserts success.
+    pub fn dump(&mut self, extra: &[&str]) {
+        let out = self.dump_with(extra, &[]);
+        assert!(
+            out.status.success(),
+            "crust dump failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(self.work.images().join("dump.log")).unwrap_or_default()
+        );
+        if !extra.contains(&"--leave-running") {
+            self.reap_parent();
+            wait_gone(self.pid);
+        }
+    }
+
+    /// Reaps whichever of our children was the task's parent, after the task
+    /// was killed by a dump.
+    fn reap_parent(&mut self) {
+        if let Some(mut c) = self.original.take() {
+            let _ = c.wait();
+        }
+        if let Some(mut r) = self.restorer.take() {
+            let _ = r.wait();
+        }
+    }
+
+    pub fn restore_cmd(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(CRUST);
+        cmd.arg("restore").arg("-D").arg(self.work.images());
+        cmd.args(["-o", "restore.log", "-v", "3", "--pidfile"])
+            .arg(self.work.0.join("restored.pid"));
+        cmd.args(extra);
+        cmd
+    }
+
+    /// Starts `crust restore` (crust stays the task's parent) and waits until
+    /// the task runs.
+    pub fn restore(&mut self, extra: &[&str]) {
+        let _ = fs::remove_file(self.work.0.join("restored.pid"));
+        let mut cmd = self.restore_cmd(extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        self.restore_with(cmd);
+    }
+
+    pub fn restore_with(&mut self, mut cmd: Command) {
+        // Held by self at once, so a panic below still kills and reaps it.
+        self.restorer = Some(cmd.spawn().expect("running crust restore"));
+        let child = self.restorer.as_mut().unwrap();
+        let pidfile = self.work.0.join("restored.pid");
+        let t = Instant::now();
+        while !pidfile.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!(
+                    "crust restore exited with {st}: {err}\n{}",
+                    fs::read_to_string(self.work.images().join("restore.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "restore did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid: i32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(pid, self.pid, "restored with another PID");
+        assert_eq!(
+            status_field(pid, "TracerPid"),
+            "0",
+            "restored task is still traced"
+        );
+    }
+
+    /// Sends SIGTERM and returns the task's exit status.
+    pub fn finish(mut self) -> (ExitStatus, String) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let st = self.wait_child();
+        (st, self.log_text())
+    }
+
+    /// Waits for whichever of our children ends with the task: the task
+    /// itself or the `crust restore` that is its parent. A task that hangs
+    /// is killed after a minute and the test fails, instead of hanging CI.
+    fn wait_child(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = self.pid;
+        let c = self
+            .original
+            .as_mut()
+            .or(self.restorer.as_mut())
+            .expect("no child to wait for");
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.original = None;
+                self.restorer = None;
+                return st;
+            }
+            if Instant::now() > deadline {
+                let state = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                let stack = fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+                eprintln!("task {pid} hangs: wchan {wchan}\n{state}\n{stack}");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                panic!(
+                    "task {pid} did not finish within a minute: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Finishes the test and asserts it passed.
+    pub fn pass(self) {
+        let (st, log) = self.finish();
+        assert!(st.success(), "test failed with {st}: {log}");
+        if !log.is_empty() {
+            assert!(
+                log.trim_end().ends_with("PASS") || log.contains("PASS"),
+                "no PASS in log: {log}"
+            );
+        }
+    }
+
+    /// Waits for the task to exit by itself; returns its exit status.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let st = self.wait_child();
+        (st, self.log_text())
+    }
+
+    pub fn take_original(&mut self) -> Option<Child> {
+        self.original.take()
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.original.is_some() || self.restorer.is_some() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            self.reap_parent();
+        }
+    }
+}
+
+/// One full cycle for a test: start, dump, restore, check.
+pub fn cycle(name: &str, args: &[&str]) {
+    let mut t = Spawn::new(name).args(args).start();
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
+}

@@ -1,0 +1,356 @@
+//! Nothing lost: failed dumps leave the task running and unharmed, failed
+//! restores leave the images untouched, bad input gets a one-line error.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::process::Command;
+
+fn crust(args: &[&str]) -> (bool, String) {
+    let out = Command::new(CRUST).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    (out.status.success(), err)
+}
+
+fn one_line_error(err: &str) {
+    assert_eq!(err.lines().count(), 1, "error is not one line: {err}");
+    assert!(err.starts_with("Error: "), "{err}");
+}
+
+/// The task runs, is not traced or stopped, has its mappings and fds as
+/// before, and still passes its own check.
+fn assert_unharmed(t: Task, maps_before: &str, fds_before: &[String]) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        if maps == maps_before && fds == fds_before {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the task still differs after a failed dump:\nmaps now:\n{maps}\nbefore:\n{maps_before}\nfds now {fds:?} before {fds_before:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        status_field(t.pid, "TracerPid"),
+        "0",
+        "task is still traced"
+    );
+    let state = status_field(t.pid, "State");
+    assert!(
+        !state.starts_with('t') && !state.starts_with('T'),
+        "task is stopped: {state}"
+    );
+    t.pass();
+}
+
+fn fd_list(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            format!(
+                "{} {}",
+                e.file_name().to_string_lossy(),
+                fs::read_link(e.path()).unwrap().display()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dump_missing_pid() {
+    let dir = std::env::temp_dir().join(format!("crust-nonexistent-images-{}", std::process::id()));
+    let (ok, err) = crust(&["dump", "-t", "2147483", "-D", dir.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err);
+    assert!(err.contains("2147483"), "{err}");
+    assert!(!dir.exists(), "a refused dump created its images directory");
+}
+
+#[test]
+fn dump_refuses_pipe_and_leaves_task_running() {
+    let mut s = Spawn::new("sleeping");
+    s.stdout_pipe = true;
+    let mut t = s.start();
+    let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let fds = fd_list(t.pid);
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success());
+    one_line_error(&err);
+    assert!(err.contains("fd 1") && err.contains("pipe"), "{err}");
+    assert!(!t.work.images().join("inventory.img").exists());
+    assert_unharmed(t, &maps, &fds);
+}
+
+#[test]
+fn crust_killed_mid_dump_leaves_task_unharmed() {
+    for stage in ["seized", "infected", "pages-drained", "before-inventory"] {
+        let mut t = Spawn::new("maps").start();
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let out = t.dump_with(&[], &[("CRUST_FAULT", stage)]);
+        assert!(!out.status.success(), "stage {stage}: crust was not killed");
+        assert!(
+            !t.work.images().join("inventory.img").exists(),
+            "stage {stage}: a killed dump left an inventory"
+        );
+        let (ok, err) = crust(&["restore", "-D", t.work.images().to_str().unwrap()]);
+        assert!(
+            !ok && err.contains("inventory"),
+            "stage {stage}: restore of a half dump: {err}"
+        );
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
+#[test]
+fn restore_bad_directories() {
+    let w = WorkDir::new("baddirs");
+    let missing = w.0.join("missing");
+    let (ok, err) = crust(&["restore", "-D", missing.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err);
+    assert!(err.contains("does not exist"), "{err}");
+    let empty = w.0.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let (ok, err) = crust(&["restore", "-D", empty.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err);
+    assert!(err.contains("inventory"), "{err}");
+}
+
+fn snapshot(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .filter(|(n, _)| n.ends_with(".img"))
+        .collect()
+}
+
+/// Dumps a task, then damages one image in several ways; every restore must
+/// fail naming the file and leave the directory as it was.
+#[test]
+fn restore_corrupt_images() {
+    let mut t = Spawn::new("counter").quiet().start();
+    let pid = t.pid;
+    t.dump(&[]);
+    let dir = t.work.images();
+    let pristine = snapshot(&dir);
+    let perms = fs::metadata(&dir).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&perms.permissions()) & 0o777,
+        0o700
+    );
+    for name in pristine.keys() {
+        let m = fs::metadata(dir.join(name)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
+            0o600,
+            "{name}"
+        );
+    }
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damage: Vec<(String, Damage)> = vec![
+        (
+            format!("core-{pid}.img"),
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2)),
+        ),
+        (
+            format!("mm-{pid}.img"),
+            Box::new(|b: &mut Vec<u8>| {
+                let i = b.len() - 3;
+                b[i] ^= 0x55;
+            }),
+        ),
+        (
+            format!("files-{pid}.img"),
+            Box::new(|b: &mut Vec<u8>| b[4] = 99),
+        ),
+        (
+            format!("pages-{pid}.img"),
+            Box::new(|b: &mut Vec<u8>| {
+                let i = b.len() - 100;
+                b[i] ^= 1;
+            }),
+        ),
+        (
+            "inventory.img".into(),
+            Box::new(|b: &mut Vec<u8>| b.truncate(10)),
+        ),
+    ];
+    for (name, f) in &damage {
+        let mut bytes = pristine[name].clone();
+        f(&mut bytes);
+        fs::write(dir.join(name), &bytes).unwrap();
+        let before = snapshot(&dir);
+        let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+        assert!(!ok, "restore with a damaged {name} succeeded");
+        one_line_error(&err);
+        if !name.starts_with("pages") {
+            assert!(
+                err.contains(name.as_str()),
+                "error does not name {name}: {err}"
+            );
+        } else {
+            assert!(err.contains("pages") && err.contains("corrupt"), "{err}");
+        }
+        assert_eq!(
+            snapshot(&dir),
+            before,
+            "a failed restore changed the images"
+        );
+        assert!(!pid_alive(pid), "a failed restore left PID {pid} behind");
+        fs::write(dir.join(name), &pristine[name]).unwrap();
+    }
+    // The undamaged images still restore.
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
+fn restore_pid_taken() {
+    let mut t = Spawn::new("signals").quiet().start();
+    t.dump(&["--leave-running"]);
+    let dir = t.work.images();
+    let before = snapshot(&dir);
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err);
+    assert!(
+        err.contains(&t.pid.to_string()) && err.contains("taken") && err.contains("signals"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&dir), before);
+    t.pass();
+}
+
+/// SIGKILL of crust at arbitrary moments of a long page drain: the parasite
+/// returns the task to itself, the watchdog removes it, and the task's
+/// memory is intact.
+#[test]
+fn crust_killed_at_random_moments() {
+    for delay_ms in [5u64, 30, 60, 120, 200] {
+        let mut t = Spawn::new("bigmem").args(&["256"]).start();
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let mut dump = Command::new(CRUST)
+            .args(["dump", "-t", &t.pid.to_string(), "-D"])
+            .arg(t.work.images())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = dump.kill();
+        let st = dump.wait().unwrap();
+        eprintln!("crust killed after {delay_ms} ms: {st}");
+        if st.success() || t.work.images().join("inventory.img").exists() {
+            // The dump finished before the kill: the task is gone by design.
+            let _ = t.take_original().map(|mut c| c.wait());
+            continue;
+        }
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
+/// A file the task had open changed size after the dump: the restore names
+/// it and refuses; put back, the same images restore.
+#[test]
+fn restore_refuses_changed_file() {
+    let mut t = Spawn::new("files").quiet().start();
+    let pid = t.pid;
+    t.dump(&[]);
+    let f = t.work.0.join("files.a");
+    let orig = fs::read(&f).unwrap();
+    fs::write(&f, b"longer than it was at the dump").unwrap();
+    let (ok, err) = crust(&["restore", "-D", t.work.images().to_str().unwrap()]);
+    assert!(!ok);
+    one_line_error(&err);
+    assert!(
+        err.contains("files.a") && err.contains("changed size"),
+        "{err}"
+    );
+    fs::remove_file(&f).unwrap();
+    let (ok, err) = crust(&["restore", "-D", t.work.images().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("files.a") && err.contains("gone"), "{err}");
+    assert!(!pid_alive(pid));
+    fs::write(&f, orig).unwrap();
+    t.restore(&[]);
+    t.pass();
+}
+
+/// `restore -d`: crust returns once the task runs; the task is no child of
+/// crust and finishes on its own.
+#[test]
+fn restore_detached() {
+    let mut t = Spawn::new("counter").start();
+    let pid = t.pid;
+    t.dump(&[]);
+    let out = t.restore_cmd(&["-d"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pid_alive(pid));
+    let ppid = status_field(pid, "PPid");
+    assert_ne!(ppid, std::process::id().to_string());
+    assert_eq!(status_field(pid, "TracerPid"), "0");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_gone(pid);
+    assert!(
+        t.log_text().trim_end().ends_with("PASS"),
+        "{}",
+        t.log_text()
+    );
+}
+
+/// A task in another mount namespace: the dump refuses, naming the task and
+/// the reason, and the tree runs on.
+#[test]
+fn dump_refuses_other_namespace() {
+    let mut t = Spawn::new("mntns").start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success());
+    one_line_error(&err);
+    assert!(
+        err.contains("mount namespace") && err.contains("mntns"),
+        "{err}"
+    );
+    assert!(!t.work.images().join("inventory.img").exists());
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    t.pass();
+}
+
+/// A vfork() in progress: refused with the reason, and the task goes on.
+#[test]
+fn dump_refuses_vfork_in_progress() {
+    let mut t = Spawn::new("vfork").start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success());
+    one_line_error(&err);
+    assert!(err.contains("vfork"), "{err}");
+    // Past the vfork, the task still works.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    t.pass();
+}

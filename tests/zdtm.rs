@@ -1,0 +1,451 @@
+//! zdtm: each test program checkpoints, restores and verifies itself.
+
+mod common;
+use common::*;
+
+#[test]
+fn counter() {
+    cycle("counter", &[]);
+}
+
+#[test]
+fn env_argv() {
+    cycle("env_argv", &["first arg", "second"]);
+}
+
+#[test]
+fn maps() {
+    cycle("maps", &[]);
+}
+
+#[test]
+fn fpu_avx512() {
+    cycle("fpu", &[]);
+}
+
+#[test]
+fn signals() {
+    cycle("signals", &[]);
+}
+
+#[test]
+fn itimers() {
+    cycle("itimers", &[]);
+}
+
+#[test]
+fn files() {
+    cycle("files", &[]);
+}
+
+#[test]
+fn mid_sleep() {
+    cycle("sleeping", &[]);
+}
+
+#[test]
+fn twenty_cycles() {
+    let mut t = Spawn::new("counter").start();
+    for _ in 0..20 {
+        t.dump(&[]);
+        t.restore(&[]);
+    }
+    t.pass();
+}
+
+#[test]
+fn python_mid_computation() {
+    let n: u128 = 12_000_000;
+    let mut s = Spawn::new("pyloop").args(&[
+        root().join("zdtm/pyloop.py").to_str().unwrap(),
+        &n.to_string(),
+    ]);
+    s.program = Some("python3".into());
+    let mut t = s.start();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    t.dump(&[]);
+    t.restore(&[]);
+    // No SIGTERM: the program finishes its loop and exits by itself.
+    let (st, log) = t.wait_exit();
+    assert!(st.success(), "python exited with {st}: {log}");
+    let want = (n - 1) * n * (2 * n - 1) / 6;
+    assert_eq!(log.trim(), want.to_string(), "wrong result after restore");
+}
+
+#[test]
+fn leave_running() {
+    // Quiet: the log file must keep the size it had at the dump, so the
+    // restore after the original is gone can reopen it unchanged.
+    let mut t = Spawn::new("maps").quiet().start();
+    t.dump(&["--leave-running"]);
+    assert!(pid_alive(t.pid));
+    assert_eq!(
+        status_field(t.pid, "TracerPid"),
+        "0",
+        "the original is still traced"
+    );
+    assert!(
+        !status_field(t.pid, "State").starts_with('t'),
+        "the original is stopped"
+    );
+    let mut orig = t.take_original().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = orig.wait().unwrap();
+    assert!(
+        st.success(),
+        "the original failed its own check after --leave-running: {st}"
+    );
+    wait_gone(t.pid);
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
+fn shell_job_mid_read() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave_path = nix::unistd::ttyname(&pty.slave).unwrap();
+    let on_tty = |cmd: &mut std::process::Command| {
+        let tty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&slave_path)
+            .unwrap();
+        cmd.stdin(tty.try_clone().unwrap())
+            .stdout(tty.try_clone().unwrap())
+            .stderr(tty);
+        close_inherited_fds(cmd);
+        // SAFETY: setsid and TIOCSCTTY are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+    };
+    let work = WorkDir::new("ttyread");
+    let ready = work.0.join("ready");
+    let mut cmd = std::process::Command::new(build("ttyread"));
+    cmd.env("ZDTM_READY", &ready).env("ZDTM_DIR", &work.0);
+    on_tty(&mut cmd);
+    let mut orig = cmd.spawn().unwrap();
+    let pid = orig.id() as i32;
+    let mut master = std::fs::File::from(pty.master);
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let out = out.clone();
+        let mut m = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = m.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&out.lock().unwrap()).contains("PASS") {
+                    break;
+                }
+            }
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(t0.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Let it block in read(2).
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let images = work.images();
+    let dump = std::process::Command::new(CRUST)
+        .args([
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            images.to_str().unwrap(),
+            "--shell-job",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    orig.wait().unwrap();
+    wait_gone(pid);
+    // Without --shell-job the restore refuses, naming the option.
+    let refused = std::process::Command::new(CRUST)
+        .args(["restore", "-D", images.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--shell-job"));
+    let pidfile = work.0.join("restored.pid");
+    let mut rcmd = std::process::Command::new(CRUST);
+    rcmd.args([
+        "restore",
+        "-D",
+        images.to_str().unwrap(),
+        "--shell-job",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    on_tty(&mut rcmd);
+    let mut restorer = rcmd.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !pidfile.exists() {
+        if let Ok(Some(st)) = restorer.try_wait() {
+            panic!("restore exited with {st}");
+        }
+        assert!(t0.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    master.write_all(b"hello after restore\n").unwrap();
+    let st = restorer.wait().unwrap();
+    reader.join().unwrap();
+    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    assert!(st.success(), "restored task failed: {st}: {text}");
+    assert!(
+        text.contains("got it") && text.contains("PASS"),
+        "terminal output: {text}"
+    );
+    let _ = master.as_raw_fd();
+}
+
+#[test]
+fn task_state() {
+    cycle("task_state", &[]);
+}
+
+#[test]
+fn ns_last_pid_fallback() {
+    let mut t = Spawn::new("counter").start();
+    t.dump(&[]);
+    let mut cmd = t.restore_cmd(&[]);
+    cmd.env("CRUST_NO_CLONE3", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    t.restore_with(cmd);
+    t.pass();
+}
+
+#[test]
+fn nonroot_creds() {
+    cycle("nonroot", &[]);
+}
+
+#[test]
+fn zero_pages_not_stored() {
+    let mut t = Spawn::new("zeropages").start();
+    let pid = t.pid;
+    t.dump(&[]);
+    let pages = std::fs::metadata(t.work.images().join(format!("pages-{pid}.img")))
+        .unwrap()
+        .len();
+    assert!(
+        pages < 4 << 20,
+        "64 MiB of zero pages took {pages} bytes of image"
+    );
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
+fn threads() {
+    cycle("threads", &[]);
+}
+
+#[test]
+fn python_threads() {
+    let per: u128 = 4_000_000;
+    let mut s = Spawn::new("pythreads").args(&[
+        root().join("zdtm/pythreads.py").to_str().unwrap(),
+        &per.to_string(),
+    ]);
+    s.program = Some("python3".into());
+    let mut t = s.start();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    t.dump(&[]);
+    t.restore(&[]);
+    let (st, log) = t.wait_exit();
+    assert!(st.success(), "python exited with {st}: {log}");
+    let n = 8 * per;
+    let want = (n - 1) * n * (2 * n - 1) / 6;
+    assert_eq!(log.trim(), want.to_string(), "wrong result after restore");
+}
+
+#[test]
+fn process_tree() {
+    cycle("tree", &[]);
+}
+
+#[test]
+fn sched_and_prctl() {
+    cycle("sched_prctl", &[]);
+}
+
+#[test]
+fn pending_signals() {
+    cycle("pending", &[]);
+}
+
+#[test]
+fn stopped_task() {
+    cycle("stopped", &[]);
+}
+
+#[test]
+fn pipes() {
+    cycle("pipes", &[]);
+}
+
+/// A real pipeline, `gen | gzip | gzip -d | sha256sum`, under sh,
+/// checkpointed mid-stream: the digest after restore matches the digest of
+/// the same stream run straight.
+#[test]
+fn shell_pipeline() {
+    let producer = build("gen");
+    let straight = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} 24 | sha256sum", producer.display()))
+        .env_remove("ZDTM_READY")
+        .output()
+        .unwrap();
+    let want = String::from_utf8_lossy(&straight.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = Spawn::new("pipeline");
+    s.program = Some("sh".into());
+    s.args = vec![
+        "-c".into(),
+        format!(
+            "{} 24 | gzip -1 | gzip -dc | sha256sum > \"$ZDTM_DIR/digest\"",
+            producer.display()
+        ),
+    ];
+    let mut t = s.start();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    t.dump(&[]);
+    t.restore(&[]);
+    let (st, log) = t.wait_exit();
+    assert!(
+        st.success(),
+        "the pipeline failed after restore: {st}: {log}"
+    );
+    let got = std::fs::read_to_string(t.work.0.join("digest")).unwrap();
+    assert_eq!(
+        got.split_whitespace().next().unwrap(),
+        want,
+        "the stream changed across the checkpoint"
+    );
+}
+
+/// Writes a small C project whose build takes a few seconds at -j2.
+fn write_make_project(dir: &std::path::Path) {
+    for i in 1..=6 {
+        let mut src = format!("int f{i}(int x) {{ int r = x;\n");
+        for k in 0..1500 {
+            src += &format!("  r = r * {} + {k} ^ (r >> {});\n", k % 7 + 3, k % 5 + 1);
+        }
+        src += "  return r; }\n";
+        std::fs::write(dir.join(format!("f{i}.c")), src).unwrap();
+    }
+    std::fs::write(
+        dir.join("main.c"),
+        "#include <stdio.h>\nint f1(int),f2(int),f3(int),f4(int),f5(int),f6(int);\n\
+         int main(void){ printf(\"%d\\n\", f1(1)+f2(2)+f3(3)+f4(4)+f5(5)+f6(6)); return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("Makefile"),
+        "prog: main.o f1.o f2.o f3.o f4.o f5.o f6.o\n\tcc -o $@ $^\n\
+         main.o: main.c\n\ttouch \"$$ZDTM_READY\"\n\tcc -O2 -c -o $@ $<\n\
+         %.o: %.c\n\tcc -O2 -c -o $@ $<\n",
+    )
+    .unwrap();
+}
+
+/// `make -j2` of a small C project, checkpointed mid-build (make, its
+/// jobserver pipe, the shells and compilers under it): the build finishes
+/// after restore and the program it made gives the right answer.
+#[test]
+fn make_j2() {
+    let reference = WorkDir::new("make-ref");
+    write_make_project(&reference.0);
+    let st = std::process::Command::new("make")
+        .args(["-s", "-j2", "-C"])
+        .arg(&reference.0)
+        .env("ZDTM_READY", reference.0.join("ready"))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "reference build: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let want = std::process::Command::new(reference.0.join("prog"))
+        .output()
+        .unwrap()
+        .stdout;
+
+    let mut s = Spawn::new("make");
+    s.program = Some("sh".into());
+    s.args = vec!["-c".into(), "cd \"$ZDTM_DIR\" && exec make -s -j2".into()];
+    // The project must exist before make starts: write it into the work dir
+    // the runner will use, through a pre-start hook.
+    s.before_start = Some(Box::new(write_make_project));
+    let mut t = s.start();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    t.dump(&[]);
+    t.restore(&[]);
+    let (st, log) = t.wait_exit();
+    assert!(st.success(), "make failed after restore: {st}: {log}");
+    let got = std::process::Command::new(t.work.0.join("prog"))
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(got, want, "the program built across the checkpoint differs");
+}
+
+#[test]
+fn event_fds() {
+    cycle("eventfds", &[]);
+}
+
+#[test]
+fn file_shared_by_processes() {
+    cycle("shared_file", &[]);
+}
+
+#[test]
+fn ghost_memfd_opath() {
+    cycle("ghost", &[]);
+}
+
+/// File locks: refused without --file-locks (the task keeps running), taken
+/// along and held again with it.
+#[test]
+fn file_locks() {
+    let mut t = Spawn::new("locks").start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--file-locks") && err.contains("lock"),
+        "{err}"
+    );
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    t.dump(&["--file-locks"]);
+    t.restore(&[]);
+    t.pass();
+}
