@@ -94,6 +94,7 @@ fn dump_refuses_pipe_and_leaves_task_running() {
 fn crust_killed_mid_dump_leaves_task_unharmed() {
     for stage in ["seized", "infected", "pages-drained", "before-inventory"] {
         let mut t = Spawn::new("maps").start();
+        eprintln!("stage {stage}: task {}", t.pid);
         let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
         let fds = fd_list(t.pid);
         let out = t.dump_with(&[], &[("CRUST_FAULT", stage)]);
