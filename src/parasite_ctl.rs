@@ -83,7 +83,31 @@ fn run_until_trap(task: &SeizedTask, regs: Regs) -> Result<Regs> {
             other => bail!("task {pid}: unexpected {other:?} while running injected code"),
         }
     }
-    Ok(ptrace::getregs(pid)?)
+    let regs = ptrace::getregs(pid)?;
+    park_in_interrupt_stop(pid)?;
+    Ok(regs)
+}
+
+/// Moves a task out of the SIGTRAP signal-delivery stop of an int3 into an
+/// interrupt stop. A tracer that dies leaves a task in a signal-delivery stop
+/// to receive that signal, and SIGTRAP would kill it; leaving an interrupt
+/// stop delivers nothing. The task does not reach user space in between: it
+/// goes on inside the kernel's signal code (all signals blocked) to the trap.
+fn park_in_interrupt_stop(pid: nix::unistd::Pid) -> Result<()> {
+    ptrace::interrupt(pid)?;
+    ptrace::cont(pid, None)?;
+    loop {
+        match wait_task(pid)? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(()),
+            // Only SIGSTOP gets through the mask: deliver it; it ends in the
+            // same stop.
+            WaitStatus::Stopped(_, sig) => ptrace::cont(pid, Some(sig))?,
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                bail!("task {pid} died after running injected code")
+            }
+            _ => ptrace::cont(pid, None)?,
+        }
+    }
 }
 
 /// Executes one system call in the task, at its current rip, and puts the

@@ -33,11 +33,7 @@ int main(void)
 	epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &e2);
 	usleep(100000); /* the timer fires a few times unread */
 	test_ready();
-	sigset_t term;
-	sigemptyset(&term);
-	sigaddset(&term, SIGTERM);
-	while (!test_done())
-		sigsuspend(&m); /* SIGUSR1/2 stay blocked, SIGTERM not */
+	test_waitsig_mask(&m); /* SIGUSR1/2 stay blocked */
 	raise(SIGUSR2);
 	/* epoll: the eventfd is readable, with its data. */
 	struct epoll_event out[4];

@@ -50,8 +50,7 @@ int main(void)
 	pthread_barrier_wait(&b1);
 	test_ready();
 	/* Wait for SIGTERM with the other signals still blocked. */
-	while (!test_done())
-		sigsuspend(&blk);
+	test_waitsig_mask(&blk);
 	pthread_barrier_wait(&b2);
 	pthread_join(th, NULL);
 	if (err[0])

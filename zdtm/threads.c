@@ -120,10 +120,7 @@ int main(void)
 		usleep(1000);
 	usleep(50000); /* let the waiters block in the kernel */
 	test_ready();
-	sigset_t none;
-	sigemptyset(&none);
-	while (!test_done())
-		sigsuspend(&none);
+	test_waitsig();
 	stop_all = 1;
 	pthread_mutex_unlock(&m);
 	pthread_mutex_lock(&cm);

@@ -32,9 +32,15 @@ static inline void test_ready(void)
 {
 	const char *p = getenv("ZDTM_READY");
 	if (p) {
-		int fd = open(p, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
-		if (fd >= 0)
+		/* Created under another name and renamed: the runner must not
+		 * see the file while its fd is still open in the test. */
+		char tmp[4096];
+		snprintf(tmp, sizeof(tmp), "%s.tmp", p);
+		int fd = open(tmp, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+		if (fd >= 0) {
 			close(fd);
+			rename(tmp, p);
+		}
 	}
 }
 
@@ -49,13 +55,24 @@ static inline void test_thread_ignores_sigterm(void)
 
 static inline int test_done(void) { return zdtm_stop; }
 
-static inline void test_waitsig(void)
+/* Waits for SIGTERM with `during` as the signal mask (NULL: the current
+ * one). SIGTERM stays blocked between the flag check and sigsuspend(): one
+ * arriving in that window would otherwise set the flag and leave sigsuspend
+ * waiting for a second one. */
+static inline void test_waitsig_mask(const sigset_t *during)
 {
-	sigset_t none;
-	sigemptyset(&none);
+	sigset_t term, old, wait;
+	sigemptyset(&term);
+	sigaddset(&term, SIGTERM);
+	sigprocmask(SIG_BLOCK, &term, &old);
+	wait = during ? *during : old;
+	sigdelset(&wait, SIGTERM);
 	while (!zdtm_stop)
-		sigsuspend(&none);
+		sigsuspend(&wait);
+	sigprocmask(SIG_SETMASK, &old, NULL);
 }
+
+static inline void test_waitsig(void) { test_waitsig_mask(NULL); }
 
 static inline void fail(const char *fmt, ...)
 {

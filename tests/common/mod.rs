@@ -65,10 +65,8 @@ impl WorkDir {
         // them may run the same program.
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "crust-zdtm-{}-{seq}-{name}",
-            std::process::id()
-        ));
+        let p =
+            std::env::temp_dir().join(format!("crust-zdtm-{}-{seq}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).unwrap();
         // Tests that drop to another user still create their ready file here.
