@@ -31,6 +31,12 @@ const PROBES: &[Probe] = &[
         run: probe_ns_last_pid,
     },
     Probe {
+        name: "pid_ns",
+        enables: "restore --pid-ns (a new PID and mount namespace for the tree)",
+        required: false,
+        run: probe_pid_ns,
+    },
+    Probe {
         name: "map_files",
         enables: "reading the files behind mappings (/proc/PID/map_files)",
         required: true,
@@ -216,6 +222,23 @@ fn probe_clone3() -> Result<()> {
         }
     }
     bail!("no free PID found to probe with")
+}
+
+fn probe_pid_ns() -> Result<()> {
+    match crate::sys::fork_into_new_pid_ns()? {
+        0 => {
+            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_ok()
+                && nix::unistd::getpid().as_raw() == 1;
+            // SAFETY: the child exits at once.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        child => match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)? {
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            st => {
+                bail!("the child in a new PID namespace could not take a mount namespace: {st:?}")
+            }
+        },
+    }
 }
 
 fn probe_ns_last_pid() -> Result<()> {

@@ -83,6 +83,11 @@ enum Cmd {
         /// Accepted for CRIU compatibility: locks in the images are always taken again.
         #[arg(short = 'l', long)]
         file_locks: bool,
+        /// Restore into a new PID namespace, where the tree's PIDs are always
+        /// free (crust's init is its PID 1): a snapshot can then be restored
+        /// while the original runs, or several times at once.
+        #[arg(short = 'n', long, visible_alias = "namespaces")]
+        pid_ns: bool,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -154,11 +159,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             shell_job,
             pidfile,
             file_locks: _,
+            pid_ns,
         } => restore::restore(&restore::RestoreOpts {
             dir,
             detach: restore_detached,
             shell_job,
             pidfile,
+            pid_ns,
         }),
         Cmd::Show { path, json } => {
             show::show(&path, json)?;

@@ -201,15 +201,31 @@ fn clone3_with_pid(pid: i32) -> io::Result<i32> {
         set_tid_size: 1,
         ..Default::default()
     };
+    clone3(&args)
+}
+
+/// fork(2) through clone3 with `args` (no CLONE_VM). 0 in the child.
+fn clone3(args: &CloneArgs) -> io::Result<i32> {
+    debug_assert_eq!(args.flags & libc::CLONE_VM as u64, 0);
     // SAFETY: clone3 without CLONE_VM behaves like fork; crust is single-threaded.
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone3,
-            &args as *const CloneArgs,
+            args as *const CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
     };
     Ok(check(r)? as i32)
+}
+
+/// Forks a child that is PID 1 of a new PID namespace.
+pub fn fork_into_new_pid_ns() -> io::Result<i32> {
+    let args = CloneArgs {
+        flags: libc::CLONE_NEWPID as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    clone3(&args)
 }
 
 /// splice(2) from a pipe into a file at the file's current offset.

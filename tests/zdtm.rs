@@ -449,3 +449,121 @@ fn file_locks() {
     t.restore(&[]);
     t.pass();
 }
+
+/// A copy restored with `--pid-ns`: its crust, and its PID outside the
+/// namespace. Dropping it kills the namespace's init (and with it the copy).
+struct NsCopy {
+    crust: Option<std::process::Child>,
+    outer: i32,
+}
+
+impl NsCopy {
+    fn start(t: &Task, name: &str, extra: &[&str]) -> NsCopy {
+        use std::process::{Command, Stdio};
+        let pidfile = t.work.0.join(format!("{name}.pid"));
+        let mut crust = Command::new(CRUST)
+            .arg("restore")
+            .arg("-n")
+            .arg("-D")
+            .arg(t.work.images())
+            .args(["-o", &format!("{name}.log"), "-v", "3", "--pidfile"])
+            .arg(&pidfile)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !pidfile.exists() {
+            if let Ok(Some(st)) = crust.try_wait()
+                && !st.success()
+            {
+                panic!(
+                    "crust restore -n exited with {st}: {}",
+                    std::fs::read_to_string(t.work.images().join(format!("{name}.log")))
+                        .unwrap_or_default()
+                );
+            }
+            assert!(t0.elapsed().as_secs() < 30, "restore -n did not finish");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let outer: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let copy = NsCopy {
+            crust: Some(crust),
+            outer,
+        };
+        assert_ne!(outer, t.pid, "the copy took the original's PID outside");
+        let nspid = status_field(outer, "NSpid");
+        assert_eq!(
+            nspid.split_whitespace().collect::<Vec<_>>(),
+            [outer.to_string(), t.pid.to_string()],
+            "the copy does not have its original PID inside its namespace"
+        );
+        assert_eq!(status_field(outer, "TracerPid"), "0");
+        copy
+    }
+
+    fn init(&self) -> i32 {
+        status_field(self.outer, "PPid").parse().unwrap_or(0)
+    }
+
+    fn terminate(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.outer),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for NsCopy {
+    fn drop(&mut self) {
+        let init = self.init();
+        if init > 1 && pid_alive(self.outer) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(init),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut c) = self.crust.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn pid_ns_restores_twice_beside_the_original() {
+    let mut t = Spawn::new("pidns").start();
+    t.dump(&["--leave-running"]);
+    // Both copies run at once, while the original still holds the PIDs.
+    let mut waited = NsCopy::start(&t, "waited", &[]);
+    let detached = NsCopy::start(&t, "detached", &["-d"]);
+    assert_ne!(waited.outer, detached.outer);
+    assert_eq!(
+        status_field(detached.init(), "Name"),
+        "crust-init",
+        "the namespace's init is not crust's"
+    );
+    // Each copy checks itself and writes its verdict at the start of the
+    // shared log (it printed nothing before): one at a time.
+    detached.terminate();
+    wait_gone(detached.outer);
+    assert_eq!(t.log_text(), "PASS\n", "the detached copy failed its check");
+    std::fs::write(&t.log, "").unwrap();
+    waited.terminate();
+    let st = waited.crust.take().unwrap().wait().unwrap();
+    assert!(
+        st.success(),
+        "the copy failed its own check: {st}: {}",
+        t.log_text()
+    );
+    // crust exits with the root's status: only after the root is gone.
+    assert!(!pid_alive(waited.outer));
+    t.pass();
+}

@@ -2,6 +2,7 @@
 //! rebuild it (`task::build_task`, in the child), hand over to the restorer
 //! blob, and watch it return into the task's own code.
 
+pub mod pidns;
 pub mod plan;
 pub mod task;
 
@@ -29,6 +30,8 @@ pub struct RestoreOpts {
     pub detach: bool,
     pub shell_job: bool,
     pub pidfile: Option<PathBuf>,
+    /// Restore into a new PID namespace (`--pid-ns`), under a crust init.
+    pub pid_ns: bool,
 }
 
 impl RestoreOpts {
@@ -40,6 +43,7 @@ impl RestoreOpts {
             detach: false,
             shell_job: true,
             pidfile: None,
+            pid_ns: false,
         }
     }
 }
@@ -211,6 +215,42 @@ fn create_shared_anon(tasks: &HashMap<i32, TaskImages>) -> Result<HashMap<(u64, 
 
 /// Restores the dump in `opts.dir`; returns the exit code crust should exit with.
 pub fn restore(opts: &RestoreOpts) -> Result<i32> {
+    if opts.pid_ns {
+        return pidns::restore_in_new_pid_ns(opts);
+    }
+    let root = restore_tree(opts)?;
+    if let Some(p) = &opts.pidfile {
+        write_pidfile(p, root.as_raw())?;
+    }
+    if opts.detach {
+        return Ok(0);
+    }
+    wait_exit_code(root)
+}
+
+/// Written whole and renamed into place: a reader never sees it empty.
+fn write_pidfile(p: &std::path::Path, pid: i32) -> Result<()> {
+    let tmp = p.with_extension("crust-tmp");
+    std::fs::write(&tmp, format!("{pid}\n"))
+        .and_then(|_| std::fs::rename(&tmp, p))
+        .with_context(|| format!("writing pidfile {}", p.display()))
+}
+
+/// Waits for a child of crust's; its exit code as a shell would give it.
+fn wait_exit_code(child: Pid) -> Result<i32> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waiting for restored task {child}: {e}"),
+        }
+    }
+}
+
+/// Rebuilds the tree as a child of crust and lets it run; returns its root.
+fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let dir = ImageDir::open(&opts.dir)?;
     let inv: Inventory = dir.read_msg(ImageKind::Inventory, 0)?;
     check_tree(&inv)?;
@@ -310,25 +350,7 @@ pub fn restore(opts: &RestoreOpts) -> Result<i32> {
         return Err(e);
     }
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
-    if let Some(p) = &opts.pidfile {
-        // Written whole and renamed into place: a reader never sees it empty.
-        let tmp = p.with_extension("crust-tmp");
-        std::fs::write(&tmp, format!("{pid}\n"))
-            .and_then(|_| std::fs::rename(&tmp, p))
-            .with_context(|| format!("writing pidfile {}", p.display()))?;
-    }
-    if opts.detach {
-        return Ok(0);
-    }
-    loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => bail!("waiting for restored task {pid}: {e}"),
-        }
-    }
+    Ok(child)
 }
 
 /// Reads why the child failed: a text message from crust's code in the
