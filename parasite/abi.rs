@@ -27,6 +27,12 @@ pub const PARASITE_CMD_DUMP_PAGES: u64 = 2;
 pub const PARASITE_CMD_GET_MISC: u64 = 3;
 /// Close the page pipe.
 pub const PARASITE_CMD_FINI: u64 = 4;
+/// Fill the settings and overrun of `ParasiteCtl::timers[..nr_timers]`
+/// (whose ids crust filled in).
+pub const PARASITE_CMD_GET_TIMERS: u64 = 5;
+
+/// Most POSIX timers crust carries per process.
+pub const MAX_POSIX_TIMERS: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
@@ -52,6 +58,44 @@ pub struct ITimerVal {
     pub interval_usec: i64,
     pub value_sec: i64,
     pub value_usec: i64,
+}
+
+/// The kernel's `struct itimerspec`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ITimerSpec {
+    pub interval_sec: i64,
+    pub interval_nsec: i64,
+    pub value_sec: i64,
+    pub value_nsec: i64,
+}
+
+/// One POSIX timer. crust fills in how it notifies (from /proc/PID/timers),
+/// the parasite its settings (timer_gettime) and overrun.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// sigev_notify: SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD, | SIGEV_THREAD_ID.
+    pub notify: i32,
+    pub signo: i32,
+    /// The thread signalled, for SIGEV_THREAD_ID.
+    pub notify_tid: i32,
+    pub overrun: i32,
+    pub sigev_value: u64,
+    pub spec: ITimerSpec,
+}
+
+/// The kernel's `struct sigevent` (64 bytes on x86-64).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct KSigEvent {
+    pub value: u64,
+    pub signo: i32,
+    pub notify: i32,
+    pub tid: i32,
+    pub _pad: [i32; 11],
 }
 
 #[repr(C)]
@@ -113,6 +157,8 @@ pub struct ParasiteCtl {
     pub nr_iovs: u64,
     pub iovs: [IoVec; MAX_IOVS],
     pub misc: MiscState,
+    pub nr_timers: u64,
+    pub timers: [PosixTimer; MAX_POSIX_TIMERS],
 }
 
 // ---- restorer ----------------------------------------------------------
@@ -188,6 +234,7 @@ pub const RSTEP_ITIMER: u32 = 10;
 pub const RSTEP_THREAD: u32 = 11;
 pub const RSTEP_SCHED: u32 = 12;
 pub const RSTEP_SIGQUEUE: u32 = 13;
+pub const RSTEP_POSIX_TIMER: u32 = 14;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -204,6 +251,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_THREAD => "creating a thread with its TID",
         RSTEP_SCHED => "restoring the scheduling policy",
         RSTEP_SIGQUEUE => "queueing pending signals",
+        RSTEP_POSIX_TIMER => "recreating POSIX timers with their ids",
         _ => "unknown step",
     }
 }
@@ -240,6 +288,9 @@ pub struct RestorerArgs {
     /// before it closes the status pipe (a futex word).
     pub threads_done: u32,
     pub _pad: u32,
+    /// POSIX timers, created with their ids once every thread exists.
+    pub nr_posix_timers: u64,
+    pub posix_timers: [PosixTimer; MAX_POSIX_TIMERS],
 }
 
 /// What a thread other than the leader restores of its own. The restorer

@@ -39,6 +39,7 @@ extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
         PARASITE_CMD_DUMP_PAGES => dump_pages(ctl),
         PARASITE_CMD_GET_MISC => get_misc(ctl),
         PARASITE_CMD_FINI => fini(ctl),
+        PARASITE_CMD_GET_TIMERS => get_timers(ctl),
         _ => -22,
     };
     // rt_sigreturn also sets the alternate signal stack from the frame:
@@ -107,6 +108,27 @@ fn dump_pages(ctl: &mut ParasiteCtl) -> i64 {
         }
     }
     total
+}
+
+fn get_timers(ctl: &mut ParasiteCtl) -> i64 {
+    let nr = ctl.nr_timers as usize;
+    if nr > MAX_POSIX_TIMERS {
+        return -22;
+    }
+    for t in ctl.timers[..nr].iter_mut() {
+        // SAFETY: timer_gettime writes one itimerspec into the timer's slot.
+        let r = unsafe { syscall2(SYS_TIMER_GETTIME, t.id as u64, &mut t.spec as *mut _ as u64) };
+        if r < 0 {
+            return r;
+        }
+        // SAFETY: timer_getoverrun only takes the id.
+        let r = unsafe { syscall2(SYS_TIMER_GETOVERRUN, t.id as u64, 0) };
+        if r < 0 {
+            return r;
+        }
+        t.overrun = r as i32;
+    }
+    0
 }
 
 fn get_misc(ctl: &mut ParasiteCtl) -> i64 {

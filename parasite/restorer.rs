@@ -312,6 +312,7 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
         syscall2(SYS_PRCTL, PR_SET_DUMPABLE, args.dumpable as u64);
     }
 
+    restore_posix_timers(args);
     for which in 0..3 {
         // SAFETY: setitimer reads one itimerval.
         let r = unsafe { syscall4(SYS_SETITIMER, which as u64, &args.itimers[which] as *const _ as u64, 0, 0) };
@@ -321,6 +322,44 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
     // SAFETY: the status pipe is crust's, the task never had it.
     unsafe { syscall2(SYS_CLOSE, args.status_fd as u64, 0) };
     args.leader.sigframe_uc
+}
+
+/// Recreates the POSIX timers with their ids (PR_TIMER_CREATE_RESTORE_IDS:
+/// timer_create takes the id it is given). Every thread exists by now, so a
+/// timer that signals one thread finds it.
+fn restore_posix_timers(args: &RestorerArgs) {
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    let nr = args.nr_posix_timers as usize;
+    if nr == 0 {
+        return;
+    }
+    // SAFETY: a prctl with integer arguments.
+    let r = unsafe { syscall2(SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 1) };
+    check(args, RSTEP_POSIX_TIMER, r);
+    for t in &args.posix_timers[..nr.min(MAX_POSIX_TIMERS)] {
+        let sev = KSigEvent {
+            value: t.sigev_value,
+            signo: t.signo,
+            notify: t.notify,
+            tid: t.notify_tid,
+            _pad: [0; 11],
+        };
+        let mut id = t.id;
+        // SAFETY: timer_create reads one sigevent and reads/writes the id.
+        let r = unsafe {
+            syscall4(SYS_TIMER_CREATE, t.clock as u64, &sev as *const _ as u64, &mut id as *mut i32 as u64, 0)
+        };
+        check(args, RSTEP_POSIX_TIMER, r);
+        if id != t.id {
+            fail(args, RSTEP_POSIX_TIMER, -16);
+        }
+        // SAFETY: timer_settime reads one itimerspec (relative time).
+        let r = unsafe { syscall4(SYS_TIMER_SETTIME, id as u64, 0, &t.spec as *const _ as u64, 0) };
+        check(args, RSTEP_POSIX_TIMER, r);
+    }
+    // SAFETY: as above.
+    let r = unsafe { syscall2(SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 0) };
+    check(args, RSTEP_POSIX_TIMER, r);
 }
 
 fn restore_creds(args: &RestorerArgs, c: &RestoreCreds) {

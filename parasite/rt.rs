@@ -41,6 +41,10 @@ pub const SYS_NANOSLEEP: u64 = 35;
 pub const SYS_GETTID: u64 = 186;
 pub const SYS_RT_SIGQUEUEINFO: u64 = 129;
 pub const SYS_RT_TGSIGQUEUEINFO: u64 = 297;
+pub const SYS_TIMER_CREATE: u64 = 222;
+pub const SYS_TIMER_SETTIME: u64 = 223;
+pub const SYS_TIMER_GETTIME: u64 = 224;
+pub const SYS_TIMER_GETOVERRUN: u64 = 225;
 
 /// # Safety
 /// The caller upholds the contract of the system call it makes.

@@ -315,6 +315,7 @@ fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()>
         ..Default::default()
     };
 
+    let posix_timers = timers::list_posix_timers(pid)?;
     let t = Instant::now();
     let mut parasite = Parasite::infect(task)?;
     fault_point("infected");
@@ -343,6 +344,7 @@ fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()>
         }
     }
     core.threads = threads_core;
+    timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
     let mut pages = PagesWriter::create(dir, pid)?;
     memory::dump_pages(&mut parasite, &mm, &mut pages)?;

@@ -108,6 +108,21 @@ impl Describe for TaskCore {
                 t.which, t.value_usec, t.interval_usec
             );
         }
+        for t in &self.posix_timers {
+            let _ = writeln!(
+                o,
+                "  posix timer {}: clock {} notify {:#x} signal {} value {:#x} tid {}: {} ns left, every {} ns, overrun {}",
+                t.id,
+                t.clock,
+                t.notify,
+                t.signo,
+                t.sigev_value,
+                t.notify_tid,
+                t.value_ns,
+                t.interval_ns,
+                t.overrun
+            );
+        }
         let v = |x: u64| {
             if x == u64::MAX {
                 "inf".to_string()

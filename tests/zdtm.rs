@@ -34,6 +34,11 @@ fn itimers() {
 }
 
 #[test]
+fn posix_timers() {
+    cycle("posix_timers", &[]);
+}
+
+#[test]
 fn files() {
     cycle("files", &[]);
 }

@@ -1,14 +1,16 @@
-//! Interval timers (ITIMER_REAL, _VIRTUAL, _PROF): read by the parasite, set
-//! by the restorer as its last step so that little time is lost.
+//! Timers. Interval timers (ITIMER_REAL, _VIRTUAL, _PROF) and POSIX timers
+//! (timer_create) are read by the parasite and set by the restorer as its
+//! last steps, so that little time is lost; timerfds are files.
 
-use crate::abi::{ITimerVal, MiscState, RestorerArgs};
+use crate::abi::{self, ITimerSpec, ITimerVal, MAX_POSIX_TIMERS, MiscState, RestorerArgs};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::files::{FdProbe, FileKind, RestoreCtx, info_get, new_fd};
 use crate::images::pb::fd_entry::File as FdFile;
-use crate::images::pb::{ITimer, TaskCore, TimerFd};
+use crate::images::pb::{ITimer, PosixTimer, TaskCore, TimerFd};
+use crate::parasite_ctl::Parasite;
 
 pub fn dump_itimers(misc: &MiscState, core: &mut TaskCore) {
     for (which, t) in misc.itimers.iter().enumerate() {
@@ -31,6 +33,146 @@ pub fn restore_itimers(core: &TaskCore, args: &mut RestorerArgs) {
             };
         }
     }
+}
+
+/// The POSIX timers of process `pid` as /proc/PID/timers lists them: ids,
+/// clocks and how they notify (their settings need the parasite). Refused
+/// before anything is touched when there are more than crust carries.
+pub fn list_posix_timers(pid: i32) -> Result<Vec<abi::PosixTimer>> {
+    let path = format!("/proc/{pid}/timers");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut timers: Vec<abi::PosixTimer> = Vec::new();
+    let bad = |l: &str| anyhow::anyhow!("{path}: cannot parse {l:?}");
+    for line in text.lines() {
+        let (key, val) = line.split_once(':').ok_or_else(|| bad(line))?;
+        let val = val.trim();
+        if key == "ID" {
+            timers.push(abi::PosixTimer {
+                id: val.parse().map_err(|_| bad(line))?,
+                ..Default::default()
+            });
+            continue;
+        }
+        let t = timers.last_mut().ok_or_else(|| bad(line))?;
+        match key {
+            // "signal: 14/0000000000001234": signal number and sigev_value.
+            "signal" => {
+                let (sig, value) = val.split_once('/').ok_or_else(|| bad(line))?;
+                t.signo = sig.parse().map_err(|_| bad(line))?;
+                t.sigev_value = u64::from_str_radix(value, 16).map_err(|_| bad(line))?;
+            }
+            // "notify: signal/tid.1234": the mode, and whom it targets.
+            "notify" => {
+                let (mode, target) = val.split_once('/').ok_or_else(|| bad(line))?;
+                t.notify = match mode {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD,
+                    _ => return Err(bad(line)),
+                };
+                if let Some(tid) = target.strip_prefix("tid.") {
+                    t.notify |= libc::SIGEV_THREAD_ID;
+                    t.notify_tid = tid.parse().map_err(|_| bad(line))?;
+                }
+            }
+            "ClockID" => t.clock = val.parse().map_err(|_| bad(line))?,
+            _ => {}
+        }
+    }
+    if timers.len() > MAX_POSIX_TIMERS {
+        bail!(
+            "PID {pid} has {} POSIX timers; crust carries at most {MAX_POSIX_TIMERS}",
+            timers.len()
+        );
+    }
+    timers.sort_by_key(|t| t.id);
+    Ok(timers)
+}
+
+/// Reads each timer's settings and overrun through the parasite.
+pub fn dump_posix_timers(
+    parasite: &mut Parasite,
+    timers: &[abi::PosixTimer],
+    core: &mut TaskCore,
+) -> Result<()> {
+    if timers.is_empty() {
+        return Ok(());
+    }
+    let ctl = parasite.ctl();
+    ctl.nr_timers = timers.len() as u64;
+    ctl.timers[..timers.len()].copy_from_slice(timers);
+    let r = parasite.run(abi::PARASITE_CMD_GET_TIMERS)?;
+    if r < 0 {
+        bail!(
+            "PID {}: reading its POSIX timers: {}",
+            core.pid,
+            std::io::Error::from_raw_os_error(-r as i32)
+        );
+    }
+    let ns = |sec: i64, nsec: i64| sec * 1_000_000_000 + nsec;
+    for t in &parasite.ctl().timers[..timers.len()] {
+        core.posix_timers.push(PosixTimer {
+            id: t.id,
+            clock: t.clock,
+            notify: t.notify,
+            signo: t.signo,
+            notify_tid: t.notify_tid,
+            overrun: t.overrun,
+            sigev_value: t.sigev_value,
+            interval_ns: ns(t.spec.interval_sec, t.spec.interval_nsec),
+            value_ns: ns(t.spec.value_sec, t.spec.value_nsec),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses, before anything is created, POSIX timers this kernel cannot
+/// recreate with their ids (PR_TIMER_CREATE_RESTORE_IDS came in 6.15).
+pub fn check_posix_timers(core: &TaskCore) -> Result<()> {
+    if core.posix_timers.is_empty() {
+        return Ok(());
+    }
+    if core.posix_timers.len() > MAX_POSIX_TIMERS {
+        bail!(
+            "core-{}.img holds {} POSIX timers, more than {MAX_POSIX_TIMERS}; the images are corrupt",
+            core.pid,
+            core.posix_timers.len()
+        );
+    }
+    const PR_TIMER_CREATE_RESTORE_IDS: i32 = 77;
+    const GET: u64 = 2;
+    // SAFETY: a query prctl with integer arguments.
+    if unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, GET, 0, 0, 0) } < 0 {
+        bail!(
+            "PID {} has POSIX timers, and this kernel cannot recreate timers with their ids (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15); restore on a newer kernel",
+            core.pid
+        );
+    }
+    Ok(())
+}
+
+pub fn restore_posix_timers(core: &TaskCore, args: &mut RestorerArgs) {
+    let spec = |ns: i64| (ns / 1_000_000_000, ns % 1_000_000_000);
+    for (slot, t) in args.posix_timers.iter_mut().zip(&core.posix_timers) {
+        let (interval_sec, interval_nsec) = spec(t.interval_ns);
+        let (value_sec, value_nsec) = spec(t.value_ns);
+        *slot = abi::PosixTimer {
+            id: t.id,
+            clock: t.clock,
+            notify: t.notify,
+            signo: t.signo,
+            notify_tid: t.notify_tid,
+            overrun: t.overrun,
+            sigev_value: t.sigev_value,
+            spec: ITimerSpec {
+                interval_sec,
+                interval_nsec,
+                value_sec,
+                value_nsec,
+            },
+        };
+    }
+    args.nr_posix_timers = core.posix_timers.len().min(MAX_POSIX_TIMERS) as u64;
 }
 
 /// timerfd: clock, time left, period and unread expirations, from fdinfo.

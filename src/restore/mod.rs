@@ -263,6 +263,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         memory::check_mapped_files(&img.mm)?;
         files::check_fd_table(&img.files)?;
         memory::vdso_target(&img.mm)?;
+        crate::resources::timers::check_posix_timers(&img.core)?;
         tasks.insert(t.pid, img);
     }
     let thread_ids = tasks

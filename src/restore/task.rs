@@ -332,6 +332,7 @@ fn load_restorer(
     args.status_fd = status_fd;
     signals::restore_signals(core, &mut args);
     timers::restore_itimers(core, &mut args);
+    timers::restore_posix_timers(core, &mut args);
     prctl::restore_prctl(core, &mut args);
 
     let lay = plan.layout;
