@@ -171,7 +171,32 @@ pub struct VmaMove {
     pub dst: u64,
     pub len: u64,
     pub prot: u64,
+    /// `VMA_ADV_*` bits: the madvise/mlock state to give it back.
+    pub advice: u64,
 }
+
+/// madvise()/mlock() state of a VMA (smaps VmFlags), as `VmaMove::advice`
+/// bits; the restorer applies `VMA_ADVICE` in order, then the locks.
+pub const VMA_ADV_DONTFORK: u64 = 1 << 0;
+pub const VMA_ADV_WIPEONFORK: u64 = 1 << 1;
+pub const VMA_ADV_HUGEPAGE: u64 = 1 << 2;
+pub const VMA_ADV_NOHUGEPAGE: u64 = 1 << 3;
+pub const VMA_ADV_DONTDUMP: u64 = 1 << 4;
+pub const VMA_ADV_MERGEABLE: u64 = 1 << 5;
+pub const VMA_ADV_LOCKED: u64 = 1 << 6;
+pub const VMA_ADV_LOCKONFAULT: u64 = 1 << 7;
+
+/// (advice bit, smaps VmFlags mnemonic, madvise advice; 0 for the locks).
+pub const VMA_ADVICE: [(u64, &str, u64); 8] = [
+    (VMA_ADV_DONTFORK, "dc", 10),
+    (VMA_ADV_WIPEONFORK, "wf", 18),
+    (VMA_ADV_HUGEPAGE, "hg", 14),
+    (VMA_ADV_NOHUGEPAGE, "nh", 15),
+    (VMA_ADV_DONTDUMP, "dd", 16),
+    (VMA_ADV_MERGEABLE, "mg", 12),
+    (VMA_ADV_LOCKED, "lo", 0),
+    (VMA_ADV_LOCKONFAULT, "lf", 0),
+];
 
 /// The kernel's `struct prctl_mm_map` (PR_SET_MM_MAP).
 #[repr(C)]
@@ -235,6 +260,7 @@ pub const RSTEP_THREAD: u32 = 11;
 pub const RSTEP_SCHED: u32 = 12;
 pub const RSTEP_SIGQUEUE: u32 = 13;
 pub const RSTEP_POSIX_TIMER: u32 = 14;
+pub const RSTEP_MADVISE: u32 = 15;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -252,6 +278,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_SCHED => "restoring the scheduling policy",
         RSTEP_SIGQUEUE => "queueing pending signals",
         RSTEP_POSIX_TIMER => "recreating POSIX timers with their ids",
+        RSTEP_MADVISE => "restoring a VMA's madvise/mlock state",
         _ => "unknown step",
     }
 }

@@ -267,6 +267,7 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
         // SAFETY: the VMA now lives at dst.
         let r = unsafe { syscall4(SYS_MPROTECT, v.dst, v.len, v.prot, 0) };
         check(args, RSTEP_MPROTECT, r);
+        restore_vma_advice(args, &v);
     }
 
     if args.vdso_addr != 0 {
@@ -322,6 +323,25 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
     // SAFETY: the status pipe is crust's, the task never had it.
     unsafe { syscall2(SYS_CLOSE, args.status_fd as u64, 0) };
     args.leader.sigframe_uc
+}
+
+/// Gives a VMA back its madvise() state and its mlock (crust's privileges
+/// still hold here, so the lock is not limited by RLIMIT_MEMLOCK).
+fn restore_vma_advice(args: &RestorerArgs, v: &VmaMove) {
+    for (bit, _, advice) in VMA_ADVICE {
+        if v.advice & bit != 0 && advice != 0 {
+            // SAFETY: madvise on the VMA just moved into place.
+            let r = unsafe { syscall4(SYS_MADVISE, v.dst, v.len, advice, 0) };
+            check(args, RSTEP_MADVISE, r);
+        }
+    }
+    if v.advice & (VMA_ADV_LOCKED | VMA_ADV_LOCKONFAULT) != 0 {
+        const MLOCK_ONFAULT: u64 = 1;
+        let flags = if v.advice & VMA_ADV_LOCKONFAULT != 0 { MLOCK_ONFAULT } else { 0 };
+        // SAFETY: mlock2 of the VMA just moved into place.
+        let r = unsafe { syscall4(SYS_MLOCK2, v.dst, v.len, flags, 0) };
+        check(args, RSTEP_MADVISE, r);
+    }
 }
 
 /// Recreates the POSIX timers with their ids (PR_TIMER_CREATE_RESTORE_IDS:

@@ -271,9 +271,15 @@ impl Describe for MmEntry {
                 format!("{} @{:#x}", v.path, v.pgoff)
             };
             let gd = if v.growsdown { " growsdown" } else { "" };
+            // The VmFlags mnemonics of its madvise/mlock state.
+            let adv: String = crate::abi::VMA_ADVICE
+                .iter()
+                .filter(|(bit, _, _)| v.advice & bit != 0)
+                .map(|(_, flag, _)| format!(" {flag}"))
+                .collect();
             let _ = writeln!(
                 o,
-                "  {:012x}-{:012x} {} {:?}{gd} {what}",
+                "  {:012x}-{:012x} {} {:?}{gd}{adv} {what}",
                 v.start,
                 v.end,
                 prot(v.prot),

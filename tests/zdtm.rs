@@ -34,6 +34,11 @@ fn itimers() {
 }
 
 #[test]
+fn madvise_and_mlock() {
+    cycle("madvise", &[]);
+}
+
+#[test]
 fn posix_timers() {
     cycle("posix_timers", &[]);
 }

@@ -108,6 +108,10 @@ pub fn dump_mm(pid: i32) -> Result<MmEntry> {
                 | (e.exec as u32 * libc::PROT_EXEC as u32),
             kind: kind as i32,
             growsdown: e.has_flag("gd"),
+            advice: abi::VMA_ADVICE
+                .iter()
+                .filter(|(_, flag, _)| e.has_flag(flag))
+                .fold(0, |bits, (bit, _, _)| bits | bit),
             name: if e.path.starts_with('[') {
                 e.path.clone()
             } else {
@@ -434,6 +438,7 @@ pub fn premap_vmas(
             dst: v.start,
             len,
             prot: v.prot as u64,
+            advice: v.advice,
         });
         at += len + GAP;
     }
