@@ -261,6 +261,7 @@ pub const RSTEP_SCHED: u32 = 12;
 pub const RSTEP_SIGQUEUE: u32 = 13;
 pub const RSTEP_POSIX_TIMER: u32 = 14;
 pub const RSTEP_MADVISE: u32 = 15;
+pub const RSTEP_SECCOMP: u32 = 16;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -279,6 +280,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_SIGQUEUE => "queueing pending signals",
         RSTEP_POSIX_TIMER => "recreating POSIX timers with their ids",
         RSTEP_MADVISE => "restoring a VMA's madvise/mlock state",
+        RSTEP_SECCOMP => "installing seccomp filters",
         _ => "unknown step",
     }
 }
@@ -356,6 +358,21 @@ pub struct ThreadArgs {
     /// records at `pending_off` from the start of `RestorerArgs`.
     pub pending_off: u64,
     pub nr_pending: u64,
+    /// Seccomp mode (0 none, 1 strict, 2 filters), and for filters
+    /// `nr_seccomp_filters` records at `seccomp_off` from the start of
+    /// `RestorerArgs`, oldest first: a `SeccompFilterHdr`, then `len`
+    /// 8-byte instructions.
+    pub seccomp_mode: u32,
+    pub nr_seccomp_filters: u32,
+    pub seccomp_off: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SeccompFilterHdr {
+    pub flags: u32,
+    /// Instructions that follow.
+    pub len: u32,
 }
 
 /// CPU affinity words carried per thread (64 CPUs each).

@@ -150,6 +150,7 @@ fn restore_own_state(args: &RestorerArgs, t: &ThreadArgs) {
         // Keep the permitted set across the change of uid; capset trims it.
         check(args, RSTEP_CREDS, syscall2(SYS_PRCTL, PR_SET_SECUREBITS, t.securebits as u64 | SECBIT_KEEP_CAPS));
     }
+    restore_seccomp(args, t);
     restore_creds(args, &t.creds);
     // SAFETY: prctls with integer arguments. The uid change above cleared the
     // parent-death signal; keep-caps goes back to the thread's own setting.
@@ -323,6 +324,33 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
     // SAFETY: the status pipe is crust's, the task never had it.
     unsafe { syscall2(SYS_CLOSE, args.status_fd as u64, 0) };
     args.leader.sigframe_uc
+}
+
+/// Installs the thread's seccomp filters, oldest first, while it still has
+/// crust's privileges (a filter without no_new_privs needs CAP_SYS_ADMIN).
+/// crust traces the tree with PTRACE_O_SUSPEND_SECCOMP, so the rest of the
+/// restore is not filtered; the filters bite once crust lets the task go.
+fn restore_seccomp(args: &RestorerArgs, t: &ThreadArgs) {
+    const SECCOMP_SET_MODE_STRICT: u64 = 0;
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    let base = args as *const RestorerArgs as u64;
+    let mut at = base + t.seccomp_off;
+    for _ in 0..t.nr_seccomp_filters {
+        // SAFETY: crust wrote the filter records at seccomp_off.
+        let hdr = unsafe { *(at as *const SeccompFilterHdr) };
+        let insns = at + core::mem::size_of::<SeccompFilterHdr>() as u64;
+        // struct sock_fprog: a u16 length, then the program's address.
+        let prog: [u64; 2] = [hdr.len as u64, insns];
+        // SAFETY: seccomp reads the sock_fprog and the program it points to.
+        let r = unsafe { syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, hdr.flags as u64, prog.as_ptr() as u64, 0) };
+        check(args, RSTEP_SECCOMP, r);
+        at = insns + hdr.len as u64 * 8;
+    }
+    if t.seccomp_mode == 1 {
+        // SAFETY: strict mode takes no arguments.
+        let r = unsafe { syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_STRICT, 0, 0, 0) };
+        check(args, RSTEP_SECCOMP, r);
+    }
 }
 
 /// Gives a VMA back its madvise() state and its mlock (crust's privileges

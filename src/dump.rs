@@ -11,7 +11,7 @@ use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
 use crate::proc;
-use crate::resources::{creds, files, memory, pipes, prctl, regs, sched, signals, timers};
+use crate::resources::{creds, files, memory, pipes, prctl, regs, sched, seccomp, signals, timers};
 use crate::seize::{SeizedTask, seize_threads};
 use crate::{abi, sys};
 
@@ -286,6 +286,7 @@ fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
         restarted_syscall: restarted,
         sched: Some(sched::dump_sched(tid)),
         pending: sys::peek_pending(t.pid, false).context("reading pending signals")?,
+        seccomp: seccomp::dump_thread_seccomp(t.pid, st.seccomp)?,
         ..Default::default()
     })
 }

@@ -118,6 +118,8 @@ pub struct Status {
     pub cap_eff: u64,
     pub cap_bnd: u64,
     pub cap_amb: u64,
+    /// 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
 }
 
 pub fn status(pid: i32) -> Result<Status> {
@@ -158,6 +160,7 @@ pub fn status(pid: i32) -> Result<Status> {
             "CapEff" => s.cap_eff = hex(v),
             "CapBnd" => s.cap_bnd = hex(v),
             "CapAmb" => s.cap_amb = hex(v),
+            "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
             _ => {}
         }
     }

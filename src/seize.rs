@@ -63,9 +63,19 @@ pub fn seize_task(pid: i32) -> Result<SeizedTask> {
         );
     }
     let p = Pid::from_raw(pid);
-    match ptrace::seize(p, ptrace::Options::PTRACE_O_TRACESYSGOOD) {
+    let mut opts = ptrace::Options::PTRACE_O_TRACESYSGOOD;
+    // The parasite's and crust's own syscalls in the task must not meet
+    // its seccomp filters.
+    if st.seccomp != 0 {
+        opts |= crate::resources::seccomp::SUSPEND_SECCOMP;
+    }
+    match ptrace::seize(p, opts) {
         Ok(()) => {}
         Err(Errno::ESRCH) => bail!("no process with PID {pid}; check the PID (ps -p {pid})"),
+        Err(Errno::EPERM) if st.seccomp != 0 => bail!(
+            "PID {pid} ({}) runs under seccomp; suspending its filters for the dump needs CAP_SYS_ADMIN: run crust as root",
+            st.name
+        ),
         Err(e) => bail!(
             "cannot trace PID {pid} ({}): {e}; run crust as root or with CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE",
             st.name

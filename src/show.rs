@@ -185,6 +185,20 @@ impl Describe for TaskCore {
                     ""
                 }
             );
+            if let Some(sc) = &t.seccomp {
+                let lens: Vec<String> = sc
+                    .filters
+                    .iter()
+                    .map(|f| format!("{} insns flags {:#x}", f.insns.len() / 8, f.flags))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "    seccomp mode {}: {} filter(s), oldest first [{}]",
+                    sc.mode,
+                    sc.filters.len(),
+                    lens.join(", ")
+                );
+            }
             if let Some(c) = &t.creds {
                 let _ = writeln!(
                     o,

@@ -39,6 +39,11 @@ fn madvise_and_mlock() {
 }
 
 #[test]
+fn seccomp_filters_and_strict_mode() {
+    cycle("seccomp", &[]);
+}
+
+#[test]
 fn posix_timers() {
     cycle("posix_timers", &[]);
 }

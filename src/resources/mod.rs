@@ -10,5 +10,6 @@ pub mod pipes;
 pub mod prctl;
 pub mod regs;
 pub mod sched;
+pub mod seccomp;
 pub mod signals;
 pub mod timers;

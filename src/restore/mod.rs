@@ -392,10 +392,15 @@ fn child_failure(mut status: File) -> anyhow::Error {
 fn finish_tree(root: Pid, set: &RestoreSet, sync_wr: OwnedFd, status_rd: OwnedFd) -> Result<()> {
     // SAFETY: status_rd is an fd we own; File takes it over.
     let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
-    let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
+    let mut opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
         | ptrace::Options::PTRACE_O_EXITKILL
         | ptrace::Options::PTRACE_O_TRACECLONE
         | ptrace::Options::PTRACE_O_TRACEFORK;
+    // Filters the restorer installs must not bite before the task is let go
+    // (the restorer's later steps, the remote munmap of the hole).
+    if crate::resources::seccomp::any_seccomp(set.tasks.values().map(|t| &t.core)) {
+        opts |= crate::resources::seccomp::SUSPEND_SECCOMP;
+    }
     ptrace::seize(root, opts).context("seizing the restored task")?;
     nix::unistd::write(&sync_wr, b"g")?;
     drop(sync_wr);

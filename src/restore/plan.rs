@@ -9,7 +9,7 @@ use crate::abi::{RestorerArgs, ThreadArgs, VmaMove};
 use crate::blobs::{RESTORER_BLOB, page_align};
 use crate::images::pb::MmEntry;
 use crate::proc;
-use crate::resources::{memory, regs};
+use crate::resources::{memory, regs, seccomp};
 
 const SEARCH_FROM: u64 = 0x1_0000_0000;
 const SEARCH_TO: u64 = 0x7f00_0000_0000;
@@ -69,6 +69,8 @@ pub struct ArgsLayout {
     /// The pending signals to queue again, 128 bytes each: the process's
     /// shared ones, then each thread's.
     pub siginfo_off: usize,
+    /// Each thread's seccomp filter records (`resources::seccomp`).
+    pub seccomp_off: usize,
     pub size: usize,
 }
 
@@ -96,13 +98,21 @@ impl ArgsLayout {
                 .iter()
                 .map(|t| t.pending.len())
                 .sum::<usize>();
-        let size = siginfo_off + 128 * nr_siginfo;
+        let seccomp_off = siginfo_off + 128 * nr_siginfo;
+        let size = seccomp_off
+            + img
+                .core
+                .threads
+                .iter()
+                .map(seccomp::records_len)
+                .sum::<usize>();
         ArgsLayout {
             vmas_off,
             threads_off,
             frames_off,
             frame_size,
             siginfo_off,
+            seccomp_off,
             size,
         }
     }

@@ -12,7 +12,7 @@ use super::{RestoreOpts, RestoreSet, TaskImages};
 use crate::abi::{MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs, VmaMove};
 use crate::blobs::RESTORER_BLOB;
 use crate::images::pb::ThreadCore;
-use crate::resources::{creds, files, memory, prctl, regs, sched, signals, timers};
+use crate::resources::{creds, files, memory, prctl, regs, sched, seccomp, signals, timers};
 use crate::sys;
 use nix::unistd::Pid;
 use std::os::fd::FromRawFd;
@@ -388,6 +388,10 @@ fn load_restorer(
     (args.shared_pending_off, args.nr_shared_pending) = put(&core.shared_pending, area)?;
     for (a, t) in threads.iter_mut().zip(&core.threads) {
         (a.pending_off, a.nr_pending) = put(&t.pending, area)?;
+    }
+    let mut at = lay.seccomp_off;
+    for (a, t) in threads.iter_mut().zip(&core.threads) {
+        at += seccomp::restore_thread_seccomp(t, a, area, at)?;
     }
     args.leader = threads.remove(0);
     // SAFETY: plain repr(C) data copied into the args area, laid out by
