@@ -26,7 +26,7 @@ pub const SUSPEND_SECCOMP: nix::sys::ptrace::Options =
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
 const PTRACE_GET_SECCOMP_METADATA: libc::c_uint = 0x420d;
 /// The flags the metadata can report and seccomp(2) takes back.
-const KEPT_FLAGS: u64 = libc::SECCOMP_FILTER_FLAG_LOG as u64;
+const KEPT_FLAGS: u64 = libc::SECCOMP_FILTER_FLAG_LOG;
 /// Size of one classic BPF instruction (struct sock_filter).
 const INSN: usize = 8;
 
