@@ -19,7 +19,8 @@ now() { date +%s.%N; }
 # bench_cycle LOG PROGRAM ARGS...: starts PROGRAM (zdtm protocol: it makes
 # $ZDTM_READY when set up, checks itself on SIGTERM and prints PASS), dumps
 # it with crust, restores it detached, lets it check itself. Sets dump_s and
-# restore_s (seconds).
+# restore_s (seconds). Calls bench_before_dump and bench_after_restore when
+# the caller defines them.
 bench_cycle() {
     local log=$1 t0 t1 t2 t3
     shift
@@ -27,6 +28,7 @@ bench_cycle() {
     ZDTM_READY="$work/ready" setsid "$@" </dev/null >"$log" 2>&1 &
     pid=$!
     while [ ! -e "$work/ready" ]; do sleep 0.05; done
+    if declare -F bench_before_dump >/dev/null; then bench_before_dump; fi
     rm -rf "$tmpfs/img"
     t0=$(now)
     "$crust" dump -t "$pid" -D "$tmpfs/img"
@@ -37,6 +39,7 @@ bench_cycle() {
     t2=$(now)
     "$crust" restore -D "$tmpfs/img" -d
     t3=$(now)
+    if declare -F bench_after_restore >/dev/null; then bench_after_restore; fi
     kill -TERM "$pid"
     while [ -e "/proc/$pid" ]; do sleep 0.05; done
     pid=

@@ -582,3 +582,49 @@ fn pid_ns_restores_twice_beside_the_original() {
     assert!(!pid_alive(waited.outer));
     t.pass();
 }
+
+/// RSS and PSS (KiB) summed over a process and its children.
+fn tree_rss_pss(root: i32) -> (u64, u64) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{root}/task/{root}/children")).unwrap_or_default();
+    let pids =
+        std::iter::once(root).chain(children.split_whitespace().filter_map(|p| p.parse().ok()));
+    let (mut rss, mut pss) = (0, 0);
+    for pid in pids {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let field = |k: &str| -> u64 {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        rss += field("Rss:");
+        pss += field("Pss:");
+    }
+    (rss, pss)
+}
+
+#[test]
+fn cow_memory_stays_shared_with_children() {
+    const MIB: u64 = 128;
+    let mut t = Spawn::new("cow").args(&[&MIB.to_string()]).start();
+    let (rss0, pss0) = tree_rss_pss(t.pid);
+    t.dump(&[]);
+    t.restore(&[]);
+    let (rss1, pss1) = tree_rss_pss(t.pid);
+    eprintln!(
+        "parent with {MIB} MiB and 4 children: RSS {} MiB, PSS {} MiB before the dump; RSS {} MiB, PSS {} MiB after the restore",
+        rss0 >> 10,
+        pss0 >> 10,
+        rss1 >> 10,
+        pss1 >> 10
+    );
+    // Copies instead of sharing would make the PSS about 5 x MIB.
+    assert!(
+        pss1 <= pss0 + (MIB << 10) / 2,
+        "the tree's memory is no longer shared: PSS {} MiB before, {} MiB after",
+        pss0 >> 10,
+        pss1 >> 10
+    );
+    t.pass();
+}

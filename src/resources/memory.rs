@@ -362,16 +362,79 @@ fn premapped(v: &VmaEntry) -> bool {
     )
 }
 
-/// Maps every VMA of `mm` into the hole from `at` on; returns the moves the
-/// restorer must make. Runs in the restored task before the restorer.
-pub fn premap_vmas(
-    mm: &MmEntry,
+/// A restored process's premapped memory, as its children inherit it at
+/// fork. A child's private anonymous VMA that its parent has too (same
+/// range) starts from the parent's copy, shared copy-on-write, and only the
+/// pages that differ are written: memory a parent and its children shared
+/// after fork stays shared after restore.
+pub struct Premapped<'a> {
+    pub mm: &'a MmEntry,
+    pub moves: Vec<VmaMove>,
+    /// Per move: whether it came from the parent (see `fill_pages`).
+    pub inherited: Vec<bool>,
+}
+
+impl Premapped<'_> {
+    /// Where this process premapped its private anonymous VMA like `v`.
+    fn copy_of(&self, v: &VmaEntry) -> Option<u64> {
+        self.mm.vmas.iter().find(|p| {
+            p.start == v.start && p.end == v.end && p.kind() == VmaKind::VmaAnonPrivate
+        })?;
+        self.moves
+            .iter()
+            .find(|m| m.dst == v.start && m.len == v.end - v.start)
+            .map(|m| m.src)
+    }
+}
+
+/// Maps every VMA of `mm` into the hole from `at` on, taking over what the
+/// parent premapped where it can; returns the moves the restorer must make.
+/// Runs in the restored task before the restorer.
+pub fn premap_vmas<'a>(
+    mm: &'a MmEntry,
     mut at: u64,
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
-) -> Result<Vec<VmaMove>> {
+    parent: Option<&Premapped>,
+) -> Result<Premapped<'a>> {
     let mut moves = Vec::new();
+    let mut inherited = Vec::new();
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
         let len = v.end - v.start;
+        let copy = match v.kind() {
+            VmaKind::VmaAnonPrivate => parent.and_then(|p| p.copy_of(v)),
+            _ => None,
+        };
+        if let Some(src) = copy {
+            // SAFETY: moves the parent's premapped copy, inherited at fork
+            // and used by nothing else here, onto our own reserved hole.
+            let p = unsafe {
+                libc::mremap(
+                    src as *mut _,
+                    len as usize,
+                    len as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    at as *mut libc::c_void,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                bail!(
+                    "taking over the parent's copy of VMA {:#x}-{:#x}: {}",
+                    v.start,
+                    v.end,
+                    std::io::Error::last_os_error()
+                );
+            }
+            moves.push(VmaMove {
+                src: at,
+                dst: v.start,
+                len,
+                prot: v.prot as u64,
+                advice: v.advice,
+            });
+            inherited.push(true);
+            at += len + GAP;
+            continue;
+        }
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let fixed = libc::MAP_FIXED;
         let (prot, flags, file) = match v.kind() {
@@ -440,40 +503,84 @@ pub fn premap_vmas(
             prot: v.prot as u64,
             advice: v.advice,
         });
+        inherited.push(false);
         at += len + GAP;
     }
-    Ok(moves)
+    Ok(Premapped {
+        mm,
+        moves,
+        inherited,
+    })
 }
 
-/// Reads the pages image into the premapped VMAs, checking its CRC.
-pub fn fill_pages(
-    mm: &MmEntry,
-    moves: &[VmaMove],
-    pages: &File,
-    expect_len: u64,
-    expect_crc: u32,
-) -> Result<()> {
+/// Reads the pages image into the premapped VMAs, checking its CRC. In a
+/// VMA inherited from the parent only the pages that differ are written,
+/// and the pages the image does not hold are dropped (they read as zeros,
+/// as they did in the dumped task), so the rest stays shared.
+pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u32) -> Result<()> {
+    let mm = pre.mm;
     let mut off = PAGES_HEADER_LEN;
     let mut crc = crc32fast::Hasher::new();
+    let mut scratch = Vec::new();
+    let (mut shared, mut written) = (0u64, 0u64);
+    // Per inherited move, the part covered by the image so far.
+    let mut covered = vec![0u64; pre.moves.len()];
     for run in &mm.pagemap {
         let len = run.nr_pages * PAGE;
-        let m = moves
+        let i = pre
+            .moves
             .iter()
-            .find(|m| m.dst <= run.vaddr && run.vaddr + len <= m.dst + m.len)
+            .position(|m| m.dst <= run.vaddr && run.vaddr + len <= m.dst + m.len)
             .with_context(|| {
                 format!(
                     "pages at {:#x} lie outside every VMA; the mm image is corrupt",
                     run.vaddr
                 )
             })?;
+        let m = &pre.moves[i];
         let dst = m.src + (run.vaddr - m.dst);
         // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
         let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
-        pages
-            .read_exact_at(buf, off)
-            .context("pages image is truncated")?;
-        crc.update(buf);
-        off += len;
+        if !pre.inherited[i] {
+            pages
+                .read_exact_at(buf, off)
+                .context("pages image is truncated")?;
+            crc.update(buf);
+            off += len;
+            continue;
+        }
+        drop_pages(
+            m.src + covered[i],
+            (run.vaddr - m.dst).saturating_sub(covered[i]),
+        )?;
+        covered[i] = covered[i].max(run.vaddr + len - m.dst);
+        for chunk in buf.chunks_mut(256 * PAGE as usize) {
+            scratch.resize(chunk.len(), 0);
+            pages
+                .read_exact_at(&mut scratch, off)
+                .context("pages image is truncated")?;
+            crc.update(&scratch);
+            off += chunk.len() as u64;
+            for (have, want) in chunk
+                .chunks_mut(PAGE as usize)
+                .zip(scratch.chunks(PAGE as usize))
+            {
+                if have == want {
+                    shared += 1;
+                } else {
+                    have.copy_from_slice(want);
+                    written += 1;
+                }
+            }
+        }
+    }
+    for (i, m) in pre.moves.iter().enumerate() {
+        if pre.inherited[i] {
+            drop_pages(m.src + covered[i], m.len - covered[i])?;
+        }
+    }
+    if shared + written > 0 {
+        tracing::debug!("{shared} pages left shared with the parent, {written} written");
     }
     if off - PAGES_HEADER_LEN != expect_len {
         bail!(
@@ -484,6 +591,21 @@ pub fn fill_pages(
     }
     if crc.finalize() != expect_crc {
         bail!("pages image checksum mismatch; the images are corrupt");
+    }
+    Ok(())
+}
+
+/// Drops private pages: they read as zeros again.
+fn drop_pages(at: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: [at, at+len) is part of a private anonymous VMA we premapped.
+    if unsafe { libc::madvise(at as *mut _, len as usize, libc::MADV_DONTNEED) } != 0 {
+        bail!(
+            "dropping pages at {at:#x}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

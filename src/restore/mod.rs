@@ -298,8 +298,11 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     };
     let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
     let mut plans = HashMap::new();
+    let mut holes = Vec::new();
     for (pid, img) in &tasks {
-        plans.insert(*pid, plan::make_plan(img)?);
+        let plan = plan::make_plan(img, &holes)?;
+        holes.push((plan.hole_start, plan.hole_end));
+        plans.insert(*pid, plan);
     }
     let set = RestoreSet {
         inv,
@@ -317,7 +320,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         Ok(0) => {
             drop(status_rd);
             drop(sync_wr);
-            task::run_child(&set, pid, opts, status_wr, Some(sync_rd))
+            task::run_child(&set, pid, opts, status_wr, Some(sync_rd), None)
         }
         Ok(child) => child,
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {

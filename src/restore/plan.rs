@@ -15,10 +15,12 @@ const SEARCH_FROM: u64 = 0x1_0000_0000;
 const SEARCH_TO: u64 = 0x7f00_0000_0000;
 const ALIGN: u64 = 2 << 20;
 
-/// Finds `size` bytes of address space free in this process and in `mm`.
-pub fn find_hole(mm: &MmEntry, size: u64) -> Result<u64> {
+/// Finds `size` bytes of address space free in this process, in `mm`, and
+/// outside the `taken` ranges.
+pub fn find_hole(mm: &MmEntry, size: u64, taken: &[(u64, u64)]) -> Result<u64> {
     let mut used: Vec<(u64, u64)> = proc::self_maps()?;
     used.extend(mm.vmas.iter().map(|v| (v.start, v.end)));
+    used.extend_from_slice(taken);
     used.sort_unstable();
     let mut at = SEARCH_FROM;
     for (s, e) in used {
@@ -118,7 +120,10 @@ impl ArgsLayout {
     }
 }
 
-pub fn make_plan(img: &TaskImages) -> Result<RestorePlan> {
+/// Plans one process's hole, outside the holes `taken` by the other
+/// processes of the tree: a child inherits its parent's premapped memory at
+/// fork and must build its own beside it (`memory::Premapped`).
+pub fn make_plan(img: &TaskImages, taken: &[(u64, u64)]) -> Result<RestorePlan> {
     let premap = memory::premap_size(&img.mm);
     let layout = ArgsLayout::new(img);
     let args_size = page_align(layout.size as u64);
@@ -126,7 +131,7 @@ pub fn make_plan(img: &TaskImages) -> Result<RestorePlan> {
     let others = img.core.threads.len().saturating_sub(1) as u64;
     let stacks = THREAD_STACK * others + RESTORER_STACK;
     let size = premap + blob + args_size + stacks;
-    let start = find_hole(&img.mm, size)?;
+    let start = find_hole(&img.mm, size, taken)?;
     Ok(RestorePlan {
         hole_start: start,
         hole_end: start + size,

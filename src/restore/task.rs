@@ -18,19 +18,32 @@ use nix::unistd::Pid;
 use std::os::fd::FromRawFd;
 
 /// Entry of a restored process (a copy of crust made with the task's PID):
-/// never returns. It joins its session and group, forks its children with
-/// their PIDs (each runs this again), then rebuilds itself. A failure is
-/// reported through `status` as "E<message>" and ends the process.
+/// never returns. It joins its session and group, premaps and fills its
+/// memory (starting from `parent`'s where they shared it), forks its
+/// children with their PIDs (each runs this again, inheriting that memory),
+/// then rebuilds the rest of itself. A failure is reported through `status`
+/// as "E<message>" and ends the process.
 pub fn run_child(
     set: &RestoreSet,
     pid: i32,
     opts: &RestoreOpts,
     status: OwnedFd,
     sync: Option<OwnedFd>,
+    parent: Option<&memory::Premapped>,
 ) -> ! {
     let status_fd = status.into_raw_fd();
-    let err = match start_task(set, pid, status_fd, sync) {
-        Ok(()) => build_task(&set.tasks[&pid], &set.plans[&pid], set, opts, status_fd).unwrap_err(),
+    let err = match start_task(set, pid, sync) {
+        Ok(()) => rebuild_memory(set, pid, parent)
+            .and_then(|mem| {
+                fork_children(set, pid, status_fd, mem.as_ref())?;
+                Ok(mem)
+            })
+            .and_then(|mem| {
+                let img = &set.tasks[&pid];
+                let mem = mem.context("a live task without images")?;
+                build_task(img, &set.plans[&pid], &mem, set, opts, status_fd)
+            })
+            .unwrap_err(),
         Err(e) => e,
     };
     let msg = format!("E{:#}", err);
@@ -41,7 +54,7 @@ pub fn run_child(
     }
 }
 
-fn start_task(set: &RestoreSet, pid: i32, status_fd: RawFd, sync: Option<OwnedFd>) -> Result<()> {
+fn start_task(set: &RestoreSet, pid: i32, sync: Option<OwnedFd>) -> Result<()> {
     // Signals stay blocked until rt_sigreturn installs the task's own mask.
     let all = nix::sys::signal::SigSet::all();
     nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&all), None)?;
@@ -53,7 +66,33 @@ fn start_task(set: &RestoreSet, pid: i32, status_fd: RawFd, sync: Option<OwnedFd
             .read_exact(&mut b)
             .context("waiting for crust to trace the new task")?;
     }
-    join_session(set, pid)?;
+    join_session(set, pid)
+}
+
+/// Reserves the hole and premaps and fills the task's memory, before its
+/// children are forked, so that they inherit it (None for a zombie).
+fn rebuild_memory<'a>(
+    set: &'a RestoreSet,
+    pid: i32,
+    parent: Option<&memory::Premapped>,
+) -> Result<Option<memory::Premapped<'a>>> {
+    let Some(img) = set.tasks.get(&pid) else {
+        return Ok(None);
+    };
+    let plan = &set.plans[&pid];
+    reserve_hole(plan)?;
+    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, parent)?;
+    memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
+    Ok(Some(mem))
+}
+
+/// Forks the task's children with their PIDs; each inherits `mem`.
+fn fork_children(
+    set: &RestoreSet,
+    pid: i32,
+    status_fd: RawFd,
+    mem: Option<&memory::Premapped>,
+) -> Result<()> {
     for child in set.children_of(pid) {
         match sys::fork_with_pid(child.pid) {
             Ok(0) => {
@@ -64,7 +103,7 @@ fn start_task(set: &RestoreSet, pid: i32, status_fd: RawFd, sync: Option<OwnedFd
                 let st = unsafe {
                     OwnedFd::from_raw_fd(libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 0))
                 };
-                run_child(set, child.pid, &RestoreOpts::inherit(), st, None)
+                run_child(set, child.pid, &RestoreOpts::inherit(), st, None, mem)
             }
             Ok(c) => {
                 // Put the child in its group from this side too (as shells
@@ -138,13 +177,12 @@ fn move_fd_above(fd: RawFd, min: RawFd) -> Result<RawFd> {
 fn build_task(
     img: &TaskImages,
     plan: &RestorePlan,
+    mem: &memory::Premapped,
     set: &RestoreSet,
     opts: &RestoreOpts,
     status_fd: RawFd,
 ) -> Result<std::convert::Infallible> {
-    reserve_hole(plan)?;
-    let moves = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared)?;
-    memory::fill_pages(&img.mm, &moves, &img.pages, img.pages_len, img.pages_crc)?;
+    let moves = &mem.moves;
 
     let exe = std::fs::File::open(&img.mm.exe_path).with_context(|| {
         format!(
@@ -176,7 +214,7 @@ fn build_task(
         None
     };
 
-    load_restorer(img, plan, &moves, exe_fd, status_fd)?;
+    load_restorer(img, plan, moves, exe_fd, status_fd)?;
 
     files::restore_fd_table(
         &img.files,
