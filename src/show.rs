@@ -354,14 +354,21 @@ impl Describe for FdTable {
                         .collect();
                     format!("epoll [{}]", t.join(", "))
                 }
-                Some(F::Ghost(g)) => format!(
-                    "{} {} ({} bytes carried) flags {:#o} pos {}",
-                    if g.memfd { "memfd" } else { "deleted file" },
-                    g.path,
-                    g.data.len(),
-                    g.flags,
-                    g.pos
-                ),
+                Some(F::Ghost(g)) => {
+                    let d = g.file.as_ref();
+                    format!(
+                        "{} {} ({} bytes carried) flags {:#o} pos {}",
+                        if d.is_some_and(|d| d.memfd) {
+                            "memfd"
+                        } else {
+                            "deleted file"
+                        },
+                        d.map_or("?", |d| d.path.as_str()),
+                        d.map_or(0, |d| d.data.len()),
+                        g.flags,
+                        g.pos
+                    )
+                }
                 Some(F::Tty(t)) => format!("terminal {} flags {:#o} (shell job)", t.path, t.flags),
                 None => "?".into(),
             };

@@ -44,6 +44,26 @@ fn seccomp_filters_and_strict_mode() {
 }
 
 #[test]
+fn mappings_of_memfds_and_deleted_files() {
+    cycle("ghost_maps", &[]);
+}
+
+#[test]
+fn deleted_executable() {
+    // A copy of its own, which it deletes: an upgraded binary under a
+    // running program.
+    let exe = std::env::temp_dir().join(format!("crust-deleted-exe-{}", std::process::id()));
+    std::fs::copy(build("ghost_maps"), &exe).unwrap();
+    let mut s = Spawn::new("ghost_maps").args(&["self-delete"]);
+    s.program = Some(exe.clone());
+    let mut t = s.start();
+    assert!(!exe.exists(), "the test did not delete its binary");
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
 fn posix_timers() {
     cycle("posix_timers", &[]);
 }

@@ -10,7 +10,7 @@
 //! into place by the restorer with mremap.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{Context, Result, bail};
@@ -50,12 +50,16 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
                 VmaKind::VmaAnonPrivate
             }
         }
-        p if p.ends_with(" (deleted)") => bail!(
-            "mapping {:#x}-{:#x} is of a deleted file {p}; deleted files are not supported yet",
-            e.start,
-            e.end
-        ),
-        p if p.starts_with("/SYSV") || p.starts_with("/memfd:") => {
+        // A deleted file or a memfd: its contents go into the image
+        // (`ghost`); SysV shared memory shows as a deleted /SYSV file.
+        p if super::ghost::is_ghost_path(p) && !p.starts_with("/SYSV") => {
+            if e.shared {
+                VmaKind::VmaFileShared
+            } else {
+                VmaKind::VmaFilePrivate
+            }
+        }
+        p if p.starts_with("/SYSV") => {
             bail!(
                 "mapping {:#x}-{:#x} is {p}, which crust cannot restore yet",
                 e.start,
@@ -134,6 +138,19 @@ pub fn dump_mm(pid: i32) -> Result<MmEntry> {
             let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end);
             let md = std::fs::metadata(&mf).with_context(|| format!("stat {mf}"))?;
             v.path = e.path.clone();
+            if super::ghost::is_ghost_path(&e.path) {
+                v.ghost = true;
+                v.path = e.path.trim_end_matches(" (deleted)").to_string();
+                if !mm
+                    .ghosts
+                    .iter()
+                    .any(|g| g.dev == md.dev() && g.ino == md.ino())
+                {
+                    let whose = format!("PID {pid} mapping {:#x}-{:#x}", e.start, e.end);
+                    mm.ghosts
+                        .push(super::ghost::read_ghost(&mf, &e.path, &whose)?);
+                }
+            }
             v.pgoff = e.offset;
             v.file_size = md.size();
             v.dev = md.dev();
@@ -321,7 +338,15 @@ pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) 
 /// Checks that the files behind file mappings are still the ones dumped.
 pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
     for v in &mm.vmas {
-        if v.path.is_empty() {
+        if v.ghost && !mm.ghosts.iter().any(|g| g.dev == v.dev && g.ino == v.ino) {
+            bail!(
+                "mapping {:#x}-{:#x} of {} has no contents in the mm image; the images are corrupt",
+                v.start,
+                v.end,
+                v.path
+            );
+        }
+        if v.path.is_empty() || v.ghost {
             continue;
         }
         let md = std::fs::metadata(&v.path).map_err(|e| {
@@ -362,6 +387,42 @@ fn premapped(v: &VmaEntry) -> bool {
     )
 }
 
+/// Opens the file a VMA maps: by its path, or the nameless file crust
+/// recreated for it.
+fn open_mapped(
+    v: &VmaEntry,
+    access: i32,
+    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
+) -> Result<File> {
+    if v.ghost {
+        let fd = ghosts
+            .get(&(v.dev, v.ino))
+            .with_context(|| format!("the recreated file for mapping {} is missing", v.path))?;
+        return Ok(File::from(super::ghost::reopen(*fd, access, &v.path)?));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(access == libc::O_RDWR)
+        .open(&v.path)
+        .with_context(|| format!("opening mapped file {}", v.path))
+}
+
+/// Opens the task's executable for PR_SET_MM_MAP: by its path, or, when it
+/// was deleted (a binary upgraded under a running program), the file crust
+/// recreated for its mappings.
+pub fn open_exe(
+    mm: &MmEntry,
+    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
+) -> Result<File> {
+    if let Some(path) = mm.exe_path.strip_suffix(" (deleted)")
+        && let Some(v) = mm.vmas.iter().find(|v| v.ghost && v.path == path)
+    {
+        return open_mapped(v, libc::O_RDONLY, ghosts);
+    }
+    File::open(&mm.exe_path)
+        .with_context(|| format!("executable {} is gone; put it back to restore", mm.exe_path))
+}
+
 /// A restored process's premapped memory, as its children inherit it at
 /// fork. A child's private anonymous VMA that its parent has too (same
 /// range) starts from the parent's copy, shared copy-on-write, and only the
@@ -394,6 +455,7 @@ pub fn premap_vmas<'a>(
     mm: &'a MmEntry,
     mut at: u64,
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
+    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
     parent: Option<&Premapped>,
 ) -> Result<Premapped<'a>> {
     let mut moves = Vec::new();
@@ -457,16 +519,11 @@ pub fn premap_vmas<'a>(
                 None => (rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
             },
             VmaKind::VmaFilePrivate => {
-                let f = File::open(&v.path)
-                    .with_context(|| format!("opening mapped file {}", v.path))?;
+                let f = open_mapped(v, libc::O_RDONLY, ghosts)?;
                 (rw, libc::MAP_PRIVATE, Some(f))
             }
             VmaKind::VmaFileShared => {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR)
-                    .open(&v.path)
-                    .with_context(|| format!("opening mapped file {}", v.path))?;
+                let f = open_mapped(v, v.open_flags as i32 & libc::O_ACCMODE, ghosts)?;
                 let prot = if v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
                     rw
                 } else {

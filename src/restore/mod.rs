@@ -118,6 +118,8 @@ pub struct RestoreSet {
     pub pipes: HashMap<u64, (std::os::fd::RawFd, std::os::fd::RawFd)>,
     /// Open file descriptions several processes share, by description id.
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
+    /// Nameless files (deleted, memfd) the tree maps, by (dev, ino).
+    pub ghosts: HashMap<(u64, u64), std::os::fd::RawFd>,
 }
 
 impl RestoreSet {
@@ -290,11 +292,13 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
+    let ghosts = crate::resources::ghost::create_tree_ghosts(tasks.values().map(|t| &t.mm))?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
         pipes: &pipes,
         shared: &no_shared,
+        ghosts: &ghosts,
     };
     let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
     let mut plans = HashMap::new();
@@ -311,6 +315,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         shared,
         pipes,
         shared_files,
+        ghosts,
     };
     let pid = set.inv.root_pid;
 
@@ -342,7 +347,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
             let _ = nix::unistd::close(fd);
         }
     }
-    for &fd in set.shared_files.values() {
+    for &fd in set.shared_files.values().chain(set.ghosts.values()) {
         let _ = nix::unistd::close(fd);
     }
     let child = Pid::from_raw(child);
