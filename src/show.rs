@@ -369,6 +369,13 @@ impl Describe for FdTable {
                         g.pos
                     )
                 }
+                Some(F::Fifo(f)) => format!(
+                    "FIFO {} flags {:#o}, {} bytes buffered (capacity {})",
+                    f.path,
+                    f.flags,
+                    f.data.len(),
+                    f.capacity
+                ),
                 Some(F::Tty(t)) => format!("terminal {} flags {:#o} (shell job)", t.path, t.flags),
                 None => "?".into(),
             };

@@ -64,6 +64,11 @@ fn deleted_executable() {
 }
 
 #[test]
+fn fifos() {
+    cycle("fifo", &[]);
+}
+
+#[test]
 fn posix_timers() {
     cycle("posix_timers", &[]);
 }

@@ -62,9 +62,10 @@ pub struct RestoreCtx<'a> {
     pub shared: &'a std::collections::HashMap<u64, RawFd>,
     /// The tree's pipes by inode: (read end, write end), made by crust.
     pub pipes: &'a std::collections::HashMap<u64, (RawFd, RawFd)>,
-    /// Nameless files the tree maps, by (dev, ino), made by crust
-    /// (`ghost::create_tree_ghosts`).
-    pub ghosts: &'a std::collections::HashMap<(u64, u64), RawFd>,
+    /// Files crust made or opened per dumped inode, (dev, ino), before the
+    /// tree forks: nameless files the tree maps (`ghost::create_tree_ghosts`)
+    /// and a keeper of each FIFO, refilled (`fifo::open_fifo_keepers`).
+    pub inodes: &'a std::collections::HashMap<(u64, u64), RawFd>,
 }
 
 pub trait FileKind: Sync {
@@ -245,6 +246,7 @@ static KINDS: &[&dyn FileKind] = &[
     &TtyKind,
     &CharDeviceKind,
     &super::pipes::PipeKind,
+    &super::fifo::FifoKind,
 ];
 
 fn describe_unsupported(link: &str) -> &'static str {
@@ -554,22 +556,22 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
     for (id, &fd) in ctx.shared {
         shared.insert(*id, lift(fd)?);
     }
-    let mut ghosts = std::collections::HashMap::new();
-    for (id, &fd) in ctx.ghosts {
-        ghosts.insert(*id, lift(fd)?);
+    let mut inodes = std::collections::HashMap::new();
+    for (id, &fd) in ctx.inodes {
+        inodes.insert(*id, lift(fd)?);
     }
     let sources: Vec<RawFd> = pipes
         .values()
         .flat_map(|&(r, w)| [r, w])
         .chain(shared.values().copied())
-        .chain(ghosts.values().copied())
+        .chain(inodes.values().copied())
         .filter(|&fd| fd >= 0)
         .collect();
     let lifted = RestoreCtx {
         tty: ctx.tty,
         pipes: &pipes,
         shared: &shared,
-        ghosts: &ghosts,
+        inodes: &inodes,
     };
     for fd in own_fds()? {
         if !keep.contains(&fd) && !sources.contains(&fd) {

@@ -171,7 +171,7 @@ impl FileKind for GhostFileKind {
             .context("a ghost fd entry without its file")?;
         // The file the tree maps, if it does; else a file of this fd's own.
         let own;
-        let made = match ctx.ghosts.get(&(data.dev, data.ino)) {
+        let made = match ctx.inodes.get(&(data.dev, data.ino)) {
             Some(&fd) => fd,
             None => {
                 own = create_ghost(data)?;

@@ -27,7 +27,12 @@ impl FileKind for PipeKind {
         }
         let ino = p.meta.ino();
         if p.seen_pipes.borrow_mut().insert(ino) {
-            p.new_pipes.borrow_mut().push(read_pipe(p.pid, p.fd, ino)?);
+            let (capacity, data) = copy_pipe_buffer(p.pid, p.fd)?;
+            p.new_pipes.borrow_mut().push(PipeData {
+                ino,
+                capacity,
+                data,
+            });
         }
         Ok(Some(FdFile::Pipe(PipeEnd {
             ino,
@@ -60,9 +65,11 @@ impl FileKind for PipeKind {
     }
 }
 
-/// Copies what is buffered in the pipe behind PID's fd, leaving it there.
-fn read_pipe(pid: i32, fd: RawFd, ino: u64) -> Result<PipeData> {
+/// Copies what is buffered in the pipe or FIFO behind PID's fd, leaving it
+/// there; returns the pipe's capacity and the bytes.
+pub fn copy_pipe_buffer(pid: i32, fd: RawFd) -> Result<(u32, Vec<u8>)> {
     let path = format!("/proc/{pid}/fd/{fd}");
+    let whose = format!("PID {pid} fd {fd}");
     let src = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -72,7 +79,7 @@ fn read_pipe(pid: i32, fd: RawFd, ino: u64) -> Result<PipeData> {
     let capacity = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
     if capacity < 0 {
         bail!(
-            "reading the capacity of pipe {ino}: {}",
+            "reading the pipe capacity of {whose}: {}",
             std::io::Error::last_os_error()
         );
     }
@@ -93,7 +100,7 @@ fn read_pipe(pid: i32, fd: RawFd, ino: u64) -> Result<PipeData> {
         n if n >= 0 => n as usize,
         _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => 0,
         _ => bail!(
-            "copying the buffer of pipe {ino}: {}",
+            "copying the pipe buffer of {whose}: {}",
             std::io::Error::last_os_error()
         ),
     };
@@ -101,11 +108,7 @@ fn read_pipe(pid: i32, fd: RawFd, ino: u64) -> Result<PipeData> {
     std::fs::File::from(tmp_r)
         .read_exact(&mut data)
         .context("reading a pipe's buffer")?;
-    Ok(PipeData {
-        ino,
-        capacity: capacity as u32,
-        data,
-    })
+    Ok((capacity as u32, data))
 }
 
 /// Which ends of each pipe the tree holds: (read, write).

@@ -118,8 +118,8 @@ pub struct RestoreSet {
     pub pipes: HashMap<u64, (std::os::fd::RawFd, std::os::fd::RawFd)>,
     /// Open file descriptions several processes share, by description id.
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
-    /// Nameless files (deleted, memfd) the tree maps, by (dev, ino).
-    pub ghosts: HashMap<(u64, u64), std::os::fd::RawFd>,
+    /// Files made or opened per dumped inode (see `files::RestoreCtx`).
+    pub inodes: HashMap<(u64, u64), std::os::fd::RawFd>,
 }
 
 impl RestoreSet {
@@ -292,13 +292,16 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
-    let ghosts = crate::resources::ghost::create_tree_ghosts(tasks.values().map(|t| &t.mm))?;
+    let mut inodes = crate::resources::ghost::create_tree_ghosts(tasks.values().map(|t| &t.mm))?;
+    inodes.extend(crate::resources::fifo::open_fifo_keepers(
+        tasks.values().map(|t| &t.files),
+    )?);
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
         pipes: &pipes,
         shared: &no_shared,
-        ghosts: &ghosts,
+        inodes: &inodes,
     };
     let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
     let mut plans = HashMap::new();
@@ -315,7 +318,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         shared,
         pipes,
         shared_files,
-        ghosts,
+        inodes,
     };
     let pid = set.inv.root_pid;
 
@@ -347,7 +350,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
             let _ = nix::unistd::close(fd);
         }
     }
-    for &fd in set.shared_files.values().chain(set.ghosts.values()) {
+    for &fd in set.shared_files.values().chain(set.inodes.values()) {
         let _ = nix::unistd::close(fd);
     }
     let child = Pid::from_raw(child);

@@ -81,7 +81,7 @@ fn rebuild_memory<'a>(
     };
     let plan = &set.plans[&pid];
     reserve_hole(plan)?;
-    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, &set.ghosts, parent)?;
+    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, &set.inodes, parent)?;
     memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
     Ok(Some(mem))
 }
@@ -184,7 +184,7 @@ fn build_task(
 ) -> Result<std::convert::Infallible> {
     let moves = &mem.moves;
 
-    let exe = memory::open_exe(&img.mm, &set.ghosts)?;
+    let exe = memory::open_exe(&img.mm, &set.inodes)?;
     let top_fd = img.files.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1;
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
     let status_fd = move_fd_above(status_fd, top_fd)?;
@@ -217,7 +217,7 @@ fn build_task(
             tty,
             pipes: &set.pipes,
             shared: &set.shared_files,
-            ghosts: &set.ghosts,
+            inodes: &set.inodes,
         },
         &keep,
     )?;
