@@ -653,3 +653,135 @@ fn cow_memory_stays_shared_with_children() {
     );
     t.pass();
 }
+
+/// A tmux server of the test's own (`tmux -L NAME`), killed on drop with
+/// every pane in it; `pid` is a process the test also ends if still there.
+struct Tmux {
+    socket: String,
+    pid: Option<i32>,
+}
+
+impl Tmux {
+    fn new() -> Self {
+        Tmux {
+            socket: format!("crust-test-{}", std::process::id()),
+            pid: None,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running tmux (the README's setup installs it)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the pane of `session` shows a line for which `want` holds.
+    fn wait_for(&self, session: &str, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let t0 = std::time::Instant::now();
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", session]);
+            if screen.lines().any(&want) {
+                return screen;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "no {what} in tmux session {session}:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Some(pid) = self.pid.filter(|&p| pid_alive(p)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn interactive_python_in_tmux_shell_job() {
+    let mut tmux = Tmux::new();
+    let work = WorkDir::new("tmux");
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "orig",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "python3 -q",
+    ]);
+    let pid: i32 = tmux
+        .run(&["list-panes", "-t", "orig", "-F", "#{pane_pid}"])
+        .trim()
+        .parse()
+        .unwrap();
+    tmux.pid = Some(pid);
+    tmux.wait_for("orig", "python prompt", |l| l.starts_with(">>>"));
+    tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
+    tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = std::process::Command::new(CRUST)
+        .args(["dump", "-t", &pid.to_string(), "--shell-job", "-D"])
+        .arg(work.images())
+        .args(["-o", "dump.log", "-v", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crust dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_gone(pid);
+    // Restored into another terminal, which answers the next line typed.
+    let restore = format!(
+        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
+        work.images().display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "back",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &restore,
+    ]);
+    let t0 = std::time::Instant::now();
+    while !pid_alive(pid) {
+        assert!(t0.elapsed().as_secs() < 30, "python was not restored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
+    tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
+    tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);
+    let screen = tmux.wait_for("back", "exit status 0", |l| l.starts_with("restore-exit="));
+    assert!(
+        screen.lines().any(|l| l == "restore-exit=0"),
+        "crust restore did not exit with python's status 0:\n{screen}"
+    );
+}
