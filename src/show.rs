@@ -369,6 +369,14 @@ impl Describe for FdTable {
                         g.pos
                     )
                 }
+                Some(F::Inotify(n)) => {
+                    let w: Vec<String> = n
+                        .watches
+                        .iter()
+                        .map(|w| format!("wd {} mask {:#x} {}", w.wd, w.mask, w.path))
+                        .collect();
+                    format!("inotify flags {:#o} [{}]", n.flags, w.join(", "))
+                }
                 Some(F::Fifo(f)) => format!(
                     "FIFO {} flags {:#o}, {} bytes buffered (capacity {})",
                     f.path,

@@ -64,6 +64,11 @@ fn deleted_executable() {
 }
 
 #[test]
+fn inotify_watches() {
+    cycle("inotify", &[]);
+}
+
+#[test]
 fn fifos() {
     cycle("fifo", &[]);
 }

@@ -241,6 +241,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::signals::SignalFdKind,
     &super::timers::TimerFdKind,
     &super::epoll::EpollKind,
+    &super::inotify::InotifyKind,
     &super::ghost::GhostFileKind,
     &RegularFileKind,
     &TtyKind,

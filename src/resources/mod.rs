@@ -6,6 +6,7 @@ pub mod eventfd;
 pub mod fifo;
 pub mod files;
 pub mod ghost;
+pub mod inotify;
 pub mod memory;
 pub mod pipes;
 pub mod prctl;
