@@ -191,16 +191,27 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     let seen_pipes = std::cell::RefCell::new(std::collections::HashSet::new());
     let descriptions = files::Descriptions::default();
     let mut tables = Vec::new();
-    for threads in &seized {
-        let pid = threads[0].pid.as_raw();
+    let live: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
+    for &pid in &live {
         tables.push(files::dump_fd_table(
             pid,
             opts.shell_job,
             opts.file_locks,
             &seen_pipes,
             &descriptions,
+            &live,
         )?);
     }
+    // The tree's pty masters: a session leader whose controlling terminal
+    // is one of them takes it again on restore.
+    let masters: Vec<u32> = tables
+        .iter()
+        .flat_map(|t| &t.fds)
+        .filter_map(|e| match &e.file {
+            Some(crate::images::pb::fd_entry::File::Pty(p)) if p.master => Some(p.index),
+            _ => None,
+        })
+        .collect();
     let pairs: Vec<(i32, &FdTable)> = seized
         .iter()
         .map(|t| t[0].pid.as_raw())
@@ -211,6 +222,9 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         dump_task(threads, fds, &dir)?;
     }
     for n in &tree {
+        let ctty = (n.sid == n.pid && !n.zombie)
+            .then(|| crate::resources::pty::ctty_of(n.pid, &masters))
+            .flatten();
         refs.push(TaskRef {
             pid: n.pid,
             ppid: n.ppid,
@@ -219,6 +233,8 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             zombie: n.zombie,
             stopped: n.stopped,
             exit_status: n.exit_status,
+            ctty_pty: ctty.map_or(0, |(i, _)| i as i32 + 1),
+            tty_fg_pgrp: ctty.map_or(0, |(_, g)| g),
         });
     }
     let inv = Inventory {

@@ -369,6 +369,11 @@ impl Describe for FdTable {
                         g.pos
                     )
                 }
+                Some(F::Pty(p)) if p.master => format!(
+                    "pty master of /dev/pts/{} flags {:#o} winsize {:?} packet {} locked {}",
+                    p.index, p.flags, p.winsize, p.packet_mode, p.locked
+                ),
+                Some(F::Pty(p)) => format!("pty /dev/pts/{} flags {:#o}", p.index, p.flags),
                 Some(F::Inotify(n)) => {
                     let w: Vec<String> = n
                         .watches

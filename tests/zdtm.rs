@@ -69,6 +69,11 @@ fn inotify_watches() {
 }
 
 #[test]
+fn pty_pair_in_tree() {
+    cycle("pty", &[]);
+}
+
+#[test]
 fn fifos() {
     cycle("fifo", &[]);
 }

@@ -32,6 +32,8 @@ pub struct FdProbe<'a> {
     /// those first seen in this process.
     pub seen_pipes: &'a std::cell::RefCell<std::collections::HashSet<u64>>,
     pub new_pipes: &'a std::cell::RefCell<Vec<crate::images::pb::PipeData>>,
+    /// Every process of the dumped tree.
+    pub tree: &'a [i32],
 }
 
 impl FdProbe<'_> {
@@ -66,6 +68,8 @@ pub struct RestoreCtx<'a> {
     /// tree forks: nameless files the tree maps (`ghost::create_tree_ghosts`)
     /// and a keeper of each FIFO, refilled (`fifo::open_fifo_keepers`).
     pub inodes: &'a std::collections::HashMap<(u64, u64), RawFd>,
+    /// The tree's pty masters by index, made by crust (`pty::create_ptys`).
+    pub ptys: &'a std::collections::HashMap<u32, RawFd>,
 }
 
 pub trait FileKind: Sync {
@@ -244,6 +248,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::inotify::InotifyKind,
     &super::ghost::GhostFileKind,
     &RegularFileKind,
+    &super::pty::PtyKind,
     &TtyKind,
     &CharDeviceKind,
     &super::pipes::PipeKind,
@@ -280,6 +285,7 @@ pub fn dump_fd_table(
     file_locks: bool,
     seen_pipes: &std::cell::RefCell<std::collections::HashSet<u64>>,
     descriptions: &Descriptions,
+    tree: &[i32],
 ) -> Result<FdTable> {
     let new_pipes = std::cell::RefCell::new(Vec::new());
     let mut fds: Vec<RawFd> = fs::read_dir(format!("/proc/{pid}/fd"))
@@ -366,6 +372,7 @@ pub fn dump_fd_table(
             shell_job,
             seen_pipes,
             new_pipes: &new_pipes,
+            tree,
         };
         let mut entry = None;
         for k in KINDS {
@@ -561,11 +568,16 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
     for (id, &fd) in ctx.inodes {
         inodes.insert(*id, lift(fd)?);
     }
+    let mut ptys = std::collections::HashMap::new();
+    for (id, &fd) in ctx.ptys {
+        ptys.insert(*id, lift(fd)?);
+    }
     let sources: Vec<RawFd> = pipes
         .values()
         .flat_map(|&(r, w)| [r, w])
         .chain(shared.values().copied())
         .chain(inodes.values().copied())
+        .chain(ptys.values().copied())
         .filter(|&fd| fd >= 0)
         .collect();
     let lifted = RestoreCtx {
@@ -573,6 +585,7 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         pipes: &pipes,
         shared: &shared,
         inodes: &inodes,
+        ptys: &ptys,
     };
     for fd in own_fds()? {
         if !keep.contains(&fd) && !sources.contains(&fd) {

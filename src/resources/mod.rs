@@ -10,6 +10,7 @@ pub mod inotify;
 pub mod memory;
 pub mod pipes;
 pub mod prctl;
+pub mod pty;
 pub mod regs;
 pub mod sched;
 pub mod seccomp;

@@ -120,6 +120,8 @@ pub struct RestoreSet {
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
     /// Files made or opened per dumped inode (see `files::RestoreCtx`).
     pub inodes: HashMap<(u64, u64), std::os::fd::RawFd>,
+    /// The tree's pty masters by index (see `files::RestoreCtx`).
+    pub ptys: HashMap<u32, std::os::fd::RawFd>,
 }
 
 impl RestoreSet {
@@ -296,12 +298,14 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     inodes.extend(crate::resources::fifo::open_fifo_keepers(
         tasks.values().map(|t| &t.files),
     )?);
+    let ptys = crate::resources::pty::create_ptys(tasks.values().map(|t| &t.files))?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
         pipes: &pipes,
         shared: &no_shared,
         inodes: &inodes,
+        ptys: &ptys,
     };
     let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
     let mut plans = HashMap::new();
@@ -319,6 +323,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         pipes,
         shared_files,
         inodes,
+        ptys,
     };
     let pid = set.inv.root_pid;
 
@@ -350,7 +355,12 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
             let _ = nix::unistd::close(fd);
         }
     }
-    for &fd in set.shared_files.values().chain(set.inodes.values()) {
+    for &fd in set
+        .shared_files
+        .values()
+        .chain(set.inodes.values())
+        .chain(set.ptys.values())
+    {
         let _ = nix::unistd::close(fd);
     }
     let child = Pid::from_raw(child);

@@ -134,6 +134,10 @@ fn join_session(set: &RestoreSet, pid: i32) -> Result<()> {
     let me = set.task_ref(pid);
     if me.sid == pid {
         nix::unistd::setsid().with_context(|| format!("task {pid}: setsid"))?;
+        if me.ctty_pty > 0 {
+            crate::resources::pty::take_ctty(me.ctty_pty as u32 - 1)
+                .with_context(|| format!("task {pid}"))?;
+        }
     } else if me.pgid == pid {
         nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
             .with_context(|| format!("task {pid}: setpgid"))?;
@@ -218,6 +222,7 @@ fn build_task(
             pipes: &set.pipes,
             shared: &set.shared_files,
             inodes: &set.inodes,
+            ptys: &set.ptys,
         },
         &keep,
     )?;
@@ -226,6 +231,10 @@ fn build_task(
         unsafe { libc::close(t) };
     }
     files::restore_fs(&img.files)?;
+    let me = set.task_ref(img.core.pid);
+    if me.ctty_pty > 0 && me.tty_fg_pgrp > 0 && me.tty_fg_pgrp != me.pgid {
+        crate::resources::pty::set_foreground(me.ctty_pty as u32 - 1, me.tty_fg_pgrp);
+    }
     nix::sys::prctl::set_name(&std::ffi::CString::new(img.core.comm.as_str())?)?;
     // SAFETY: personality(2) with the dumped persona.
     unsafe { libc::personality(img.core.personality as libc::c_ulong) };
