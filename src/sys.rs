@@ -3,7 +3,7 @@
 //! code paths lives here.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Result, bail};
 use nix::unistd::Pid;
@@ -216,6 +216,23 @@ fn clone3(args: &CloneArgs) -> io::Result<i32> {
         )
     };
     Ok(check(r)? as i32)
+}
+
+/// A pidfd for process `pid`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: r is a new fd owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(check(r)? as RawFd) })
+}
+
+/// The task's fd `fd`, duplicated into crust: the same open file
+/// description, for fcntl and ioctl calls that only work on an fd.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    // SAFETY: r is a new fd owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(check(r)? as RawFd) })
 }
 
 /// Forks a child that is PID 1 of a new PID namespace.

@@ -74,6 +74,11 @@ fn pty_pair_in_tree() {
 }
 
 #[test]
+fn file_owners_and_sigio() {
+    cycle("fown", &[]);
+}
+
+#[test]
 fn fifos() {
     cycle("fifo", &[]);
 }

@@ -69,14 +69,9 @@ pub fn master_in_tree(tree: &[i32], index: u32) -> bool {
 
 /// PID's fd `fd`, duplicated into crust (same open file description).
 fn steal_fd(pid: i32, fd: RawFd) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let pidfd = new_fd(
-        unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) },
-        "a pidfd",
-    )?;
-    // SAFETY: pidfd_getfd returns a new fd or -1.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    new_fd(r, &format!("a copy of PID {pid} fd {fd}"))
+    let pidfd = crate::sys::pidfd_open(pid)?;
+    crate::sys::pidfd_getfd(&pidfd, fd)
+        .with_context(|| format!("taking a copy of PID {pid} fd {fd}"))
 }
 
 fn ioctl_int(fd: RawFd, req: libc::c_ulong, what: &str) -> Result<i32> {
