@@ -317,6 +317,8 @@ pub struct RestorerArgs {
     /// before it closes the status pipe (a futex word).
     pub threads_done: u32,
     pub _pad: u32,
+    /// mlockall() flags for future mappings (MCL_FUTURE | MCL_ONFAULT), 0 for none.
+    pub mlockall: u64,
     /// POSIX timers, created with their ids once every thread exists.
     pub nr_posix_timers: u64,
     pub posix_timers: [PosixTimer; MAX_POSIX_TIMERS],

@@ -315,6 +315,11 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
     }
 
     restore_posix_timers(args);
+    if args.mlockall != 0 {
+        // SAFETY: mlockall with flags only; it locks what is mapped later.
+        let r = unsafe { syscall2(SYS_MLOCKALL, args.mlockall, 0) };
+        check(args, RSTEP_MADVISE, r);
+    }
     for which in 0..3 {
         // SAFETY: setitimer reads one itimerval.
         let r = unsafe { syscall4(SYS_SETITIMER, which as u64, &args.itimers[which] as *const _ as u64, 0, 0) };

@@ -336,6 +336,7 @@ fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()>
     let t = Instant::now();
     let mut parasite = Parasite::infect(task)?;
     fault_point("infected");
+    memory::dump_mlockall(pid, parasite.region(), &mut core)?;
     // What only a thread can read about itself: asked in each thread, the
     // leader first (whose answer also holds the process-wide state).
     for (i, (t, th)) in threads.iter().zip(threads_core.iter_mut()).enumerate() {

@@ -423,6 +423,11 @@ impl<'a> Parasite<'a> {
         Ok(p)
     }
 
+    /// The parasite's region in the task: [start, end).
+    pub fn region(&self) -> (u64, u64) {
+        (self.remote_base, self.remote_base + self.size)
+    }
+
     pub fn ctl(&mut self) -> &mut ParasiteCtl {
         // SAFETY: the control block lies inside the local mapping, which lives
         // as long as `self`; the task only writes it while crust waits for it.

@@ -1,5 +1,6 @@
 /* madvise and mlock state of mappings: MADV_DONTFORK, MADV_WIPEONFORK,
- * MADV_HUGEPAGE/NOHUGEPAGE, MADV_DONTDUMP, mlock and mlock2(MLOCK_ONFAULT).
+ * MADV_HUGEPAGE/NOHUGEPAGE, MADV_DONTDUMP, mlock and mlock2(MLOCK_ONFAULT),
+ * and mlockall(MCL_FUTURE) for mappings made after the restore.
  * After restore each region shows its VmFlags again, holds its data, and a
  * child forked then sees no DONTFORK region and a zeroed WIPEONFORK one. */
 #include "zdtmlib.h"
@@ -87,6 +88,9 @@ int main(void)
 		if (r)
 			fail("%s: %m", regions[i].name);
 	}
+	/* Mappings made from now on are locked (mm-wide, shown nowhere in /proc). */
+	if (mlockall(MCL_FUTURE))
+		fail("mlockall: %m");
 	test_ready();
 	test_waitsig();
 
@@ -102,6 +106,10 @@ int main(void)
 			if (regions[i].p[j] != (char)(i * 31 + j / 4096))
 				fail("%s: data differs at page %d", regions[i].name, j / 4096);
 	}
+	char *later = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char lf[512];
+	if (later == MAP_FAILED || vma_flags(later, lf, sizeof(lf)) || !has_flag(lf, "lo"))
+		fail("mlockall(MCL_FUTURE) was lost: a new mapping shows VmFlags%s", lf);
 	pid_t c = fork();
 	if (c == 0) {
 		if (mapped(regions[0].p))

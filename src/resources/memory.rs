@@ -652,6 +652,32 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
     Ok(())
 }
 
+/// mlockall(MCL_FUTURE) leaves no trace in /proc but in the VMAs mapped
+/// after it: the parasite's own region, just mapped, shows whether new
+/// mappings are locked (`lo`) and only on fault (`lf`).
+pub fn dump_mlockall(
+    pid: i32,
+    parasite: (u64, u64),
+    core: &mut crate::images::pb::TaskCore,
+) -> Result<()> {
+    let e = proc::smaps(pid)?
+        .into_iter()
+        .find(|e| e.start == parasite.0 && e.end == parasite.1)
+        .context("the parasite's region is missing from smaps")?;
+    if e.has_flag("lo") {
+        core.mlockall = libc::MCL_FUTURE as u32;
+        if e.has_flag("lf") {
+            core.mlockall |= libc::MCL_ONFAULT as u32;
+        }
+    }
+    Ok(())
+}
+
+pub fn restore_mlockall(core: &crate::images::pb::TaskCore, args: &mut abi::RestorerArgs) {
+    let known = (libc::MCL_FUTURE | libc::MCL_ONFAULT) as u32;
+    args.mlockall = (core.mlockall & known) as u64;
+}
+
 /// Drops private pages: they read as zeros again.
 fn drop_pages(at: u64, len: u64) -> Result<()> {
     if len == 0 {

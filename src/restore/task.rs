@@ -376,6 +376,7 @@ fn load_restorer(
     signals::restore_signals(core, &mut args);
     timers::restore_itimers(core, &mut args);
     timers::restore_posix_timers(core, &mut args);
+    memory::restore_mlockall(core, &mut args);
     prctl::restore_prctl(core, &mut args);
 
     let lay = plan.layout;
