@@ -69,14 +69,47 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
             }
         }
         if n.pid != root.pid && n.pgid != root.pgid && !tree.iter().any(|t| t.pid == n.pgid) {
-            bail!(
-                "task {} is in process group {}, whose leader is not in the tree; crust cannot rebuild that group",
-                n.pid,
-                n.pgid
-            );
+            // A group whose leader is dead is rebuilt around a stand-in
+            // with the leader's PID, if all its members are in the tree.
+            if std::path::Path::new(&format!("/proc/{}", n.pgid)).exists() {
+                bail!(
+                    "task {} is in process group {}, whose leader is not in the tree; crust cannot rebuild that group",
+                    n.pid,
+                    n.pgid
+                );
+            }
+            if let Some(other) = group_member_outside(n.pgid, tree) {
+                bail!(
+                    "task {} is in process group {} (its leader is dead), which also holds PID {other} outside the tree; dump a tree that holds the whole group",
+                    n.pid,
+                    n.pgid
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// A process outside `tree` in process group `pgid`, if any.
+fn group_member_outside(pgid: i32, tree: &[TreeNode]) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| !tree.iter().any(|t| t.pid == *p))
+        .find(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let f: Vec<String> = s
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect();
+                    f.get(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
 }
 
 /// One process of the tree as /proc shows it.

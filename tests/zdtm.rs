@@ -79,6 +79,11 @@ fn file_owners_and_sigio() {
 }
 
 #[test]
+fn group_with_dead_leader() {
+    cycle("deadpgrp", &[]);
+}
+
+#[test]
 fn fifos() {
     cycle("fifo", &[]);
 }

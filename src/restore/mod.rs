@@ -141,6 +141,10 @@ impl RestoreSet {
     pub fn in_tree(&self, pid: i32) -> bool {
         self.inv.tasks.iter().any(|t| t.pid == pid)
     }
+    /// Whether `pgid` is a group whose leader is dead (see `dead_groups`).
+    pub fn is_dead_group(&self, pgid: i32) -> bool {
+        dead_groups(&self.inv).iter().any(|&(g, _)| g == pgid)
+    }
 }
 
 /// Checks that the tree's sessions and groups can be rebuilt: every task's
@@ -167,15 +171,43 @@ fn check_tree(inv: &Inventory) -> Result<()> {
                 t.sid
             );
         }
-        if t.pgid != root.pgid && !has(t.pgid) {
+    }
+    for (pgid, creator) in dead_groups(inv) {
+        let sid = inv.tasks.iter().find(|t| t.pid == creator).map(|t| t.sid);
+        if let Some(t) = inv
+            .tasks
+            .iter()
+            .find(|t| t.pgid == pgid && !t.zombie && Some(t.sid) != sid)
+        {
             bail!(
-                "task {} is in process group {}, which no task of the tree leads; crust cannot rebuild it",
+                "task {} is in process group {pgid}, whose leader is dead, from another session than its parent {}; crust cannot rebuild it",
                 t.pid,
-                t.pgid
+                creator
             );
         }
     }
     Ok(())
+}
+
+/// Process groups whose leader is dead (no task of the tree, not the
+/// root's group), each with the task that makes a stand-in leader for it:
+/// the parent of its first member. The stand-in has the leader's PID,
+/// creates the group, waits for the members to join and exits; its parent
+/// reaps it before it runs its own code again.
+pub fn dead_groups(inv: &Inventory) -> Vec<(i32, i32)> {
+    let Some(root) = inv.tasks.first() else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, i32)> = Vec::new();
+    for t in inv.tasks.iter().filter(|t| !t.zombie) {
+        if t.pgid != root.pgid
+            && !inv.tasks.iter().any(|l| l.pid == t.pgid)
+            && !out.iter().any(|&(g, _)| g == t.pgid)
+        {
+            out.push((t.pgid, t.ppid));
+        }
+    }
+    out
 }
 
 /// Creates one shared anonymous object per shmem inode the tree maps.
@@ -425,12 +457,16 @@ fn finish_tree(root: Pid, set: &RestoreSet, sync_wr: OwnedFd, status_rd: OwnedFd
     ptrace::seize(root, opts).context("seizing the restored task")?;
     nix::unistd::write(&sync_wr, b"g")?;
     drop(sync_wr);
+    // Zombies die again at once, stand-in group leaders once their group is
+    // whole: both exits are part of the restore.
     let zombies: Vec<Pid> = set
         .inv
         .tasks
         .iter()
         .filter(|t| t.zombie)
-        .map(|t| Pid::from_raw(t.pid))
+        .map(|t| t.pid)
+        .chain(dead_groups(&set.inv).into_iter().map(|(g, _)| g))
+        .map(Pid::from_raw)
         .collect();
     let expected: usize = set.tasks.values().map(|t| t.core.threads.len()).sum();
     // Per thread: how many syscall stops of rt_sigreturn it has passed

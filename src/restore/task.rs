@@ -35,13 +35,13 @@ pub fn run_child(
     let err = match start_task(set, pid, sync) {
         Ok(()) => rebuild_memory(set, pid, parent)
             .and_then(|mem| {
-                fork_children(set, pid, status_fd, mem.as_ref())?;
-                Ok(mem)
+                let standins = fork_children(set, pid, status_fd, mem.as_ref())?;
+                Ok((mem, standins))
             })
-            .and_then(|mem| {
+            .and_then(|(mem, standins)| {
                 let img = &set.tasks[&pid];
                 let mem = mem.context("a live task without images")?;
-                build_task(img, &set.plans[&pid], &mem, set, opts, status_fd)
+                build_task(img, &set.plans[&pid], &mem, &standins, set, opts, status_fd)
             })
             .unwrap_err(),
         Err(e) => e,
@@ -86,13 +86,55 @@ fn rebuild_memory<'a>(
     Ok(Some(mem))
 }
 
+/// Forks a stand-in leader for each process group with a dead leader
+/// this task is to make (`super::dead_groups`); returns their PIDs, which
+/// this task reaps before it runs its own code again.
+fn fork_group_standins(set: &RestoreSet, pid: i32) -> Result<Vec<Pid>> {
+    let mut out = Vec::new();
+    for (pgid, _) in super::dead_groups(&set.inv)
+        .into_iter()
+        .filter(|&(_, creator)| creator == pid)
+    {
+        match sys::fork_with_pid(pgid) {
+            Ok(0) => group_standin(set, pgid),
+            Ok(c) => out.push(Pid::from_raw(c)),
+            Err(e) => bail!(
+                "creating a stand-in with PID {pgid} for process group {pgid}, whose leader is dead: {e}; PID {pgid} must be free"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The stand-in leader of group `pgid`: creates the group and exits once
+/// every live member has joined it.
+fn group_standin(set: &RestoreSet, pgid: i32) -> ! {
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let members: Vec<i32> = set
+        .inv
+        .tasks
+        .iter()
+        .filter(|t| t.pgid == pgid && !t.zombie)
+        .map(|t| t.pid)
+        .collect();
+    let joined =
+        |m: &i32| nix::unistd::getpgid(Some(Pid::from_raw(*m))).ok() == Some(Pid::from_raw(pgid));
+    let t0 = std::time::Instant::now();
+    while !members.iter().all(joined) && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: the stand-in ends here without running crust's exit handlers.
+    unsafe { libc::_exit(0) }
+}
+
 /// Forks the task's children with their PIDs; each inherits `mem`.
 fn fork_children(
     set: &RestoreSet,
     pid: i32,
     status_fd: RawFd,
     mem: Option<&memory::Premapped>,
-) -> Result<()> {
+) -> Result<Vec<Pid>> {
+    let standins = fork_group_standins(set, pid)?;
     for child in set.children_of(pid) {
         match sys::fork_with_pid(child.pid) {
             Ok(0) => {
@@ -113,7 +155,7 @@ fn fork_children(
                 if child.sid != child.pid && !child.zombie {
                     if child.pgid == child.pid {
                         let _ = nix::unistd::setpgid(c, c);
-                    } else if set.in_tree(child.pgid) {
+                    } else if set.in_tree(child.pgid) || set.is_dead_group(child.pgid) {
                         let _ = nix::unistd::setpgid(c, Pid::from_raw(child.pgid));
                     }
                 }
@@ -124,7 +166,7 @@ fn fork_children(
             ),
         }
     }
-    Ok(())
+    Ok(standins)
 }
 
 /// Sessions and groups: a session leader starts its session, a group leader
@@ -144,6 +186,18 @@ fn join_session(set: &RestoreSet, pid: i32) -> Result<()> {
     } else if set.in_tree(me.pgid) && nix::unistd::getpgrp().as_raw() != me.pgid {
         nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(me.pgid))
             .with_context(|| format!("task {pid}: joining process group {}", me.pgid))?;
+    } else if set.is_dead_group(me.pgid) {
+        // The stand-in may not have made the group yet.
+        let t0 = std::time::Instant::now();
+        while let Err(e) = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(me.pgid)) {
+            if t0.elapsed() > std::time::Duration::from_secs(5) {
+                bail!(
+                    "task {pid}: joining process group {} (leader dead): {e}",
+                    me.pgid
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
     Ok(())
 }
@@ -182,6 +236,7 @@ fn build_task(
     img: &TaskImages,
     plan: &RestorePlan,
     mem: &memory::Premapped,
+    standins: &[Pid],
     set: &RestoreSet,
     opts: &RestoreOpts,
     status_fd: RawFd,
@@ -240,6 +295,24 @@ fn build_task(
     unsafe { libc::personality(img.core.personality as libc::c_ulong) };
     creds::restore_rlimits(&img.core)?;
     prctl::restore_oom_score_adj(&img.core)?;
+    // The stand-in group leaders this task made are no children of the
+    // dumped task: reap them before its own code runs.
+    for &s in standins {
+        nix::sys::wait::waitpid(s, None)
+            .with_context(|| format!("reaping the stand-in leader of group {s}"))?;
+    }
+    if !standins.is_empty() {
+        // Their SIGCHLD (blocked here) is not the task's; a SIGCHLD the
+        // task had pending is queued again from the images.
+        let mut chld = nix::sys::signal::SigSet::empty();
+        chld.add(nix::sys::signal::Signal::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: sigtimedwait with a valid set and a zero timeout.
+        unsafe { libc::sigtimedwait(chld.as_ref(), std::ptr::null_mut(), &zero) };
+    }
     sys::unregister_own_rseq()?;
     // SAFETY: the restorer, its args and stack are loaded in the hole; it
     // never returns into crust's code.
