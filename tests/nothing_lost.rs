@@ -222,6 +222,37 @@ fn restore_corrupt_images() {
     t.pass();
 }
 
+/// A file the task had open that was replaced (same path, same size, new
+/// inode) is refused by name; once the original is back, the restore works.
+#[test]
+fn restore_refuses_replaced_file() {
+    let mut t = Spawn::new("files").quiet().start();
+    t.dump(&[]);
+    let dir = t.work.images();
+    let path = t.work.0.join("files.b");
+    let original = t.work.0.join("files.b.orig");
+    fs::rename(&path, &original).unwrap();
+    fs::copy(&original, &path).unwrap();
+    let before = snapshot(&dir);
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!ok, "a restore onto a replaced file succeeded");
+    one_line_error(&err);
+    assert!(err.contains("files.b") && err.contains("replaced"), "{err}");
+    assert_eq!(
+        snapshot(&dir),
+        before,
+        "a failed restore changed the images"
+    );
+    assert!(
+        !pid_alive(t.pid),
+        "a failed restore left PID {} behind",
+        t.pid
+    );
+    fs::rename(&original, &path).unwrap();
+    t.restore(&[]);
+    t.pass();
+}
+
 #[test]
 fn restore_pid_taken() {
     let mut t = Spawn::new("signals").quiet().start();

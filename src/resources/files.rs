@@ -579,6 +579,14 @@ fn same_file(pa: i32, a: RawFd, pb: i32, b: RawFd) -> bool {
 
 /// Checks, before anything is created, that the files the table names are
 /// still there and the same size.
+/// Whether the file now at a dumped path is another one than the dumped
+/// (dev, ino): on the same filesystem a new inode means the path was
+/// replaced. On another filesystem (images moved to another host, say)
+/// inodes say nothing, and the size check is what remains.
+pub fn replaced(now: &fs::Metadata, dev: u64, ino: u64) -> bool {
+    now.dev() == dev && now.ino() != ino
+}
+
 pub fn check_fd_table(table: &FdTable) -> Result<()> {
     for e in &table.fds {
         if let Some(FdFile::Regular(r)) = &e.file {
@@ -589,6 +597,13 @@ pub fn check_fd_table(table: &FdTable) -> Result<()> {
                     e.fd
                 )
             })?;
+            if replaced(&md, r.dev, r.ino) {
+                bail!(
+                    "file {} (fd {}) was replaced by another file since the dump; restore the original file",
+                    r.path,
+                    e.fd
+                );
+            }
             if md.is_file() && md.size() != r.size {
                 bail!(
                     "file {} (fd {}) changed size since the dump ({} bytes, now {}); restore the original file",

@@ -355,6 +355,12 @@ pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
                 v.path
             )
         })?;
+        if super::files::replaced(&md, v.dev, v.ino) {
+            bail!(
+                "mapped file {} was replaced by another file since the dump; restore the original file",
+                v.path
+            );
+        }
         if md.size() != v.file_size {
             bail!(
                 "mapped file {} changed size since the dump ({} bytes, now {}); restore the original file",
