@@ -315,12 +315,15 @@ fn restore_refuses_changed_file() {
         err.contains("files.a") && err.contains("changed size"),
         "{err}"
     );
-    fs::remove_file(&f).unwrap();
+    // Back to its size, the same file (a new one would be a replaced file).
+    fs::write(&f, orig).unwrap();
+    let away = t.work.0.join("files.a.away");
+    fs::rename(&f, &away).unwrap();
     let (ok, err) = crust(&["restore", "-D", t.work.images().to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("files.a") && err.contains("gone"), "{err}");
     assert!(!pid_alive(pid));
-    fs::write(&f, orig).unwrap();
+    fs::rename(&away, &f).unwrap();
     t.restore(&[]);
     t.pass();
 }
