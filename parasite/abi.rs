@@ -173,6 +173,9 @@ pub struct VmaMove {
     pub prot: u64,
     /// `VMA_ADV_*` bits: the madvise/mlock state to give it back.
     pub advice: u64,
+    /// A SysV shm segment to attach at `dst` instead of a premapped VMA
+    /// to move there (`src` unused); -1 for none.
+    pub shmid: i64,
 }
 
 /// madvise()/mlock() state of a VMA (smaps VmFlags), as `VmaMove::advice`
@@ -262,6 +265,7 @@ pub const RSTEP_SIGQUEUE: u32 = 13;
 pub const RSTEP_POSIX_TIMER: u32 = 14;
 pub const RSTEP_MADVISE: u32 = 15;
 pub const RSTEP_SECCOMP: u32 = 16;
+pub const RSTEP_SHMAT: u32 = 17;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -281,6 +285,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_POSIX_TIMER => "recreating POSIX timers with their ids",
         RSTEP_MADVISE => "restoring a VMA's madvise/mlock state",
         RSTEP_SECCOMP => "installing seccomp filters",
+        RSTEP_SHMAT => "attaching a SysV shared memory segment",
         _ => "unknown step",
     }
 }

@@ -262,6 +262,11 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
     for i in 0..args.nr_vmas as usize {
         // SAFETY: crust wrote nr_vmas entries at vmas_off.
         let v = unsafe { *vmas.add(i) };
+        if v.shmid >= 0 {
+            attach_shm(args, &v);
+            restore_vma_advice(args, &v);
+            continue;
+        }
         // SAFETY: src is a premapped VMA in the hole; dst lies outside it.
         let r = unsafe { syscall6(SYS_MREMAP, v.src, v.len, v.len, MREMAP_MAYMOVE | MREMAP_FIXED, v.dst, 0) };
         check(args, RSTEP_MREMAP, r);
@@ -355,6 +360,26 @@ fn restore_seccomp(args: &RestorerArgs, t: &ThreadArgs) {
         // SAFETY: strict mode takes no arguments.
         let r = unsafe { syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_STRICT, 0, 0, 0) };
         check(args, RSTEP_SECCOMP, r);
+    }
+}
+
+/// Attaches a SysV shm segment (crust made sure it exists) where it was.
+fn attach_shm(args: &RestorerArgs, v: &VmaMove) {
+    const SHM_RDONLY: u64 = 0o10000;
+    const SHM_EXEC: u64 = 0o100000;
+    let mut flags = 0;
+    if v.prot & 2 == 0 {
+        flags |= SHM_RDONLY;
+    }
+    if v.prot & 4 != 0 {
+        flags |= SHM_EXEC;
+    }
+    // SAFETY: maps the segment at its dumped address, which lies outside
+    // the hole and is free since everything outside the hole was unmapped.
+    let r = unsafe { syscall4(SYS_SHMAT, v.shmid as u64, v.dst, flags, 0) };
+    check(args, RSTEP_SHMAT, r);
+    if r as u64 != v.dst {
+        fail(args, RSTEP_SHMAT, -22);
     }
 }
 

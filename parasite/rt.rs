@@ -43,6 +43,7 @@ pub const SYS_RT_SIGQUEUEINFO: u64 = 129;
 pub const SYS_RT_TGSIGQUEUEINFO: u64 = 297;
 pub const SYS_TIMER_CREATE: u64 = 222;
 pub const SYS_MADVISE: u64 = 28;
+pub const SYS_SHMAT: u64 = 30;
 pub const SYS_MLOCKALL: u64 = 151;
 pub const SYS_SECCOMP: u64 = 317;
 pub const SYS_MLOCK2: u64 = 325;

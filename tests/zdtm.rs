@@ -84,6 +84,29 @@ fn group_with_dead_leader() {
 }
 
 #[test]
+fn sysv_shared_memory() {
+    let t = Spawn::new("sysv_shm").start();
+    // The keyed segment outlives a failed test: removed here whatever happens.
+    struct RemoveSegment(libc::key_t);
+    impl Drop for RemoveSegment {
+        fn drop(&mut self) {
+            // SAFETY: shmget/shmctl with plain arguments.
+            unsafe {
+                let id = libc::shmget(self.0, 0, 0);
+                if id >= 0 {
+                    libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+    let _segment = RemoveSegment(0x5ee0000 | (t.pid & 0xffff));
+    let mut t = t;
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
 fn fifos() {
     cycle("fifo", &[]);
 }

@@ -59,6 +59,7 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
                 VmaKind::VmaFilePrivate
             }
         }
+        p if p.starts_with("/SYSV") && e.shared => VmaKind::VmaSysvShm,
         p if p.starts_with("/SYSV") => {
             bail!(
                 "mapping {:#x}-{:#x} is {p}, which crust cannot restore yet",
@@ -133,6 +134,15 @@ pub fn dump_mm(pid: i32) -> Result<MmEntry> {
             v.dev = md.dev();
             v.ino = md.ino();
             v.pgoff = e.offset;
+        }
+        if kind == VmaKind::VmaSysvShm {
+            // The shm file's inode number is the segment id.
+            let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end);
+            let md = std::fs::metadata(&mf).with_context(|| format!("stat {mf}"))?;
+            v.shmid = md.ino() as i32;
+            if !mm.sysv_shms.iter().any(|s| s.id == v.shmid) {
+                mm.sysv_shms.push(super::sysv::read_shm(pid, &v, e.offset)?);
+            }
         }
         if matches!(kind, VmaKind::VmaFilePrivate | VmaKind::VmaFileShared) {
             let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end);
@@ -386,10 +396,12 @@ pub fn premap_size(mm: &MmEntry) -> u64 {
 /// stack keeps its guard gap.
 const GAP: u64 = 2 << 20;
 
+/// Whether the VMA is premapped in the hole and moved into place (SysV
+/// segments are attached in place by the restorer instead).
 fn premapped(v: &VmaEntry) -> bool {
     !matches!(
         v.kind(),
-        VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+        VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock | VmaKind::VmaSysvShm
     )
 }
 
@@ -466,6 +478,17 @@ pub fn premap_vmas<'a>(
 ) -> Result<Premapped<'a>> {
     let mut moves = Vec::new();
     let mut inherited = Vec::new();
+    for v in mm.vmas.iter().filter(|v| v.kind() == VmaKind::VmaSysvShm) {
+        moves.push(VmaMove {
+            src: 0,
+            dst: v.start,
+            len: v.end - v.start,
+            prot: v.prot as u64,
+            advice: v.advice,
+            shmid: v.shmid as i64,
+        });
+        inherited.push(false);
+    }
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
         let len = v.end - v.start;
         let copy = match v.kind() {
@@ -498,6 +521,7 @@ pub fn premap_vmas<'a>(
                 len,
                 prot: v.prot as u64,
                 advice: v.advice,
+                shmid: -1,
             });
             inherited.push(true);
             at += len + GAP;
@@ -565,6 +589,7 @@ pub fn premap_vmas<'a>(
             len,
             prot: v.prot as u64,
             advice: v.advice,
+            shmid: -1,
         });
         inherited.push(false);
         at += len + GAP;

@@ -15,4 +15,5 @@ pub mod regs;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
+pub mod sysv;
 pub mod timers;

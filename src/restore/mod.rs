@@ -331,6 +331,8 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         tasks.values().map(|t| &t.files),
     )?);
     let ptys = crate::resources::pty::create_ptys(tasks.values().map(|t| &t.files))?;
+    // Held until the tree has attached its SysV segments itself.
+    let _shm_holds = crate::resources::sysv::prepare_shms(tasks.values().map(|t| &t.mm))?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
