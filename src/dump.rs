@@ -286,9 +286,11 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     };
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
+    let mut killed = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();
         let leader = threads.next().expect("a process has a leader");
+        killed.push(leader.pid.as_raw());
         if opts.leave_running {
             for t in threads {
                 t.release()?;
@@ -302,8 +304,25 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             }
         }
     }
+    if !opts.leave_running {
+        wait_dead(&killed);
+    }
     info!("dump of {} done in {:?}", opts.pid, t0.elapsed());
     Ok(())
+}
+
+/// Waits until the killed tasks have died (a big address space takes a
+/// while to tear down): a restore run right after the dump then finds
+/// their PIDs free, or held by zombies it knows to wait for.
+fn wait_dead(pids: &[i32]) {
+    let t = Instant::now();
+    while !pids.iter().all(|&p| gone_or_zombie(p)) {
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            tracing::warn!("killed tasks are still exiting after 10 s");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// What one thread holds of its own, read from outside (ptrace, /proc).
