@@ -279,6 +279,8 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs(),
         shell_job: opts.shell_job,
+        sysv_sems: crate::resources::sysv::dump_sems(&live)?,
+        sysv_msgs: crate::resources::sysv::dump_msgs(&live)?,
         kernel_release: nix::sys::utsname::uname()?
             .release()
             .to_string_lossy()

@@ -45,14 +45,19 @@ impl Describe for Inventory {
             .map(|t| format!("{} (parent {})", t.pid, t.ppid))
             .collect();
         format!(
-            "format version {}, dumped by crust {} on kernel {} at unix time {}{}\nroot PID {}, tasks: {}\n",
+            "format version {}, dumped by crust {} on kernel {} at unix time {}{}\nroot PID {}, tasks: {}\nSysV semaphore sets {:?}, message queues {:?}\n",
             self.format_version,
             self.crust_version,
             self.kernel_release,
             self.dump_time_unix,
             if self.shell_job { ", shell job" } else { "" },
             self.root_pid,
-            tasks.join(", ")
+            tasks.join(", "),
+            self.sysv_sems.iter().map(|s| s.id).collect::<Vec<_>>(),
+            self.sysv_msgs
+                .iter()
+                .map(|q| (q.id, q.messages.len()))
+                .collect::<Vec<_>>()
         )
     }
 }

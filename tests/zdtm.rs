@@ -106,6 +106,36 @@ fn sysv_shared_memory() {
     t.pass();
 }
 
+/// Removes the SysV semaphore set and message queue of these keys on drop.
+struct RemoveSemMsg(libc::key_t, libc::key_t);
+impl Drop for RemoveSemMsg {
+    fn drop(&mut self) {
+        // SAFETY: semget/msgget/..ctl with plain arguments.
+        unsafe {
+            let s = libc::semget(self.0, 0, 0);
+            if s >= 0 {
+                libc::semctl(s, 0, libc::IPC_RMID);
+            }
+            let q = libc::msgget(self.1, 0);
+            if q >= 0 {
+                libc::msgctl(q, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+#[test]
+fn sysv_semaphores_and_queues() {
+    let mut t = Spawn::new("sysv_ipc").start();
+    let keys = RemoveSemMsg(0x5e50000 | (t.pid & 0xffff), 0x5e40000 | (t.pid & 0xffff));
+    t.dump(&[]);
+    // Gone, as after a reboot: the restore makes them again.
+    drop(keys);
+    let _keys = RemoveSemMsg(0x5e50000 | (t.pid & 0xffff), 0x5e40000 | (t.pid & 0xffff));
+    t.restore(&[]);
+    t.pass();
+}
+
 #[test]
 fn fifos() {
     cycle("fifo", &[]);

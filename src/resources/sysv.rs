@@ -1,4 +1,13 @@
-//! SysV shared memory segments the tree has attached.
+//! SysV IPC the tree uses: shared memory segments it has attached, and
+//! semaphore sets and message queues a task of the tree operated on last.
+//!
+//! Semaphores and queues: a set whose semaphores were last changed by a
+//! task of the tree (GETPID), a queue last sent to or received from by one
+//! (lspid/lrpid), is dumped with its values or its messages (read with
+//! MSG_COPY, which leaves them queued). On restore one still there with the
+//! same key is used as it is; a missing one is made again with its id
+//! (sem_next_id, msg_next_id) and refilled. SEM_UNDO adjustments are not
+//! carried.
 //!
 //! Dump: an attached segment shows as a "/SYSV<key>" mapping whose inode
 //! number is the segment id; crust reads its key, mode, size and owner from
@@ -18,7 +27,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result, bail};
 
-use crate::images::pb::{MmEntry, SysvShm, VmaEntry};
+use crate::images::pb::{MmEntry, SysvMsg, SysvMsgQueue, SysvSem, SysvShm, VmaEntry};
 
 const SHM_DEST: u32 = 0o1000;
 const PAGE: u64 = 4096;
@@ -148,8 +157,7 @@ pub fn prepare_shms<'a>(mms: impl Iterator<Item = &'a MmEntry>) -> Result<ShmHol
 
 /// Creates segment `s` again with its id.
 fn create_shm(s: &SysvShm) -> Result<()> {
-    std::fs::write("/proc/sys/kernel/shm_next_id", s.id.to_string())
-        .context("choosing a SysV segment id (/proc/sys/kernel/shm_next_id)")?;
+    next_id("shm", s.id)?;
     let key = if s.mode & SHM_DEST != 0 {
         libc::IPC_PRIVATE
     } else {
@@ -179,6 +187,214 @@ fn create_shm(s: &SysvShm) -> Result<()> {
         ds.shm_perm.gid = s.gid;
         ds.shm_perm.mode = (s.mode & 0o777) as _;
         libc::shmctl(id, libc::IPC_SET, &mut ds);
+    }
+    Ok(())
+}
+
+/// Rows of a /proc/sysvipc table, split on whitespace, header skipped.
+fn sysvipc_rows(name: &str) -> Result<Vec<Vec<i64>>> {
+    let text = std::fs::read_to_string(format!("/proc/sysvipc/{name}"))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .enumerate()
+                // perms (column 2) is octal.
+                .map(|(i, x)| {
+                    if i == 2 {
+                        i64::from_str_radix(x, 8).unwrap_or(0)
+                    } else {
+                        x.parse().unwrap_or(0)
+                    }
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Semaphore sets whose semaphores a task of `tree` changed last.
+pub fn dump_sems(tree: &[i32]) -> Result<Vec<SysvSem>> {
+    let mut out = Vec::new();
+    // key semid perms nsems uid gid ...
+    for r in sysvipc_rows("sem")? {
+        let (id, nsems) = (r[1] as i32, r[3] as i32);
+        // SAFETY: GETPID takes no buffer.
+        let used = (0..nsems).any(|i| tree.contains(&unsafe { libc::semctl(id, i, libc::GETPID) }));
+        if !used {
+            continue;
+        }
+        let mut values = vec![0u16; nsems as usize];
+        // SAFETY: GETALL writes nsems unsigned shorts.
+        if unsafe { libc::semctl(id, 0, libc::GETALL, values.as_mut_ptr()) } < 0 {
+            bail!(
+                "reading SysV semaphore set {id}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        out.push(SysvSem {
+            id,
+            key: r[0] as i32,
+            mode: r[2] as u32,
+            uid: r[4] as u32,
+            gid: r[5] as u32,
+            values: values.into_iter().map(u32::from).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Message queues a task of `tree` sent to or received from last, with
+/// their messages, read without taking them (MSG_COPY).
+pub fn dump_msgs(tree: &[i32]) -> Result<Vec<SysvMsgQueue>> {
+    const MSG_COPY: i32 = 0o40000;
+    let mut out = Vec::new();
+    // key msqid perms cbytes qnum lspid lrpid uid gid ...
+    for r in sysvipc_rows("msg")? {
+        if !tree.contains(&(r[5] as i32)) && !tree.contains(&(r[6] as i32)) {
+            continue;
+        }
+        let id = r[1] as i32;
+        // SAFETY: msqid_ds is plain data; IPC_STAT fills it.
+        let mut ds: libc::msqid_ds = unsafe { std::mem::zeroed() };
+        // SAFETY: IPC_STAT writes one msqid_ds.
+        if unsafe { libc::msgctl(id, libc::IPC_STAT, &mut ds) } < 0 {
+            bail!(
+                "reading SysV message queue {id}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mut messages = Vec::new();
+        let max = ds.msg_qbytes as usize;
+        let mut buf = vec![0u8; 8 + max];
+        for n in 0..r[4] {
+            // SAFETY: msgrcv writes a long and at most `max` bytes into buf.
+            let got = unsafe {
+                libc::msgrcv(
+                    id,
+                    buf.as_mut_ptr().cast(),
+                    max,
+                    n,
+                    MSG_COPY | libc::IPC_NOWAIT | libc::MSG_NOERROR,
+                )
+            };
+            if got < 0 {
+                bail!(
+                    "copying message {n} of SysV queue {id}: {}; crust needs MSG_COPY (CONFIG_CHECKPOINT_RESTORE)",
+                    std::io::Error::last_os_error()
+                );
+            }
+            messages.push(SysvMsg {
+                mtype: i64::from_ne_bytes(buf[..8].try_into().unwrap()),
+                text: buf[8..8 + got as usize].to_vec(),
+            });
+        }
+        out.push(SysvMsgQueue {
+            id,
+            key: r[0] as i32,
+            mode: r[2] as u32,
+            uid: r[7] as u32,
+            gid: r[8] as u32,
+            qbytes: ds.msg_qbytes as u64,
+            messages,
+        });
+    }
+    Ok(out)
+}
+
+/// Chooses the id the next object of `kind` (sem, msg, shm) gets.
+fn next_id(kind: &str, id: i32) -> Result<()> {
+    std::fs::write(format!("/proc/sys/kernel/{kind}_next_id"), id.to_string())
+        .with_context(|| format!("choosing a SysV {kind} id (/proc/sys/kernel/{kind}_next_id)"))
+}
+
+/// Makes sure every semaphore set and message queue of the images exists
+/// with its id; missing ones are made again and refilled.
+pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> {
+    for s in sems {
+        // SAFETY: semid_ds is plain data; IPC_STAT fills it.
+        let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+        // SAFETY: IPC_STAT writes one semid_ds.
+        if unsafe { libc::semctl(s.id, 0, libc::IPC_STAT, &mut ds) } == 0 {
+            if ds.sem_perm.__key != s.key || ds.sem_nsems as usize != s.values.len() {
+                bail!(
+                    "SysV semaphore id {} is taken by another set; remove it (ipcrm -s {}) and restore again",
+                    s.id,
+                    s.id
+                );
+            }
+            continue;
+        }
+        next_id("sem", s.id)?;
+        let flags = libc::IPC_CREAT | libc::IPC_EXCL | (s.mode & 0o777) as i32;
+        // SAFETY: semget with plain arguments.
+        let id = unsafe { libc::semget(s.key, s.values.len() as i32, flags) };
+        if id != s.id {
+            bail!(
+                "making SysV semaphore set {} again: {}",
+                s.id,
+                if id < 0 {
+                    std::io::Error::last_os_error().to_string()
+                } else {
+                    format!("it came back as {id}")
+                }
+            );
+        }
+        let values: Vec<u16> = s.values.iter().map(|&v| v as u16).collect();
+        // SAFETY: SETALL reads nsems unsigned shorts; IPC_STAT/IPC_SET one semid_ds.
+        unsafe {
+            libc::semctl(id, 0, libc::SETALL, values.as_ptr());
+            libc::semctl(id, 0, libc::IPC_STAT, &mut ds);
+            ds.sem_perm.uid = s.uid;
+            ds.sem_perm.gid = s.gid;
+            libc::semctl(id, 0, libc::IPC_SET, &mut ds);
+        }
+    }
+    for q in msgs {
+        // SAFETY: msqid_ds is plain data; IPC_STAT fills it.
+        let mut ds: libc::msqid_ds = unsafe { std::mem::zeroed() };
+        // SAFETY: IPC_STAT writes one msqid_ds.
+        if unsafe { libc::msgctl(q.id, libc::IPC_STAT, &mut ds) } == 0 {
+            if ds.msg_perm.__key != q.key {
+                bail!(
+                    "SysV message queue id {} is taken by another queue; remove it (ipcrm -q {}) and restore again",
+                    q.id,
+                    q.id
+                );
+            }
+            continue;
+        }
+        next_id("msg", q.id)?;
+        let flags = libc::IPC_CREAT | libc::IPC_EXCL | (q.mode & 0o777) as i32;
+        // SAFETY: msgget with plain arguments.
+        let id = unsafe { libc::msgget(q.key, flags) };
+        if id != q.id {
+            bail!(
+                "making SysV message queue {} again: it came back as {id}",
+                q.id
+            );
+        }
+        // SAFETY: IPC_STAT/IPC_SET on one msqid_ds.
+        unsafe {
+            libc::msgctl(id, libc::IPC_STAT, &mut ds);
+            ds.msg_perm.uid = q.uid;
+            ds.msg_perm.gid = q.gid;
+            ds.msg_qbytes = q.qbytes as _;
+            libc::msgctl(id, libc::IPC_SET, &mut ds);
+        }
+        for m in &q.messages {
+            let mut buf = m.mtype.to_ne_bytes().to_vec();
+            buf.extend_from_slice(&m.text);
+            // SAFETY: msgsnd reads a long and `text.len()` bytes from buf.
+            if unsafe { libc::msgsnd(id, buf.as_ptr().cast(), m.text.len(), libc::IPC_NOWAIT) } < 0
+            {
+                bail!(
+                    "refilling SysV message queue {}: {}",
+                    q.id,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -331,6 +331,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         tasks.values().map(|t| &t.files),
     )?);
     let ptys = crate::resources::pty::create_ptys(tasks.values().map(|t| &t.files))?;
+    crate::resources::sysv::prepare_sems_msgs(&inv.sysv_sems, &inv.sysv_msgs)?;
     // Held until the tree has attached its SysV segments itself.
     let _shm_holds = crate::resources::sysv::prepare_shms(tasks.values().map(|t| &t.mm))?;
     let no_shared = HashMap::new();
