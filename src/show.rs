@@ -379,6 +379,19 @@ impl Describe for FdTable {
                     p.index, p.flags, p.winsize, p.packet_mode, p.locked
                 ),
                 Some(F::Pty(p)) => format!("pty /dev/pts/{} flags {:#o}", p.index, p.flags),
+                Some(F::Fanotify(g)) => {
+                    let m: Vec<String> = g
+                        .marks
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} mask {:#x} ignored {:#x}",
+                                m.path, m.mask, m.ignored_mask
+                            )
+                        })
+                        .collect();
+                    format!("fanotify flags {:#x} [{}]", g.init_flags, m.join(", "))
+                }
                 Some(F::Inotify(n)) => {
                     let w: Vec<String> = n
                         .watches

@@ -64,6 +64,11 @@ fn deleted_executable() {
 }
 
 #[test]
+fn fanotify_marks() {
+    cycle("fanotify", &[]);
+}
+
+#[test]
 fn inotify_watches() {
     cycle("inotify", &[]);
 }

@@ -246,6 +246,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::timers::TimerFdKind,
     &super::epoll::EpollKind,
     &super::inotify::InotifyKind,
+    &super::fanotify::FanotifyKind,
     &super::ghost::GhostFileKind,
     &RegularFileKind,
     &super::pty::PtyKind,

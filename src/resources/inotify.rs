@@ -28,39 +28,43 @@ struct WatchLine {
     handle: Vec<u8>,
 }
 
-fn parse_watch(line: &str) -> Option<WatchLine> {
-    let rest = line.strip_prefix("inotify ")?;
-    let field = |k: &str| {
-        rest.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix(':'))
-    };
-    let hex = |k: &str| u64::from_str_radix(field(k)?, 16).ok();
-    let h = field("f_handle")?;
+/// The hexadecimal value of `key:` among the space-separated fields of an
+/// fdinfo mark line (inotify and fanotify print them alike).
+pub(super) fn mark_field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+}
+
+/// The file handle of a mark line (fhandle-bytes, fhandle-type, f_handle).
+pub(super) fn mark_handle(line: &str) -> Option<(i32, Vec<u8>)> {
+    let h = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("f_handle:"))?;
     let handle = (0..h.len() / 2)
         .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok())
         .collect::<Option<Vec<u8>>>()?;
-    if handle.len() as u64 != hex("fhandle-bytes")? {
+    if handle.len() as u64 != mark_field(line, "fhandle-bytes")? {
         return None;
     }
+    Some((mark_field(line, "fhandle-type")? as i32, handle))
+}
+
+fn parse_watch(line: &str) -> Option<WatchLine> {
+    let rest = line.strip_prefix("inotify ")?;
+    let (handle_type, handle) = mark_handle(rest)?;
     Some(WatchLine {
-        wd: hex("wd")? as i32,
-        sdev: hex("sdev")? as u32,
-        mask: hex("mask")? as u32,
-        handle_type: hex("fhandle-type")? as i32,
+        wd: mark_field(rest, "wd")? as i32,
+        sdev: mark_field(rest, "sdev")? as u32,
+        mask: mark_field(rest, "mask")? as u32,
+        handle_type,
         handle,
     })
 }
 
 /// A mount of the device the kernel calls `sdev` (major << 20 | minor).
-fn mount_of(sdev: u32) -> Result<OwnedFd> {
-    let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let point = info
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 4 && f[2] == want)
-        .map(|f| f[4].to_string())
-        .with_context(|| format!("no mount of device {want} for an inotify watch"))?;
+pub(super) fn mount_of(sdev: u32) -> Result<OwnedFd> {
+    let (_, point) = mount_point_of_dev(sdev)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         // Not O_PATH: open_by_handle_at refuses an O_PATH mount fd.
@@ -70,14 +74,36 @@ fn mount_of(sdev: u32) -> Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
+/// (mount id, mount point) of a mount of device `sdev`.
+pub(super) fn mount_point_of_dev(sdev: u32) -> Result<(u32, String)> {
+    let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+    mountinfo_find(|f| f[2] == want)
+        .with_context(|| format!("no mount of device {want} for a watch"))
+}
+
+/// (mount id, mount point) of the first /proc/self/mountinfo line whose
+/// fields `pick` accepts.
+pub(super) fn mountinfo_find(pick: impl Fn(&[&str]) -> bool) -> Option<(u32, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && pick(f))
+        .and_then(|f| Some((f[0].parse().ok()?, f[4].to_string())))
+}
+
 /// The path of the inode a watch is on.
 fn watched_path(w: &WatchLine) -> Result<String> {
-    let mnt = mount_of(w.sdev)?;
+    inode_path(w.sdev, w.handle_type, &w.handle)
+}
+
+/// The path of the inode a file handle on device `sdev` names.
+pub(super) fn inode_path(sdev: u32, handle_type: i32, handle: &[u8]) -> Result<String> {
+    let mnt = mount_of(sdev)?;
     // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
-    let mut fh = Vec::with_capacity(8 + w.handle.len());
-    fh.extend_from_slice(&(w.handle.len() as u32).to_ne_bytes());
-    fh.extend_from_slice(&w.handle_type.to_ne_bytes());
-    fh.extend_from_slice(&w.handle);
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
     // SAFETY: open_by_handle_at reads a file_handle of the size it states.
     let fd = unsafe {
         libc::syscall(
@@ -87,7 +113,7 @@ fn watched_path(w: &WatchLine) -> Result<String> {
             libc::O_PATH | libc::O_CLOEXEC,
         )
     };
-    let fd = new_fd(fd, "a handle to an inotify watch's inode")?;
+    let fd = new_fd(fd, "a handle to a watched inode")?;
     let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
         .to_string_lossy()
         .into_owned();

@@ -3,6 +3,7 @@
 pub mod creds;
 pub mod epoll;
 pub mod eventfd;
+pub mod fanotify;
 pub mod fifo;
 pub mod files;
 pub mod ghost;
