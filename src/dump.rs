@@ -218,9 +218,9 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     fault_point("seized");
     info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
     let mut refs = Vec::new();
-    // The fd tables first, for the whole tree: a pipe is dumped once, and
-    // one whose other end is outside the tree is refused before any task
-    // is touched.
+    // The fd tables first, for the whole tree, before any task is touched:
+    // a pipe is dumped once, and one whose other end is outside the tree is
+    // marked external.
     let seen_pipes = std::cell::RefCell::new(std::collections::HashSet::new());
     let descriptions = files::Descriptions::default();
     let mut tables = Vec::new();
@@ -245,12 +245,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             _ => None,
         })
         .collect();
-    let pairs: Vec<(i32, &FdTable)> = seized
-        .iter()
-        .map(|t| t[0].pid.as_raw())
-        .zip(tables.iter())
-        .collect();
-    pipes::check_pipes_closed(&pairs)?;
+    pipes::mark_external_pipes(&live, &mut tables);
     for (threads, fds) in seized.iter().zip(tables) {
         dump_task(threads, fds, &dir)?;
     }

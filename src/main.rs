@@ -88,6 +88,10 @@ enum Cmd {
         /// while the original runs, or several times at once.
         #[arg(short = 'n', long, visible_alias = "namespaces")]
         pid_ns: bool,
+        /// fd[N]:KEY: crust's fd N stands in for KEY, a resource the tree
+        /// shared with the outside (a pipe's other end: pipe:[INO]).
+        #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
+        inherit_fd: Vec<(i32, String)>,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -96,6 +100,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Parses CRIU's `fd[N]:KEY` spelling of --inherit-fd.
+fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
+    let bad = || format!("{s:?}: expected fd[N]:KEY, e.g. fd[3]:pipe:[12345]");
+    let rest = s.strip_prefix("fd[").ok_or_else(bad)?;
+    let (n, key) = rest.split_once("]:").ok_or_else(bad)?;
+    let n: i32 = n.parse().map_err(|_| bad())?;
+    if key.is_empty() {
+        return Err(bad());
+    }
+    Ok((n, key.to_string()))
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
@@ -160,12 +176,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             pidfile,
             file_locks: _,
             pid_ns,
+            inherit_fd,
         } => restore::restore(&restore::RestoreOpts {
             dir,
             detach: restore_detached,
             shell_job,
             pidfile,
             pid_ns,
+            inherit_fds: inherit_fd,
         }),
         Cmd::Show { path, json } => {
             show::show(&path, json)?;

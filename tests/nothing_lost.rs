@@ -74,20 +74,82 @@ fn dump_missing_pid() {
     assert!(!dir.exists(), "a refused dump created its images directory");
 }
 
+/// A pipe whose other end is outside the tree (here the test reads the
+/// task's stdout): the dump takes it; the restore refuses in one line
+/// without a stand-in, and with `--inherit-fd fd[N]:pipe:[INO]` the task
+/// writes into the pipe it was given.
 #[test]
-fn dump_refuses_pipe_and_leaves_task_running() {
+fn pipe_to_outside_needs_inherit_fd() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
     let mut s = Spawn::new("sleeping");
     s.stdout_pipe = true;
     let mut t = s.start();
-    let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
-    let fds = fd_list(t.pid);
-    let out = t.dump_with(&[], &[]);
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert!(!out.status.success());
+    let pid = t.pid;
+    t.dump(&[]);
+    let dir = t.work.images();
+    let before = snapshot(&dir);
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!ok, "a restore without the outside pipe succeeded");
     one_line_error(&err);
-    assert!(err.contains("fd 1") && err.contains("pipe"), "{err}");
-    assert!(!t.work.images().join("inventory.img").exists());
-    assert_unharmed(t, &maps, &fds);
+    assert!(err.contains("--inherit-fd"), "{err}");
+    let key = err
+        .split_whitespace()
+        .find(|w| w.starts_with("pipe:["))
+        .map(|w| w.trim_end_matches([',', ';']).to_string())
+        .unwrap_or_else(|| panic!("error names no pipe: {err}"));
+    assert_eq!(
+        snapshot(&dir),
+        before,
+        "a failed restore changed the images"
+    );
+    assert!(!pid_alive(pid), "a failed restore left PID {pid} behind");
+
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let wr_fd = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    let mut cmd = Command::new(CRUST);
+    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--inherit-fd"])
+        .arg(format!("fd[3]:{key}"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::dup2(wr_fd, 3);
+            Ok(())
+        });
+    }
+    let mut restore = cmd.spawn().unwrap();
+    drop(wr);
+    let t0 = std::time::Instant::now();
+    while !pid_alive(pid) || status_field(pid, "TracerPid") != "0" {
+        if let Ok(Some(st)) = restore.try_wait() {
+            let mut e = String::new();
+            restore
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut e)
+                .unwrap();
+            panic!("restore with --inherit-fd exited with {st}: {e}");
+        }
+        assert!(t0.elapsed().as_secs() < 30, "restore did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = restore.wait().unwrap();
+    let mut out = String::new();
+    std::fs::File::from(rd).read_to_string(&mut out).unwrap();
+    assert!(st.success(), "the restored task failed: {st}: {out}");
+    assert_eq!(
+        out.trim(),
+        "PASS",
+        "the task did not write into the pipe it was given"
+    );
 }
 
 #[test]

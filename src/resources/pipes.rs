@@ -38,6 +38,7 @@ impl FileKind for PipeKind {
             ino,
             write: p.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32,
             flags: p.flags & !(libc::O_CLOEXEC as u32),
+            external: false,
         })))
     }
 
@@ -48,6 +49,13 @@ impl FileKind for PipeKind {
             .get(&e.ino)
             .with_context(|| format!("pipe {} is not in the images", e.ino))?;
         let end = if e.write { wr } else { rd };
+        if end < 0 {
+            bail!(
+                "pipe {} has no {} end here",
+                e.ino,
+                if e.write { "write" } else { "read" }
+            );
+        }
         // SAFETY: duplicating the pipe end crust made before the fork.
         let fd = unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
@@ -148,37 +156,76 @@ fn outside_holder(ino: u64, tree: &[i32]) -> Option<i32> {
     None
 }
 
-/// A pipe with one end in the tree and the other held outside it cannot be
-/// restored (nothing could stand in for that end): refuse it. A pipe whose
-/// other end is closed everywhere (make's "bad stdin", say) is fine.
-pub fn check_pipes_closed(tables: &[(i32, &FdTable)]) -> Result<()> {
-    let tree: Vec<i32> = tables.iter().map(|(p, _)| *p).collect();
-    for (ino, (r, w)) in ends_held(tables.iter().map(|(_, t)| *t)) {
-        if r && w {
-            continue;
+/// Marks the pipes whose other end a process outside the tree holds
+/// (`PipeEnd.external`; a shell's `producer | task`, a logger reading the
+/// task's stdout): the restore needs a pipe from the user for them, and
+/// their buffer, which belongs to that pipe, is not kept. A pipe whose
+/// other end is closed everywhere (make's "bad stdin", say) stays the
+/// tree's own.
+pub fn mark_external_pipes(tree: &[i32], tables: &mut [FdTable]) {
+    let external: Vec<u64> = ends_held(tables.iter())
+        .into_iter()
+        .filter(|&(ino, (r, w))| !(r && w) && outside_holder(ino, tree).is_some())
+        .map(|(ino, _)| ino)
+        .collect();
+    for t in tables.iter_mut() {
+        for e in &mut t.fds {
+            if let Some(FdFile::Pipe(p)) = &mut e.file
+                && external.contains(&p.ino)
+            {
+                p.external = true;
+            }
         }
-        if let Some(holder) = outside_holder(ino, &tree) {
-            let (pid, fd) = tables
-                .iter()
-                .flat_map(|(p, t)| t.fds.iter().map(move |e| (*p, e)))
-                .find(|(_, e)| matches!(&e.file, Some(FdFile::Pipe(x)) if x.ino == ino))
-                .map(|(p, e)| (p, e.fd))
-                .unwrap_or((0, 0));
-            bail!(
-                "PID {pid} fd {fd} is a pipe (pipe:[{ino}]) whose {} end is held by PID {holder} outside the dumped tree; dump a tree that holds both ends",
-                if r { "write" } else { "read" }
-            );
-        }
+        t.pipes.retain(|d| !external.contains(&d.ino));
     }
-    Ok(())
 }
 
 /// Makes the tree's pipes in crust, refilled, before anything forks; every
 /// restored task inherits them and dups the ends it held.
 pub fn create_pipes<'a>(
-    tables: impl Iterator<Item = &'a FdTable>,
+    tables: impl Iterator<Item = &'a FdTable> + Clone,
+    inherited: &[(RawFd, String)],
 ) -> Result<HashMap<u64, (RawFd, RawFd)>> {
     let mut out = HashMap::new();
+    for (ino, (r, w)) in ends_held(tables.clone()) {
+        let Some(pid_fd) = tables
+            .clone()
+            .flat_map(|t| &t.fds)
+            .find_map(|e| match &e.file {
+                Some(FdFile::Pipe(p)) if p.ino == ino && p.external => Some(e.fd),
+                _ => None,
+            })
+        else {
+            continue;
+        };
+        let key = format!("pipe:[{ino}]");
+        let Some(&(given, _)) = inherited.iter().find(|(_, k)| *k == key) else {
+            bail!(
+                "fd {pid_fd} of the tree is the pipe {key}, whose other end was outside the dumped tree; give it a pipe with --inherit-fd fd[N]:{key}"
+            );
+        };
+        // SAFETY: fcntl on an fd the user handed to crust.
+        let acc = unsafe { libc::fcntl(given, libc::F_GETFL) };
+        let want = if w { libc::O_WRONLY } else { libc::O_RDONLY };
+        if acc < 0
+            || (acc & libc::O_ACCMODE != want && acc & libc::O_ACCMODE != libc::O_RDWR)
+            || r && w
+        {
+            bail!(
+                "--inherit-fd fd[{given}]:{key}: fd {given} is not open for {} (the end the tree held)",
+                if w { "writing" } else { "reading" }
+            );
+        }
+        // SAFETY: a copy of the user's fd, owned by crust like its own pipes.
+        let copy = unsafe { libc::fcntl(given, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            bail!(
+                "duplicating --inherit-fd fd[{given}]: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        out.insert(ino, if w { (-1, copy) } else { (copy, -1) });
+    }
     for d in tables.flat_map(|t| t.pipes.iter()) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // SAFETY: fcntl on a pipe we own.

@@ -32,6 +32,9 @@ pub struct RestoreOpts {
     pub pidfile: Option<PathBuf>,
     /// Restore into a new PID namespace (`--pid-ns`), under a crust init.
     pub pid_ns: bool,
+    /// `--inherit-fd fd[N]:KEY`: crust's fd N stands in for the resource
+    /// KEY outside the tree (a pipe's other end: "pipe:[INO]").
+    pub inherit_fds: Vec<(std::os::fd::RawFd, String)>,
 }
 
 impl RestoreOpts {
@@ -44,6 +47,7 @@ impl RestoreOpts {
             shell_job: true,
             pidfile: None,
             pid_ns: false,
+            inherit_fds: Vec::new(),
         }
     }
 }
@@ -322,7 +326,8 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         }
     }
     let shared = create_shared_anon(&tasks)?;
-    let pipes = crate::resources::pipes::create_pipes(tasks.values().map(|t| &t.files))?;
+    let pipes =
+        crate::resources::pipes::create_pipes(tasks.values().map(|t| &t.files), &opts.inherit_fds)?;
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));

@@ -83,6 +83,7 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
             shell_job: opts.shell_job,
             pidfile: None,
             pid_ns: false,
+            inherit_fds: opts.inherit_fds.clone(),
         })
     }) {
         Ok(root) => root,
