@@ -90,6 +90,18 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the process's group is the foreground group of its terminal.
+fn foreground_of_its_tty(n: &TreeNode) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", n.pid)) else {
+        return false;
+    };
+    // Fields after the ")" of comm: state ppid pgrp session tty_nr tpgid.
+    let tpgid = stat
+        .rsplit_once(')')
+        .and_then(|(_, f)| f.split_whitespace().nth(5)?.parse::<i32>().ok());
+    tpgid == Some(n.pgid)
+}
+
 /// A process outside `tree` in process group `pgid`, if any.
 fn group_member_outside(pgid: i32, tree: &[TreeNode]) -> Option<i32> {
     std::fs::read_dir("/proc")
@@ -274,6 +286,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs(),
         shell_job: opts.shell_job,
+        shell_job_foreground: opts.shell_job && foreground_of_its_tty(&tree[0]),
         sysv_sems: crate::resources::sysv::dump_sems(&live)?,
         sysv_msgs: crate::resources::sysv::dump_msgs(&live)?,
         kernel_release: nix::sys::utsname::uname()?

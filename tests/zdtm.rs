@@ -863,3 +863,98 @@ fn interactive_python_in_tmux_shell_job() {
         "crust restore did not exit with python's status 0:\n{screen}"
     );
 }
+
+/// A whole job (sh and the python it runs) started from an interactive
+/// shell, dumped with --shell-job and restored from another interactive
+/// shell: it gets that terminal's foreground, answers, and ends through
+/// crust, after which the shell has its prompt back.
+#[test]
+fn shell_job_of_two_processes_in_interactive_bash() {
+    let mut tmux = Tmux::new();
+    let work = WorkDir::new("tmuxjob");
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "orig",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "bash --norc -i",
+    ]);
+    let bash: i32 = tmux
+        .run(&["list-panes", "-t", "orig", "-F", "#{pane_pid}"])
+        .trim()
+        .parse()
+        .unwrap();
+    tmux.wait_for("orig", "bash prompt", |l| {
+        l.contains('#') || l.contains('$')
+    });
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "orig",
+        "sh -c 'python3 -q; echo job-done'",
+        "Enter",
+    ]);
+    tmux.wait_for("orig", "python prompt", |l| l.starts_with(">>>"));
+    let job: i32 = std::fs::read_to_string(format!("/proc/{bash}/task/{bash}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("bash runs the job")
+        .parse()
+        .unwrap();
+    tmux.pid = Some(job);
+    tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
+    tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = std::process::Command::new(CRUST)
+        .args(["dump", "-t", &job.to_string(), "--shell-job", "-D"])
+        .arg(work.images())
+        .args(["-o", "dump.log", "-v", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crust dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_gone(job);
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "back",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "bash --norc -i",
+    ]);
+    tmux.wait_for("back", "bash prompt", |l| {
+        l.contains('#') || l.contains('$')
+    });
+    let restore = format!(
+        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?",
+        work.images().display()
+    );
+    tmux.run(&["send-keys", "-t", "back", &restore, "Enter"]);
+    let t0 = std::time::Instant::now();
+    while !pid_alive(job) || status_field(job, "TracerPid") != "0" {
+        assert!(t0.elapsed().as_secs() < 30, "the job was not restored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
+    tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
+    tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);
+    let screen = tmux.wait_for("back", "crust's exit status", |l| {
+        l.starts_with("restore-exit=")
+    });
+    assert!(
+        screen.lines().any(|l| l == "job-done") && screen.lines().any(|l| l == "restore-exit=0"),
+        "the job did not finish through crust:\n{screen}"
+    );
+}

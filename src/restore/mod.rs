@@ -404,7 +404,13 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         let _ = nix::unistd::close(fd);
     }
     let child = Pid::from_raw(child);
-    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd) {
+    // A shell job that held its terminal gets crust's: its group becomes
+    // the foreground before it runs, or its first read stops it (SIGTTIN).
+    let root_ref = set.task_ref(pid);
+    let foreground = tty
+        .filter(|_| set.inv.shell_job_foreground && root_ref.pgid == pid && root_ref.sid != pid)
+        .map(|fd| (fd, Pid::from_raw(pid)));
+    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground) {
         // Nothing lost: what this restore created goes away again (the rest
         // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
         let _ = kill(child, Signal::SIGKILL);
@@ -450,7 +456,13 @@ fn child_failure(mut status: File) -> anyhow::Error {
 /// rt_sigreturn (new processes and threads are traced from birth through
 /// PTRACE_O_TRACEFORK/TRACECLONE), then removes each task's restorer and
 /// lets the tree run.
-fn finish_tree(root: Pid, set: &RestoreSet, sync_wr: OwnedFd, status_rd: OwnedFd) -> Result<()> {
+fn finish_tree(
+    root: Pid,
+    set: &RestoreSet,
+    sync_wr: OwnedFd,
+    status_rd: OwnedFd,
+    foreground: Option<(std::os::fd::RawFd, Pid)>,
+) -> Result<()> {
     // SAFETY: status_rd is an fd we own; File takes it over.
     let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
     let mut opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
@@ -510,6 +522,13 @@ fn finish_tree(root: Pid, set: &RestoreSet, sync_wr: OwnedFd, status_rd: OwnedFd
             // Fork and clone events, and the first stop of a new task.
             WaitStatus::PtraceEvent(tid, ..) => ptrace::cont(tid, None)?,
             other => bail!("the restored tree stopped with {other:?}"),
+        }
+    }
+    if let Some((tty, pgrp)) = foreground {
+        // SAFETY: the fd is crust's own terminal, borrowed for this call.
+        let tty = unsafe { std::os::fd::BorrowedFd::borrow_raw(tty) };
+        if let Err(e) = nix::unistd::tcsetpgrp(tty, pgrp) {
+            tracing::warn!("making group {pgrp} the foreground of crust's terminal: {e}");
         }
     }
     for (pid, img) in &set.tasks {
