@@ -795,6 +795,35 @@ impl Drop for Tmux {
     }
 }
 
+/// `crust dump --shell-job` of `pid` into `work`'s images; waits until the
+/// dumped task is gone.
+fn dump_shell_job(pid: i32, work: &WorkDir) {
+    // Let the terminal settle after the last keys typed.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = std::process::Command::new(CRUST)
+        .args(["dump", "-t", &pid.to_string(), "--shell-job", "-D"])
+        .arg(work.images())
+        .args(["-o", "dump.log", "-v", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crust dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_gone(pid);
+}
+
+/// Waits until `pid` runs again, restored and let go by crust.
+fn wait_restored(pid: i32) {
+    let t0 = std::time::Instant::now();
+    while !pid_alive(pid) || status_field(pid, "TracerPid") != "0" {
+        assert!(t0.elapsed().as_secs() < 30, "{pid} was not restored");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
 #[test]
 fn interactive_python_in_tmux_shell_job() {
     let mut tmux = Tmux::new();
@@ -819,19 +848,7 @@ fn interactive_python_in_tmux_shell_job() {
     tmux.wait_for("orig", "python prompt", |l| l.starts_with(">>>"));
     tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
     tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let out = std::process::Command::new(CRUST)
-        .args(["dump", "-t", &pid.to_string(), "--shell-job", "-D"])
-        .arg(work.images())
-        .args(["-o", "dump.log", "-v", "3"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "crust dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_gone(pid);
+    dump_shell_job(pid, &work);
     // Restored into another terminal, which answers the next line typed.
     let restore = format!(
         "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
@@ -848,12 +865,7 @@ fn interactive_python_in_tmux_shell_job() {
         "30",
         &restore,
     ]);
-    let t0 = std::time::Instant::now();
-    while !pid_alive(pid) {
-        assert!(t0.elapsed().as_secs() < 30, "python was not restored");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_restored(pid);
     tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
     tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
     tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);
@@ -909,19 +921,7 @@ fn shell_job_of_two_processes_in_interactive_bash() {
     tmux.pid = Some(job);
     tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
     tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let out = std::process::Command::new(CRUST)
-        .args(["dump", "-t", &job.to_string(), "--shell-job", "-D"])
-        .arg(work.images())
-        .args(["-o", "dump.log", "-v", "3"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "crust dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_gone(job);
+    dump_shell_job(job, &work);
     tmux.run(&[
         "new-session",
         "-d",
@@ -941,12 +941,7 @@ fn shell_job_of_two_processes_in_interactive_bash() {
         work.images().display()
     );
     tmux.run(&["send-keys", "-t", "back", &restore, "Enter"]);
-    let t0 = std::time::Instant::now();
-    while !pid_alive(job) || status_field(job, "TracerPid") != "0" {
-        assert!(t0.elapsed().as_secs() < 30, "the job was not restored");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_restored(job);
     tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
     tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
     tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);

@@ -466,6 +466,23 @@ impl Premapped<'_> {
     }
 }
 
+/// The restorer's move for VMA `v`, premapped at `src` (SysV segments are
+/// attached in place and have none).
+fn move_of(v: &VmaEntry, src: u64) -> VmaMove {
+    VmaMove {
+        src,
+        dst: v.start,
+        len: v.end - v.start,
+        prot: v.prot as u64,
+        advice: v.advice,
+        shmid: if v.kind() == VmaKind::VmaSysvShm {
+            v.shmid as i64
+        } else {
+            -1
+        },
+    }
+}
+
 /// Maps every VMA of `mm` into the hole from `at` on, taking over what the
 /// parent premapped where it can; returns the moves the restorer must make.
 /// Runs in the restored task before the restorer.
@@ -479,126 +496,121 @@ pub fn premap_vmas<'a>(
     let mut moves = Vec::new();
     let mut inherited = Vec::new();
     for v in mm.vmas.iter().filter(|v| v.kind() == VmaKind::VmaSysvShm) {
-        moves.push(VmaMove {
-            src: 0,
-            dst: v.start,
-            len: v.end - v.start,
-            prot: v.prot as u64,
-            advice: v.advice,
-            shmid: v.shmid as i64,
-        });
+        moves.push(move_of(v, 0));
         inherited.push(false);
     }
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
-        let len = v.end - v.start;
         let copy = match v.kind() {
             VmaKind::VmaAnonPrivate => parent.and_then(|p| p.copy_of(v)),
             _ => None,
         };
-        if let Some(src) = copy {
-            // SAFETY: moves the parent's premapped copy, inherited at fork
-            // and used by nothing else here, onto our own reserved hole.
-            let p = unsafe {
-                libc::mremap(
-                    src as *mut _,
-                    len as usize,
-                    len as usize,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    at as *mut libc::c_void,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                bail!(
-                    "taking over the parent's copy of VMA {:#x}-{:#x}: {}",
-                    v.start,
-                    v.end,
-                    std::io::Error::last_os_error()
-                );
-            }
-            moves.push(VmaMove {
-                src: at,
-                dst: v.start,
-                len,
-                prot: v.prot as u64,
-                advice: v.advice,
-                shmid: -1,
-            });
-            inherited.push(true);
-            at += len + GAP;
-            continue;
+        match copy {
+            Some(src) => take_parents_copy(v, src, at)?,
+            None => premap_vma(v, at, shared, ghosts)?,
         }
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        let fixed = libc::MAP_FIXED;
-        let (prot, flags, file) = match v.kind() {
-            VmaKind::VmaAnonPrivate => {
-                let gd = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
-                (rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | gd, None)
-            }
-            VmaKind::VmaAnonShared => match shared.get(&(v.dev, v.ino)) {
-                // The object crust made for this shmem inode, shared by
-                // every task of the tree that maps it.
-                Some(&(addr, size)) => {
-                    let path = format!("/proc/self/map_files/{addr:x}-{:x}", addr + size);
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&path)
-                        .with_context(|| format!("opening shared memory {path}"))?;
-                    (rw, libc::MAP_SHARED, Some(f))
-                }
-                None => (rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
-            },
-            VmaKind::VmaFilePrivate => {
-                let f = open_mapped(v, libc::O_RDONLY, ghosts)?;
-                (rw, libc::MAP_PRIVATE, Some(f))
-            }
-            VmaKind::VmaFileShared => {
-                let f = open_mapped(v, v.open_flags as i32 & libc::O_ACCMODE, ghosts)?;
-                let prot = if v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
-                    rw
-                } else {
-                    libc::PROT_READ
-                };
-                (prot, libc::MAP_SHARED, Some(f))
-            }
-            _ => unreachable!(),
-        };
-        let fd = file.as_ref().map_or(-1, |f| f.as_raw_fd());
-        // SAFETY: MAP_FIXED over the hole this process reserved for the premap.
-        let p = unsafe {
-            libc::mmap(
-                at as *mut _,
-                len as usize,
-                prot,
-                flags | fixed,
-                fd,
-                v.pgoff as i64,
-            )
-        };
-        if p == libc::MAP_FAILED || p as u64 != at {
-            bail!(
-                "premapping VMA {:#x}-{:#x}: {}",
-                v.start,
-                v.end,
-                std::io::Error::last_os_error()
-            );
-        }
-        moves.push(VmaMove {
-            src: at,
-            dst: v.start,
-            len,
-            prot: v.prot as u64,
-            advice: v.advice,
-            shmid: -1,
-        });
-        inherited.push(false);
-        at += len + GAP;
+        moves.push(move_of(v, at));
+        inherited.push(copy.is_some());
+        at += v.end - v.start + GAP;
     }
     Ok(Premapped {
         mm,
         moves,
         inherited,
     })
+}
+
+/// Moves the parent's premapped copy of `v` (at `src`, inherited at fork)
+/// to `at` in this process's hole.
+fn take_parents_copy(v: &VmaEntry, src: u64, at: u64) -> Result<()> {
+    let len = (v.end - v.start) as usize;
+    // SAFETY: moves the parent's premapped copy, inherited at fork and used
+    // by nothing else here, onto our own reserved hole.
+    let p = unsafe {
+        libc::mremap(
+            src as *mut _,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            at as *mut libc::c_void,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!(
+            "taking over the parent's copy of VMA {:#x}-{:#x}: {}",
+            v.start,
+            v.end,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Maps VMA `v` anew at `at` in the hole: anonymous, the tree's shared
+/// object, or its file.
+fn premap_vma(
+    v: &VmaEntry,
+    at: u64,
+    shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
+    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
+) -> Result<()> {
+    let len = v.end - v.start;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let fixed = libc::MAP_FIXED;
+    let (prot, flags, file) = match v.kind() {
+        VmaKind::VmaAnonPrivate => {
+            let gd = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+            (rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | gd, None)
+        }
+        VmaKind::VmaAnonShared => match shared.get(&(v.dev, v.ino)) {
+            // The object crust made for this shmem inode, shared by
+            // every task of the tree that maps it.
+            Some(&(addr, size)) => {
+                let path = format!("/proc/self/map_files/{addr:x}-{:x}", addr + size);
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("opening shared memory {path}"))?;
+                (rw, libc::MAP_SHARED, Some(f))
+            }
+            None => (rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
+        },
+        VmaKind::VmaFilePrivate => {
+            let f = open_mapped(v, libc::O_RDONLY, ghosts)?;
+            (rw, libc::MAP_PRIVATE, Some(f))
+        }
+        VmaKind::VmaFileShared => {
+            let f = open_mapped(v, v.open_flags as i32 & libc::O_ACCMODE, ghosts)?;
+            let prot = if v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
+                rw
+            } else {
+                libc::PROT_READ
+            };
+            (prot, libc::MAP_SHARED, Some(f))
+        }
+        _ => unreachable!(),
+    };
+    let fd = file.as_ref().map_or(-1, |f| f.as_raw_fd());
+    // SAFETY: MAP_FIXED over the hole this process reserved for the premap.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut _,
+            len as usize,
+            prot,
+            flags | fixed,
+            fd,
+            v.pgoff as i64,
+        )
+    };
+    if p == libc::MAP_FAILED || p as u64 != at {
+        bail!(
+            "premapping VMA {:#x}-{:#x}: {}",
+            v.start,
+            v.end,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Reads the pages image into the premapped VMAs, checking its CRC. In a
