@@ -741,8 +741,11 @@ struct Tmux {
 
 impl Tmux {
     fn new() -> Self {
+        // One server per test: tests of this binary run in parallel.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Tmux {
-            socket: format!("crust-test-{}", std::process::id()),
+            socket: format!("crust-test-{}-{seq}", std::process::id()),
             pid: None,
         }
     }
@@ -761,6 +764,30 @@ impl Tmux {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `cmd` in a new 100x30 session; returns the pane's process.
+    fn new_session(&self, session: &str, cmd: &str) -> i32 {
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "100",
+            "-y",
+            "30",
+            cmd,
+        ]);
+        self.run(&["list-panes", "-t", session, "-F", "#{pane_pid}"])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Types `line` and Enter into the pane of `session`.
+    fn type_line(&self, session: &str, line: &str) {
+        self.run(&["send-keys", "-t", session, line, "Enter"]);
     }
 
     /// Waits until the pane of `session` shows a line for which `want` holds.
@@ -828,25 +855,10 @@ fn wait_restored(pid: i32) {
 fn interactive_python_in_tmux_shell_job() {
     let mut tmux = Tmux::new();
     let work = WorkDir::new("tmux");
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "orig",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "python3 -q",
-    ]);
-    let pid: i32 = tmux
-        .run(&["list-panes", "-t", "orig", "-F", "#{pane_pid}"])
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = tmux.new_session("orig", "python3 -q");
     tmux.pid = Some(pid);
     tmux.wait_for("orig", "python prompt", |l| l.starts_with(">>>"));
-    tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
+    tmux.type_line("orig", "x = 6");
     tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
     dump_shell_job(pid, &work);
     // Restored into another terminal, which answers the next line typed.
@@ -854,21 +866,11 @@ fn interactive_python_in_tmux_shell_job() {
         "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
         work.images().display()
     );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "back",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &restore,
-    ]);
+    tmux.new_session("back", &restore);
     wait_restored(pid);
-    tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
+    tmux.type_line("back", "x * 7");
     tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
-    tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);
+    tmux.type_line("back", "exit()");
     let screen = tmux.wait_for("back", "exit status 0", |l| l.starts_with("restore-exit="));
     assert!(
         screen.lines().any(|l| l == "restore-exit=0"),
@@ -884,22 +886,7 @@ fn interactive_python_in_tmux_shell_job() {
 fn shell_job_of_two_processes_in_interactive_bash() {
     let mut tmux = Tmux::new();
     let work = WorkDir::new("tmuxjob");
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "orig",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "bash --norc -i",
-    ]);
-    let bash: i32 = tmux
-        .run(&["list-panes", "-t", "orig", "-F", "#{pane_pid}"])
-        .trim()
-        .parse()
-        .unwrap();
+    let bash = tmux.new_session("orig", "bash --norc -i");
     tmux.wait_for("orig", "bash prompt", |l| {
         l.contains('#') || l.contains('$')
     });
@@ -919,20 +906,10 @@ fn shell_job_of_two_processes_in_interactive_bash() {
         .parse()
         .unwrap();
     tmux.pid = Some(job);
-    tmux.run(&["send-keys", "-t", "orig", "x = 6", "Enter"]);
+    tmux.type_line("orig", "x = 6");
     tmux.wait_for("orig", "second prompt", |l| l.starts_with(">>> x = 6"));
     dump_shell_job(job, &work);
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "back",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "bash --norc -i",
-    ]);
+    tmux.new_session("back", "bash --norc -i");
     tmux.wait_for("back", "bash prompt", |l| {
         l.contains('#') || l.contains('$')
     });
@@ -940,11 +917,11 @@ fn shell_job_of_two_processes_in_interactive_bash() {
         "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?",
         work.images().display()
     );
-    tmux.run(&["send-keys", "-t", "back", &restore, "Enter"]);
+    tmux.type_line("back", &restore);
     wait_restored(job);
-    tmux.run(&["send-keys", "-t", "back", "x * 7", "Enter"]);
+    tmux.type_line("back", "x * 7");
     tmux.wait_for("back", "answer 42", |l| l.trim() == "42");
-    tmux.run(&["send-keys", "-t", "back", "exit()", "Enter"]);
+    tmux.type_line("back", "exit()");
     let screen = tmux.wait_for("back", "crust's exit status", |l| {
         l.starts_with("restore-exit=")
     });
