@@ -157,28 +157,20 @@ pub fn prepare_shms<'a>(mms: impl Iterator<Item = &'a MmEntry>) -> Result<ShmHol
 
 /// Creates segment `s` again with its id.
 fn create_shm(s: &SysvShm) -> Result<()> {
-    next_id("shm", s.id)?;
     let key = if s.mode & SHM_DEST != 0 {
         libc::IPC_PRIVATE
     } else {
         s.key
     };
     let flags = libc::IPC_CREAT | libc::IPC_EXCL | (s.mode & 0o777) as i32;
-    // SAFETY: shmget with plain arguments.
-    let id = unsafe { libc::shmget(key, s.size as usize, flags) };
-    if id < 0 {
-        bail!(
-            "creating SysV segment {} (key {:#x}): {}",
-            s.id,
-            s.key,
-            std::io::Error::last_os_error()
-        );
-    }
-    if id != s.id {
-        // SAFETY: removing the segment just made under the wrong id.
-        unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
-        bail!("SysV segment {} came back as {id}", s.id);
-    }
+    let id = make_with_id(
+        "shm",
+        s.id,
+        // SAFETY: shmget with plain arguments.
+        || unsafe { libc::shmget(key, s.size as usize, flags) },
+        // SAFETY: IPC_RMID of the object just made, by id.
+        |id| unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) },
+    )?;
     // SAFETY: shmid_ds is plain data; IPC_STAT fills it, IPC_SET reads it.
     unsafe {
         let mut ds: libc::shmid_ds = std::mem::zeroed();
@@ -302,10 +294,29 @@ pub fn dump_msgs(tree: &[i32]) -> Result<Vec<SysvMsgQueue>> {
     Ok(out)
 }
 
-/// Chooses the id the next object of `kind` (sem, msg, shm) gets.
-fn next_id(kind: &str, id: i32) -> Result<()> {
-    std::fs::write(format!("/proc/sys/kernel/{kind}_next_id"), id.to_string())
-        .with_context(|| format!("choosing a SysV {kind} id (/proc/sys/kernel/{kind}_next_id)"))
+/// Makes a SysV object of `kind` (shm, sem, msg) that must get id `want`:
+/// the id is chosen through /proc/sys/kernel/KIND_next_id, `make` creates
+/// it, and one that came back with another id is removed with `remove`.
+fn make_with_id(
+    kind: &str,
+    want: i32,
+    make: impl FnOnce() -> i32,
+    remove: impl FnOnce(i32) -> i32,
+) -> Result<i32> {
+    std::fs::write(format!("/proc/sys/kernel/{kind}_next_id"), want.to_string())
+        .with_context(|| format!("choosing a SysV {kind} id (/proc/sys/kernel/{kind}_next_id)"))?;
+    let id = make();
+    if id < 0 {
+        bail!(
+            "making SysV {kind} {want} again: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if id != want {
+        remove(id);
+        bail!("SysV {kind} {want} came back as {id}");
+    }
+    Ok(id)
 }
 
 /// Makes sure every semaphore set and message queue of the images exists
@@ -325,21 +336,15 @@ pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> 
             }
             continue;
         }
-        next_id("sem", s.id)?;
         let flags = libc::IPC_CREAT | libc::IPC_EXCL | (s.mode & 0o777) as i32;
-        // SAFETY: semget with plain arguments.
-        let id = unsafe { libc::semget(s.key, s.values.len() as i32, flags) };
-        if id != s.id {
-            bail!(
-                "making SysV semaphore set {} again: {}",
-                s.id,
-                if id < 0 {
-                    std::io::Error::last_os_error().to_string()
-                } else {
-                    format!("it came back as {id}")
-                }
-            );
-        }
+        let id = make_with_id(
+            "sem",
+            s.id,
+            // SAFETY: semget with plain arguments.
+            || unsafe { libc::semget(s.key, s.values.len() as i32, flags) },
+            // SAFETY: IPC_RMID of the object just made, by id.
+            |id| unsafe { libc::semctl(id, 0, libc::IPC_RMID) },
+        )?;
         let values: Vec<u16> = s.values.iter().map(|&v| v as u16).collect();
         // SAFETY: SETALL reads nsems unsigned shorts; IPC_STAT/IPC_SET one semid_ds.
         unsafe {
@@ -364,16 +369,15 @@ pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> 
             }
             continue;
         }
-        next_id("msg", q.id)?;
         let flags = libc::IPC_CREAT | libc::IPC_EXCL | (q.mode & 0o777) as i32;
-        // SAFETY: msgget with plain arguments.
-        let id = unsafe { libc::msgget(q.key, flags) };
-        if id != q.id {
-            bail!(
-                "making SysV message queue {} again: it came back as {id}",
-                q.id
-            );
-        }
+        let id = make_with_id(
+            "msg",
+            q.id,
+            // SAFETY: msgget with plain arguments.
+            || unsafe { libc::msgget(q.key, flags) },
+            // SAFETY: IPC_RMID of the object just made, by id.
+            |id| unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) },
+        )?;
         // SAFETY: IPC_STAT/IPC_SET on one msqid_ds.
         unsafe {
             libc::msgctl(id, libc::IPC_STAT, &mut ds);
