@@ -105,6 +105,7 @@ impl FileKind for PtyKind {
                     std::io::Error::last_os_error()
                 );
             }
+            // SAFETY: winsize is plain data for which all-zero is valid.
             let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
             // SAFETY: TIOCGWINSZ writes one struct winsize.
             if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } < 0 {
