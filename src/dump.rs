@@ -258,8 +258,16 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         })
         .collect();
     pipes::mark_external_pipes(&live, &mut tables);
+    // Parents first (tree order): a child's private pages still shared with
+    // its parent are left to the parent's image.
+    let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
+        std::collections::HashMap::new();
     for (threads, fds) in seized.iter().zip(tables) {
-        dump_task(threads, fds, &dir)?;
+        let pid = threads[0].pid.as_raw();
+        let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
+        let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
+        let vmas = dump_task(threads, fds, &dir, parent)?;
+        vmas_of.insert(pid, vmas);
     }
     for n in &tree {
         let ctty = (n.sid == n.pid && !n.zombie)
@@ -369,12 +377,18 @@ fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
     })
 }
 
-fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()> {
+/// Dumps one process; returns its VMAs, for its children's dumps.
+fn dump_task(
+    threads: &[SeizedTask],
+    fds: FdTable,
+    dir: &ImageDir,
+    parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
+) -> Result<Vec<crate::images::pb::VmaEntry>> {
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
     let mut mm = memory::dump_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
-    memory::scan_pages(pid, &mut mm)?;
+    memory::scan_pages(pid, &mut mm, parent)?;
     let mut threads_core = threads
         .iter()
         .map(|t| dump_thread(t, pid))
@@ -441,5 +455,5 @@ fn dump_task(threads: &[SeizedTask], fds: FdTable, dir: &ImageDir) -> Result<()>
     dir.write_msg(ImageKind::Core, pid, &core)?;
     dir.write_msg(ImageKind::Mm, pid, &mm)?;
     dir.write_msg(ImageKind::Files, pid, &fds)?;
-    Ok(())
+    Ok(mm.vmas)
 }

@@ -713,6 +713,19 @@ fn cow_memory_stays_shared_with_children() {
     let mut t = Spawn::new("cow").args(&[&MIB.to_string()]).start();
     let (rss0, pss0) = tree_rss_pss(t.pid);
     t.dump(&[]);
+    // Pages the children share with the parent are stored once.
+    let stored: u64 = std::fs::read_dir(t.work.images())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    eprintln!("pages images of the tree: {} MiB", stored >> 20);
+    assert!(
+        stored < (MIB << 20) * 3 / 2,
+        "the children's shared pages were stored again: {} MiB of pages images",
+        stored >> 20
+    );
     t.restore(&[]);
     let (rss1, pss1) = tree_rss_pss(t.pid);
     eprintln!(

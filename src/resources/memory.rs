@@ -229,12 +229,34 @@ fn zero_page_pfn() -> Option<u64> {
     (pfn != 0).then_some(pfn)
 }
 
-/// Builds `mm.pagemap` from /proc/PID/pagemap.
-pub fn scan_pages(pid: i32, mm: &mut MmEntry) -> Result<()> {
+/// Appends page `addr` of the VMA starting at `vma_start` to the runs,
+/// extending the last run when adjacent within the same VMA (a run never
+/// spans two VMAs: each is filled through its own premapped copy).
+fn push_page(runs: &mut Vec<PagemapEntry>, vma_start: u64, addr: u64) {
+    match runs.last_mut() {
+        Some(r) if r.vaddr >= vma_start && r.vaddr + r.nr_pages * PAGE == addr => r.nr_pages += 1,
+        _ => runs.push(PagemapEntry {
+            vaddr: addr,
+            nr_pages: 1,
+        }),
+    }
+}
+
+/// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
+/// (`parent`: its PID and VMAs, dumped already), a private anonymous page
+/// the task still shares copy-on-write with its parent (the same frame in
+/// both) goes into `mm.parent_pages` instead: the parent's image holds it.
+pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>) -> Result<()> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
+    let parent_pm = match parent {
+        Some((ppid, _)) => File::open(format!("/proc/{ppid}/pagemap")).ok(),
+        None => None,
+    };
     let zero_pfn = zero_page_pfn();
     let mut buf = Vec::new();
+    let mut pbuf = Vec::new();
     let mut runs = Vec::new();
+    let mut shared_runs = Vec::new();
     for v in &mm.vmas {
         let kind = v.kind();
         if matches!(
@@ -247,29 +269,43 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry) -> Result<()> {
         buf.resize(n * 8, 0);
         pm.read_exact_at(&mut buf, v.start / PAGE * 8)
             .with_context(|| format!("reading pagemap of {pid}"))?;
-        let mut run: Option<PagemapEntry> = None;
+        // The parent's entries for the same VMA, when it has one: the
+        // restored task then starts from the parent's copy of it.
+        let in_parent = kind == VmaKind::VmaAnonPrivate
+            && parent.is_some_and(|(_, vmas)| {
+                vmas.iter().any(|p| {
+                    p.start == v.start && p.end == v.end && p.kind() == VmaKind::VmaAnonPrivate
+                })
+            });
+        let compare = match &parent_pm {
+            Some(ppm) if in_parent => {
+                pbuf.resize(n * 8, 0);
+                ppm.read_exact_at(&mut pbuf, v.start / PAGE * 8).is_ok()
+            }
+            _ => false,
+        };
         for (i, c) in buf.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(c.try_into().unwrap());
             let addr = v.start + i as u64 * PAGE;
-            let zero = kind == VmaKind::VmaAnonPrivate
-                && e & PM_PRESENT != 0
-                && Some(e & PM_PFN_MASK) == zero_pfn;
-            if page_needed(kind, e) && !zero {
-                match &mut run {
-                    Some(r) if r.vaddr + r.nr_pages * PAGE == addr => r.nr_pages += 1,
-                    _ => {
-                        runs.extend(run.take());
-                        run = Some(PagemapEntry {
-                            vaddr: addr,
-                            nr_pages: 1,
-                        });
-                    }
-                }
+            let pfn = e & PM_PFN_MASK;
+            let zero =
+                kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn;
+            if !page_needed(kind, e) || zero {
+                continue;
             }
+            let shared = compare && e & PM_PRESENT != 0 && pfn != 0 && {
+                let pe = u64::from_le_bytes(pbuf[i * 8..i * 8 + 8].try_into().unwrap());
+                pe & PM_PRESENT != 0 && pe & PM_PFN_MASK == pfn
+            };
+            push_page(
+                if shared { &mut shared_runs } else { &mut runs },
+                v.start,
+                addr,
+            );
         }
-        runs.extend(run);
     }
     mm.pagemap = runs;
+    mm.parent_pages = shared_runs;
     Ok(())
 }
 
@@ -623,8 +659,6 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
     let mut crc = crc32fast::Hasher::new();
     let mut scratch = Vec::new();
     let (mut shared, mut written) = (0u64, 0u64);
-    // Per inherited move, the part covered by the image so far.
-    let mut covered = vec![0u64; pre.moves.len()];
     for run in &mm.pagemap {
         let len = run.nr_pages * PAGE;
         let i = pre
@@ -649,11 +683,6 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             off += len;
             continue;
         }
-        drop_pages(
-            m.src + covered[i],
-            (run.vaddr - m.dst).saturating_sub(covered[i]),
-        )?;
-        covered[i] = covered[i].max(run.vaddr + len - m.dst);
         for chunk in buf.chunks_mut(256 * PAGE as usize) {
             scratch.resize(chunk.len(), 0);
             pages
@@ -674,9 +703,39 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             }
         }
     }
-    for (i, m) in pre.moves.iter().enumerate() {
-        if pre.inherited[i] {
-            drop_pages(m.src + covered[i], m.len - covered[i])?;
+    // In an inherited VMA, what neither the image nor the parent's copy
+    // (`parent_pages`) holds reads as zeros again.
+    for (_, m) in pre
+        .moves
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| pre.inherited[i])
+    {
+        let mut keep: Vec<(u64, u64)> = mm
+            .pagemap
+            .iter()
+            .chain(&mm.parent_pages)
+            .map(|r| (r.vaddr, r.vaddr + r.nr_pages * PAGE))
+            .filter(|&(s, e)| s < m.dst + m.len && e > m.dst)
+            .collect();
+        keep.sort_unstable();
+        let mut at = m.dst;
+        for (s, e) in keep.into_iter().chain([(m.dst + m.len, m.dst + m.len)]) {
+            if s > at {
+                drop_pages(m.src + (at - m.dst), s - at)?;
+            }
+            at = at.max(e);
+        }
+    }
+    for r in &mm.parent_pages {
+        let inherited = pre.moves.iter().enumerate().any(|(i, m)| {
+            pre.inherited[i] && m.dst <= r.vaddr && r.vaddr + r.nr_pages * PAGE <= m.dst + m.len
+        });
+        if !inherited {
+            bail!(
+                "pages at {:#x} are the parent's, but the parent has no such VMA; the images are corrupt",
+                r.vaddr
+            );
         }
     }
     if shared + written > 0 {
