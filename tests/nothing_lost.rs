@@ -451,3 +451,55 @@ fn dump_refuses_vfork_in_progress() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     t.pass();
 }
+
+/// A restore that fails after it made SysV objects again (a damaged pages
+/// image, found in the forked task) removes them; the images are untouched
+/// and restore once repaired.
+#[test]
+fn failed_restore_removes_the_sysv_objects_it_made() {
+    let mut t = Spawn::new("sysv_ipc").quiet().start();
+    let pid = t.pid;
+    let (skey, qkey) = (0x5e50000 | (pid & 0xffff), 0x5e40000 | (pid & 0xffff));
+    let gone = || {
+        // SAFETY: semget/msgget lookups by key.
+        unsafe { libc::semget(skey, 0, 0) < 0 && libc::msgget(qkey, 0) < 0 }
+    };
+    let remove = || {
+        // SAFETY: lookups and IPC_RMID by key, of the test's own objects.
+        unsafe {
+            let s = libc::semget(skey, 0, 0);
+            if s >= 0 {
+                libc::semctl(s, 0, libc::IPC_RMID);
+            }
+            let q = libc::msgget(qkey, 0);
+            if q >= 0 {
+                libc::msgctl(q, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    };
+    t.dump(&[]);
+    remove();
+    let dir = t.work.images();
+    let pages = dir.join(format!("pages-{pid}.img"));
+    let pristine = fs::read(&pages).unwrap();
+    let mut bad = pristine.clone();
+    let i = bad.len() - 100;
+    bad[i] ^= 1;
+    fs::write(&pages, &bad).unwrap();
+    let before = snapshot(&dir);
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    let left = !gone();
+    remove();
+    assert!(!ok, "a restore from a damaged pages image succeeded");
+    one_line_error(&err);
+    assert!(!left, "a failed restore left the SysV objects it made");
+    assert_eq!(
+        snapshot(&dir),
+        before,
+        "a failed restore changed the images"
+    );
+    assert!(!pid_alive(pid), "a failed restore left PID {pid} behind");
+    fs::write(&pages, &pristine).unwrap();
+    t.restore(&[]);
+    t.pass();
+}

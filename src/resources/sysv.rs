@@ -91,27 +91,73 @@ pub fn read_shm(pid: i32, v: &VmaEntry, offset: u64) -> Result<SysvShm> {
     })
 }
 
-/// crust's attaches of the tree's segments, detached on drop (once the
-/// tree has attached them itself).
-pub struct ShmHolds(Vec<*mut libc::c_void>);
+/// What a restore prepared of SysV IPC before the tree forks: crust's own
+/// attaches of the tree's segments (detached on drop, once the tree has
+/// attached them itself), and the objects it made again, which a restore
+/// that fails removes again unless `keep` was called.
+#[derive(Default)]
+pub struct SysvPrepared {
+    attached: Vec<*mut libc::c_void>,
+    made: Vec<(IpcKind, i32)>,
+    kept: bool,
+}
 
-impl Drop for ShmHolds {
+#[derive(Clone, Copy)]
+enum IpcKind {
+    Shm,
+    Sem,
+    Msg,
+}
+
+impl SysvPrepared {
+    /// The restore succeeded: what it made stays.
+    pub fn keep(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for SysvPrepared {
     fn drop(&mut self) {
-        for &p in &self.0 {
+        for &p in &self.attached {
             // SAFETY: detaching an attach of ours that nothing else uses.
             unsafe { libc::shmdt(p) };
+        }
+        if self.kept {
+            return;
+        }
+        for &(kind, id) in &self.made {
+            // SAFETY: IPC_RMID of an object this restore made, by id.
+            unsafe {
+                match kind {
+                    IpcKind::Shm => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+                    IpcKind::Sem => libc::semctl(id, 0, libc::IPC_RMID),
+                    IpcKind::Msg => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+                }
+            };
         }
     }
 }
 
+/// Makes sure every SysV object of the images exists with its id (see the
+/// module doc); what was made again is removed if the restore fails.
+pub fn prepare<'a>(
+    mms: impl Iterator<Item = &'a MmEntry>,
+    sems: &[SysvSem],
+    msgs: &[SysvMsgQueue],
+) -> Result<SysvPrepared> {
+    let mut p = SysvPrepared::default();
+    prepare_sems_msgs(&mut p, sems, msgs)?;
+    prepare_shms(&mut p, mms)?;
+    Ok(p)
+}
+
 /// Makes sure every segment the tree attaches exists with its id, key,
 /// size, contents (when made anew), owner and mode; see the module doc.
-pub fn prepare_shms<'a>(mms: impl Iterator<Item = &'a MmEntry>) -> Result<ShmHolds> {
+fn prepare_shms<'a>(p: &mut SysvPrepared, mms: impl Iterator<Item = &'a MmEntry>) -> Result<()> {
     let mut segs: HashMap<i32, &SysvShm> = HashMap::new();
     for s in mms.flat_map(|m| &m.sysv_shms) {
         segs.entry(s.id).or_insert(s);
     }
-    let mut holds = ShmHolds(Vec::new());
     for s in segs.values() {
         // SAFETY: shmid_ds is plain data; IPC_STAT fills it.
         let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
@@ -129,20 +175,21 @@ pub fn prepare_shms<'a>(mms: impl Iterator<Item = &'a MmEntry>) -> Result<ShmHol
             }
         } else {
             create_shm(s)?;
+            p.made.push((IpcKind::Shm, s.id));
         }
         // SAFETY: attaching the segment anywhere in crust's address space.
-        let p = unsafe { libc::shmat(s.id, std::ptr::null(), 0) };
-        if p as isize == -1 {
+        let at = unsafe { libc::shmat(s.id, std::ptr::null(), 0) };
+        if at as isize == -1 {
             bail!(
                 "attaching SysV segment {}: {}",
                 s.id,
                 std::io::Error::last_os_error()
             );
         }
-        holds.0.push(p);
+        p.attached.push(at);
         if !exists {
-            // SAFETY: p maps the segment, `size` bytes, writable.
-            let dst = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, s.size as usize) };
+            // SAFETY: `at` maps the segment, `size` bytes, writable.
+            let dst = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, s.size as usize) };
             let n = s.data.len().min(dst.len());
             dst[..n].copy_from_slice(&s.data[..n]);
             // Removed while attached: removed again, alive while attached.
@@ -152,7 +199,7 @@ pub fn prepare_shms<'a>(mms: impl Iterator<Item = &'a MmEntry>) -> Result<ShmHol
             }
         }
     }
-    Ok(holds)
+    Ok(())
 }
 
 /// Creates segment `s` again with its id.
@@ -321,7 +368,7 @@ fn make_with_id(
 
 /// Makes sure every semaphore set and message queue of the images exists
 /// with its id; missing ones are made again and refilled.
-pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> {
+fn prepare_sems_msgs(p: &mut SysvPrepared, sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> {
     for s in sems {
         // SAFETY: semid_ds is plain data; IPC_STAT fills it.
         let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
@@ -345,6 +392,7 @@ pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> 
             // SAFETY: IPC_RMID of the object just made, by id.
             |id| unsafe { libc::semctl(id, 0, libc::IPC_RMID) },
         )?;
+        p.made.push((IpcKind::Sem, id));
         let values: Vec<u16> = s.values.iter().map(|&v| v as u16).collect();
         // SAFETY: SETALL reads nsems unsigned shorts; IPC_STAT/IPC_SET one semid_ds.
         unsafe {
@@ -378,6 +426,7 @@ pub fn prepare_sems_msgs(sems: &[SysvSem], msgs: &[SysvMsgQueue]) -> Result<()> 
             // SAFETY: IPC_RMID of the object just made, by id.
             |id| unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) },
         )?;
+        p.made.push((IpcKind::Msg, id));
         // SAFETY: IPC_STAT/IPC_SET on one msqid_ds.
         unsafe {
             libc::msgctl(id, libc::IPC_STAT, &mut ds);

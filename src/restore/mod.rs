@@ -336,9 +336,13 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         tasks.values().map(|t| &t.files),
     )?);
     let ptys = crate::resources::pty::create_ptys(tasks.values().map(|t| &t.files))?;
-    crate::resources::sysv::prepare_sems_msgs(&inv.sysv_sems, &inv.sysv_msgs)?;
-    // Held until the tree has attached its SysV segments itself.
-    let _shm_holds = crate::resources::sysv::prepare_shms(tasks.values().map(|t| &t.mm))?;
+    // Held until the tree has attached its SysV segments itself; what it
+    // made again goes away again if the restore fails.
+    let mut sysv = crate::resources::sysv::prepare(
+        tasks.values().map(|t| &t.mm),
+        &inv.sysv_sems,
+        &inv.sysv_msgs,
+    )?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
@@ -417,6 +421,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         let _ = waitpid(child, None);
         return Err(e);
     }
+    sysv.keep();
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
 }
