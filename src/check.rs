@@ -37,6 +37,30 @@ const PROBES: &[Probe] = &[
         run: probe_pid_ns,
     },
     Probe {
+        name: "pidfd_getfd",
+        enables: "reading file owners and pty state through a copy of the task's fd",
+        required: true,
+        run: probe_pidfd_getfd,
+    },
+    Probe {
+        name: "suspend_seccomp",
+        enables: "dumping and restoring tasks under seccomp (PTRACE_O_SUSPEND_SECCOMP)",
+        required: false,
+        run: probe_suspend_seccomp,
+    },
+    Probe {
+        name: "timer_restore_ids",
+        enables: "restoring POSIX timers with their ids (PR_TIMER_CREATE_RESTORE_IDS)",
+        required: false,
+        run: probe_timer_ids,
+    },
+    Probe {
+        name: "sysv_next_id",
+        enables: "making SysV IPC objects again with their ids (shm/sem/msg_next_id)",
+        required: false,
+        run: probe_sysv_next_id,
+    },
+    Probe {
         name: "map_files",
         enables: "reading the files behind mappings (/proc/PID/map_files)",
         required: true,
@@ -184,6 +208,40 @@ fn with_child<T>(f: impl FnOnce(nix::unistd::Pid) -> Result<T>) -> Result<T> {
             r
         }
     }
+}
+
+fn probe_pidfd_getfd() -> Result<()> {
+    with_child(|c| {
+        let pidfd = crate::sys::pidfd_open(c.as_raw())?;
+        crate::sys::pidfd_getfd(&pidfd, 0)?;
+        Ok(())
+    })
+}
+
+fn probe_suspend_seccomp() -> Result<()> {
+    with_child(|c| {
+        nix::sys::ptrace::seize(c, crate::resources::seccomp::SUSPEND_SECCOMP)?;
+        Ok(())
+    })
+}
+
+fn probe_timer_ids() -> Result<()> {
+    const PR_TIMER_CREATE_RESTORE_IDS: i32 = 77;
+    const GET: u64 = 2;
+    // SAFETY: a query prctl with integer arguments.
+    if unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, GET, 0, 0, 0) } < 0 {
+        bail!("{}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn probe_sysv_next_id() -> Result<()> {
+    for kind in ["shm", "sem", "msg"] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/sys/kernel/{kind}_next_id"))?;
+    }
+    Ok(())
 }
 
 fn probe_seize() -> Result<()> {
