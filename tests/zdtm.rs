@@ -75,6 +75,7 @@ fn inotify_watches() {
 
 #[test]
 fn pty_pair_in_tree() {
+    let _ptys = pty_lock();
     cycle("pty", &[]);
 }
 
@@ -224,6 +225,7 @@ fn leave_running() {
 
 #[test]
 fn shell_job_mid_read() {
+    let _ptys = pty_lock();
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
@@ -866,6 +868,7 @@ fn wait_restored(pid: i32) {
 
 #[test]
 fn interactive_python_in_tmux_shell_job() {
+    let _ptys = pty_lock();
     let mut tmux = Tmux::new();
     let work = WorkDir::new("tmux");
     let pid = tmux.new_session("orig", "python3 -q");
@@ -897,6 +900,7 @@ fn interactive_python_in_tmux_shell_job() {
 /// crust, after which the shell has its prompt back.
 #[test]
 fn shell_job_of_two_processes_in_interactive_bash() {
+    let _ptys = pty_lock();
     let mut tmux = Tmux::new();
     let work = WorkDir::new("tmuxjob");
     let bash = tmux.new_session("orig", "bash --norc -i");

@@ -22,6 +22,14 @@ fn bin_dir() -> PathBuf {
     root().join("target/zdtm-bin")
 }
 
+/// Held by every test that makes pseudo-terminals: a restored pty pair
+/// needs its dumped /dev/pts index free, and another test's new pty could
+/// take it in between.
+pub fn pty_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Compiles zdtm/NAME.c once per test binary run.
 pub fn build(name: &str) -> PathBuf {
     static ONCE: Once = Once::new();
