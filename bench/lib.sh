@@ -8,7 +8,9 @@ tmpfs=$work/tmpfs
 mkdir -p "$tmpfs"
 pid=
 bench_cleanup() {
-    [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+    # The program runs in a session of its own (setsid): end its whole group,
+    # children included.
+    [ -n "$pid" ] && kill -9 -- "-$pid" "$pid" 2>/dev/null || true
     umount "$tmpfs" 2>/dev/null || true
     rm -rf "$work"
 }

@@ -359,6 +359,9 @@ impl Task {
             if let Some(st) = c.try_wait().unwrap() {
                 self.original = None;
                 self.restorer = None;
+                // Children a failing test left behind (reparented to init)
+                // are still in its process group.
+                end_tree(pid);
                 return st;
             }
             if Instant::now() > deadline {
@@ -366,10 +369,7 @@ impl Task {
                 let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
                 let stack = fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
                 eprintln!("task {pid} hangs: wchan {wchan}\n{state}\n{stack}");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                end_tree(pid);
                 panic!(
                     "task {pid} did not finish within a minute: {}",
                     self.log_text()
@@ -402,13 +402,50 @@ impl Task {
     }
 }
 
+/// `pid` and all its descendants, parents first.
+pub fn tree_of(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        for t in fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let kids = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Kills the tree a test started from `root`: every descendant still under
+/// it, and whatever is left in its process group (the runner starts each
+/// test as a group leader; orphans stay in the group).
+pub fn end_tree(root: i32) {
+    for p in tree_of(root) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-root),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 impl Drop for Task {
+    /// A test that fails half-way ends the whole tree it started, not only
+    /// its root: children would otherwise outlive it, reparented to init.
     fn drop(&mut self) {
         if self.original.is_some() || self.restorer.is_some() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            end_tree(self.pid);
             self.reap_parent();
         }
     }
