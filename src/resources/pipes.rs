@@ -183,25 +183,23 @@ pub fn mark_external_pipes(tree: &[i32], tables: &mut [FdTable]) {
 /// Makes the tree's pipes in crust, refilled, before anything forks; every
 /// restored task inherits them and dups the ends it held.
 pub fn create_pipes<'a>(
-    tables: impl Iterator<Item = &'a FdTable> + Clone,
+    tables: impl Iterator<Item = (i32, &'a FdTable)> + Clone,
     inherited: &[(RawFd, String)],
 ) -> Result<HashMap<u64, (RawFd, RawFd)>> {
     let mut out = HashMap::new();
-    for (ino, (r, w)) in ends_held(tables.clone()) {
-        let Some(pid_fd) = tables
-            .clone()
-            .flat_map(|t| &t.fds)
-            .find_map(|e| match &e.file {
-                Some(FdFile::Pipe(p)) if p.ino == ino && p.external => Some(e.fd),
+    for (ino, (r, w)) in ends_held(tables.clone().map(|(_, t)| t)) {
+        let Some((pid, fd)) = tables.clone().find_map(|(pid, t)| {
+            t.fds.iter().find_map(|e| match &e.file {
+                Some(FdFile::Pipe(p)) if p.ino == ino && p.external => Some((pid, e.fd)),
                 _ => None,
             })
-        else {
+        }) else {
             continue;
         };
         let key = format!("pipe:[{ino}]");
         let Some(&(given, _)) = inherited.iter().find(|(_, k)| *k == key) else {
             bail!(
-                "fd {pid_fd} of the tree is the pipe {key}, whose other end was outside the dumped tree; give it a pipe with --inherit-fd fd[N]:{key}"
+                "PID {pid} fd {fd} is the pipe {key}, whose other end was outside the dumped tree; give it a pipe with --inherit-fd fd[N]:{key}"
             );
         };
         // SAFETY: fcntl on an fd the user handed to crust.
@@ -226,7 +224,7 @@ pub fn create_pipes<'a>(
         }
         out.insert(ino, if w { (-1, copy) } else { (copy, -1) });
     }
-    for d in tables.flat_map(|t| t.pipes.iter()) {
+    for d in tables.flat_map(|(_, t)| t.pipes.iter()) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // SAFETY: fcntl on a pipe we own.
         if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, d.capacity as i32) } < 0 {

@@ -326,8 +326,10 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         }
     }
     let shared = create_shared_anon(&tasks)?;
-    let pipes =
-        crate::resources::pipes::create_pipes(tasks.values().map(|t| &t.files), &opts.inherit_fds)?;
+    let pipes = crate::resources::pipes::create_pipes(
+        tasks.iter().map(|(p, t)| (*p, &t.files)),
+        &opts.inherit_fds,
+    )?;
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
