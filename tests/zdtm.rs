@@ -85,6 +85,11 @@ fn file_owners_and_sigio() {
 }
 
 #[test]
+fn zombie_without_second_sigchld() {
+    cycle("zombie", &[]);
+}
+
+#[test]
 fn group_with_dead_leader() {
     cycle("deadpgrp", &[]);
 }

@@ -301,9 +301,29 @@ fn build_task(
         nix::sys::wait::waitpid(s, None)
             .with_context(|| format!("reaping the stand-in leader of group {s}"))?;
     }
-    if !standins.is_empty() {
-        // Their SIGCHLD (blocked here) is not the task's; a SIGCHLD the
-        // task had pending is queued again from the images.
+    // Its zombies died again just now: wait until they have (without
+    // reaping them, that is the task's to do).
+    let zombies: Vec<Pid> = set
+        .children_of(img.core.pid)
+        .filter(|c| c.zombie)
+        .map(|c| Pid::from_raw(c.pid))
+        .collect();
+    for &z in &zombies {
+        let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+        loop {
+            match nix::sys::wait::waitid(nix::sys::wait::Id::Pid(z), flags) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => {
+                    r.with_context(|| format!("waiting for zombie {z} to die again"))?;
+                    break;
+                }
+            }
+        }
+    }
+    if !standins.is_empty() || !zombies.is_empty() {
+        // Their SIGCHLD (blocked here) is not the task's: it had it when
+        // they first died. A SIGCHLD the task had pending is queued again
+        // from the images.
         let mut chld = nix::sys::signal::SigSet::empty();
         chld.add(nix::sys::signal::Signal::SIGCHLD);
         let zero = libc::timespec {
