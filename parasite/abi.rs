@@ -31,6 +31,10 @@ pub const PARASITE_CMD_FINI: u64 = 4;
 /// (whose ids crust filled in).
 pub const PARASITE_CMD_GET_TIMERS: u64 = 5;
 
+/// prctl that makes timer_create take the id it is given (Linux 6.15);
+/// argument 0 off, 1 on, 2 query.
+pub const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+
 /// Most POSIX timers crust carries per process.
 pub const MAX_POSIX_TIMERS: usize = 64;
 

@@ -406,7 +406,6 @@ fn restore_vma_advice(args: &RestorerArgs, v: &VmaMove) {
 /// timer_create takes the id it is given). Every thread exists by now, so a
 /// timer that signals one thread finds it.
 fn restore_posix_timers(args: &RestorerArgs) {
-    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
     let nr = args.nr_posix_timers as usize;
     if nr == 0 {
         return;

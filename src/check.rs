@@ -226,10 +226,7 @@ fn probe_suspend_seccomp() -> Result<()> {
 }
 
 fn probe_timer_ids() -> Result<()> {
-    const PR_TIMER_CREATE_RESTORE_IDS: i32 = 77;
-    const GET: u64 = 2;
-    // SAFETY: a query prctl with integer arguments.
-    if unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, GET, 0, 0, 0) } < 0 {
+    if !crate::resources::timers::timer_ids_restorable() {
         bail!("{}", std::io::Error::last_os_error());
     }
     Ok(())

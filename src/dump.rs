@@ -92,14 +92,8 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
 
 /// Whether the process's group is the foreground group of its terminal.
 fn foreground_of_its_tty(n: &TreeNode) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", n.pid)) else {
-        return false;
-    };
-    // Fields after the ")" of comm: state ppid pgrp session tty_nr tpgid.
-    let tpgid = stat
-        .rsplit_once(')')
-        .and_then(|(_, f)| f.split_whitespace().nth(5)?.parse::<i32>().ok());
-    tpgid == Some(n.pgid)
+    // Field 8 of stat: tpgid.
+    proc::stat_fields(n.pid).is_ok_and(|f| proc::stat_field(&f, 8) as i32 == n.pgid)
 }
 
 /// A process outside `tree` in process group `pgid`, if any.
@@ -108,20 +102,8 @@ fn group_member_outside(pgid: i32, tree: &[TreeNode]) -> Option<i32> {
         .ok()?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|p| !tree.iter().any(|t| t.pid == *p))
-        .find(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let f: Vec<String> = s
-                        .rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .map(str::to_string)
-                        .collect();
-                    f.get(2)?.parse::<i32>().ok()
-                })
-                == Some(pgid)
-        })
+        // Field 5 of stat: pgrp.
+        .find(|&p| proc::stat_fields(p).is_ok_and(|f| proc::stat_field(&f, 5) as i32 == pgid))
 }
 
 /// One process of the tree as /proc shows it.

@@ -260,11 +260,10 @@ fn open_master_with_index(index: u32) -> Result<OwnedFd> {
 /// The controlling terminal of session leader `pid` if it is one of the
 /// tree's ptys (`masters`): (index, foreground process group).
 pub fn ctty_of(pid: i32, masters: &[u32]) -> Option<(u32, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" of comm: state ppid pgrp session tty_nr tpgid.
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let tty_nr: u32 = f.get(4)?.parse().ok()?;
-    let tpgid: i32 = f.get(5)?.parse().ok()?;
+    // Fields 7 and 8 of stat: tty_nr and tpgid.
+    let f = crate::proc::stat_fields(pid).ok()?;
+    let tty_nr = crate::proc::stat_field(&f, 7) as u32;
+    let tpgid = crate::proc::stat_field(&f, 8) as i32;
     let major = (tty_nr >> 8) & 0xfff;
     let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
     let index = pts_index(libc::makedev(major, minor))?;

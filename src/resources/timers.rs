@@ -126,6 +126,13 @@ pub fn dump_posix_timers(
     Ok(())
 }
 
+/// Whether this kernel lets timer_create take a chosen id.
+pub fn timer_ids_restorable() -> bool {
+    const QUERY: u64 = 2;
+    // SAFETY: a query prctl with integer arguments.
+    unsafe { libc::prctl(abi::PR_TIMER_CREATE_RESTORE_IDS as i32, QUERY, 0, 0, 0) >= 0 }
+}
+
 /// Refuses, before anything is created, POSIX timers this kernel cannot
 /// recreate with their ids (PR_TIMER_CREATE_RESTORE_IDS came in 6.15).
 pub fn check_posix_timers(core: &TaskCore) -> Result<()> {
@@ -139,10 +146,7 @@ pub fn check_posix_timers(core: &TaskCore) -> Result<()> {
             core.posix_timers.len()
         );
     }
-    const PR_TIMER_CREATE_RESTORE_IDS: i32 = 77;
-    const GET: u64 = 2;
-    // SAFETY: a query prctl with integer arguments.
-    if unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, GET, 0, 0, 0) } < 0 {
+    if !timer_ids_restorable() {
         bail!(
             "PID {} has POSIX timers, and this kernel cannot recreate timers with their ids (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15); restore on a newer kernel",
             core.pid
