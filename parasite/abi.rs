@@ -192,9 +192,13 @@ pub const VMA_ADV_DONTDUMP: u64 = 1 << 4;
 pub const VMA_ADV_MERGEABLE: u64 = 1 << 5;
 pub const VMA_ADV_LOCKED: u64 = 1 << 6;
 pub const VMA_ADV_LOCKONFAULT: u64 = 1 << 7;
+pub const VMA_ADV_SEQUENTIAL: u64 = 1 << 8;
+pub const VMA_ADV_RANDOM: u64 = 1 << 9;
 
 /// (advice bit, smaps VmFlags mnemonic, madvise advice; 0 for the locks).
-pub const VMA_ADVICE: [(u64, &str, u64); 8] = [
+pub const VMA_ADVICE: [(u64, &str, u64); 10] = [
+    (VMA_ADV_SEQUENTIAL, "sr", 2),
+    (VMA_ADV_RANDOM, "rr", 1),
     (VMA_ADV_DONTFORK, "dc", 10),
     (VMA_ADV_WIPEONFORK, "wf", 18),
     (VMA_ADV_HUGEPAGE, "hg", 14),
@@ -251,6 +255,10 @@ pub struct RseqConf {
     pub len: u32,
     pub sig: u32,
 }
+
+/// Bytes of the record the restorer writes to `status_fd` when a step
+/// fails: the step, the errno and the PID, three little-endian i32s.
+pub const RESTORER_FAILURE_LEN: usize = 12;
 
 /// Restorer steps, reported with the errno through `status_fd` when one fails.
 pub const RSTEP_UNMAP: u32 = 1;

@@ -234,9 +234,11 @@ const PR_SET_MM_MAP: u64 = 14;
 const TASK_SIZE_MAX: u64 = 0x7fff_ffff_f000;
 
 fn fail(args: &RestorerArgs, step: u32, err: i64) -> ! {
-    let rec = [step as i32, (-err) as i32];
-    // SAFETY: writes 8 bytes from the stack to crust's status pipe.
-    unsafe { syscall4(SYS_WRITE, args.status_fd as u64, rec.as_ptr() as u64, 8, 0) };
+    // SAFETY: getpid takes no arguments.
+    let pid = unsafe { syscall2(SYS_GETPID, 0, 0) } as i32;
+    let rec = [step as i32, (-err) as i32, pid];
+    // SAFETY: writes one record from the stack to crust's status pipe.
+    unsafe { syscall4(SYS_WRITE, args.status_fd as u64, rec.as_ptr() as u64, RESTORER_FAILURE_LEN as u64, 0) };
     exit_group(70)
 }
 

@@ -286,6 +286,9 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     };
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
+    // Durable before the tree is killed: a dump from a shutdown hook
+    // survives the power cut that follows.
+    dir.sync()?;
     let mut killed = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();

@@ -202,12 +202,68 @@ fn main() {
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
+    let logs_to_file = cli.log_file.is_some();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
+            // The log (-o) gets every error crust prints, so that a log
+            // read later tells the whole story.
+            if logs_to_file {
+                tracing::error!("{msg}");
+            }
             eprintln!("Error: {msg}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inherit_fd_spelling() {
+        assert_eq!(
+            parse_inherit_fd("fd[3]:pipe:[12345]").unwrap(),
+            (3, "pipe:[12345]".to_string())
+        );
+        for bad in ["3:pipe:[1]", "fd[x]:pipe:[1]", "fd[3]:", "fd[3]pipe"] {
+            assert!(parse_inherit_fd(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dump_options() {
+        let cli = Cli::try_parse_from([
+            "crust",
+            "dump",
+            "-t",
+            "42",
+            "-D",
+            "/tmp/x",
+            "--shell-job",
+            "-R",
+            "-l",
+            "-v4",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbosity, 4);
+        match cli.cmd {
+            Cmd::Dump {
+                pid,
+                dir,
+                shell_job,
+                leave_running,
+                file_locks,
+            } => {
+                assert_eq!(pid, 42);
+                assert_eq!(dir, PathBuf::from("/tmp/x"));
+                assert!(shell_job && leave_running && file_locks);
+            }
+            _ => panic!("not a dump"),
+        }
+        assert!(Cli::try_parse_from(["crust", "dump", "-D", "x"]).is_err());
+        assert!(Cli::try_parse_from(["crust", "dump", "-t", "x"]).is_err());
     }
 }

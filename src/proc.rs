@@ -57,7 +57,11 @@ fn parse_maps_line(line: &str) -> Option<MapsEntry> {
 
 /// /proc/PID/smaps, one entry per VMA.
 pub fn smaps(pid: i32) -> Result<Vec<MapsEntry>> {
-    let text = read(pid, "smaps")?;
+    parse_smaps(&read(pid, "smaps")?).with_context(|| format!("/proc/{pid}/smaps"))
+}
+
+/// The text of an smaps file, one entry per VMA with its VmFlags.
+pub fn parse_smaps(text: &str) -> Result<Vec<MapsEntry>> {
     let mut out: Vec<MapsEntry> = Vec::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("VmFlags:") {
@@ -82,7 +86,7 @@ pub fn smaps(pid: i32) -> Result<Vec<MapsEntry>> {
                     .next()
                     .is_some_and(|w| w.contains('-'))
             {
-                bail!("/proc/{pid}/smaps: cannot parse line {line:?}");
+                bail!("cannot parse line {line:?}");
             }
         }
     }
@@ -123,7 +127,11 @@ pub struct Status {
 }
 
 pub fn status(pid: i32) -> Result<Status> {
-    let text = read(pid, "status")?;
+    Ok(parse_status(&read(pid, "status")?))
+}
+
+/// The text of a status file.
+pub fn parse_status(text: &str) -> Status {
     let mut s = Status::default();
     let four = |v: &str| -> [u32; 4] {
         let mut a = [0u32; 4];
@@ -164,13 +172,18 @@ pub fn status(pid: i32) -> Result<Status> {
             _ => {}
         }
     }
-    Ok(s)
+    s
 }
 
 /// /proc/PID/stat fields from the one after `(comm)`; index 0 is the state
 /// (field 3 in proc(5) numbering).
 pub fn stat_fields(pid: i32) -> Result<Vec<u64>> {
-    let text = read(pid, "stat")?;
+    parse_stat(&read(pid, "stat")?).with_context(|| format!("/proc/{pid}/stat"))
+}
+
+/// The text of a stat file (the command name may hold spaces and parens:
+/// the fields start after its last ')').
+pub fn parse_stat(text: &str) -> Result<Vec<u64>> {
     let rest = text
         .rsplit_once(')')
         .map(|x| x.1)
@@ -189,14 +202,18 @@ pub fn stat_field(fields: &[u64], n: usize) -> u64 {
 
 /// The `key:\tvalue` lines of /proc/PID/fdinfo/FD.
 pub fn fdinfo(pid: i32, fd: i32) -> Result<Vec<(String, String)>> {
-    let text = read(pid, &format!("fdinfo/{fd}"))?;
-    Ok(text
-        .lines()
+    Ok(parse_fdinfo(&read(pid, &format!("fdinfo/{fd}"))?))
+}
+
+/// The `key: value` lines of an fdinfo file, in order (keys repeat: one
+/// `lock:` or `inotify` line each).
+pub fn parse_fdinfo(text: &str) -> Vec<(String, String)> {
+    text.lines()
         .filter_map(|l| {
             l.split_once(':')
                 .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         })
-        .collect())
+        .collect()
 }
 
 pub fn auxv(pid: i32) -> Result<Vec<u64>> {
@@ -206,4 +223,94 @@ pub fn auxv(pid: i32) -> Result<Vec<u64>> {
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0a00000-55d0c0a21000 r-xp 00001000 fe:01 1835 /usr/bin/my prog (deleted)
+Size:                132 kB
+Rss:                  64 kB
+VmFlags: rd ex mr mw me dw sd
+7ffd1e1f0000-7ffd1e212000 rw-p 00000000 00:00 0                          [stack]
+Size:                136 kB
+VmFlags: rd wr mr mw me gd ac
+7f0000000000-7f0000001000 rw-s 00000000 00:01 4242                       /dev/zero (deleted)
+VmFlags: rd wr sh mr mw me ms lo
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+";
+
+    #[test]
+    fn smaps_entries_and_flags() {
+        let v = parse_smaps(SMAPS).unwrap();
+        assert_eq!(v.len(), 4);
+        let exe = &v[0];
+        assert_eq!((exe.start, exe.end), (0x55d0c0a00000, 0x55d0c0a21000));
+        assert!(exe.read && !exe.write && exe.exec && !exe.shared);
+        assert_eq!(exe.offset, 0x1000);
+        assert_eq!(exe.inode, 1835);
+        // A path keeps its spaces and its " (deleted)" mark.
+        assert_eq!(exe.path, "/usr/bin/my prog (deleted)");
+        assert!(exe.has_flag("dw") && !exe.has_flag("gd"));
+        assert_eq!(v[1].path, "[stack]");
+        assert!(v[1].has_flag("gd"));
+        assert!(v[2].shared && v[2].has_flag("lo"));
+        assert_eq!(v[3].start, 0xffffffffff600000);
+    }
+
+    #[test]
+    fn smaps_refuses_an_unknown_line() {
+        let bad = "55d0c0a00000-55d0c0a21000 r-xp zz fe:01 1835 /x\n";
+        assert!(parse_smaps(bad).is_err());
+    }
+
+    #[test]
+    fn status_fields() {
+        let s = parse_status(
+            "Name:\tmy prog\nUmask:\t0027\nState:\tS (sleeping)\nTgid:\t42\nPPid:\t1\n\
+             TracerPid:\t0\nUid:\t1000\t1001\t1002\t1003\nGid:\t5\t6\t7\t8\n\
+             Groups:\t4 24 27 \nThreads:\t3\nSigBlk:\t0000000000010002\n\
+             CapEff:\t000001ffffffffff\nSeccomp:\t2\n",
+        );
+        assert_eq!(s.name, "my prog");
+        assert_eq!(s.umask, 0o027);
+        assert_eq!(s.state, 'S');
+        assert_eq!((s.tgid, s.ppid, s.tracer_pid), (42, 1, 0));
+        assert_eq!(s.uid, [1000, 1001, 1002, 1003]);
+        assert_eq!(s.gid, [5, 6, 7, 8]);
+        assert_eq!(s.groups, vec![4, 24, 27]);
+        assert_eq!(s.threads, 3);
+        assert_eq!(s.sig_blk, 0x10002);
+        assert_eq!(s.cap_eff, 0x1ff_ffff_ffff);
+        assert_eq!(s.seccomp, 2);
+    }
+
+    #[test]
+    fn stat_with_parens_in_the_name() {
+        let f = parse_stat("123 (a) b (c)) T 1 123 77 0 -1 4194560 0 0").unwrap();
+        // Field 4 (ppid), 5 (pgrp), 6 (session); -1 reads as u64::MAX.
+        assert_eq!(stat_field(&f, 4), 1);
+        assert_eq!(stat_field(&f, 5), 123);
+        assert_eq!(stat_field(&f, 6), 77);
+        assert_eq!(stat_field(&f, 8), u64::MAX);
+        // A field past the end reads as 0.
+        assert_eq!(stat_field(&f, 52), 0);
+        assert!(parse_stat("no parenthesis").is_err());
+    }
+
+    #[test]
+    fn fdinfo_keeps_repeated_keys() {
+        let v = parse_fdinfo(
+            "pos:\t7\nflags:\t02004002\nmnt_id:\t25\nlock:\t1: FLOCK  ADVISORY  WRITE 9 fe:01:3 0 EOF\n\
+             lock:\t2: POSIX  ADVISORY  READ 9 fe:01:3 0 9\n",
+        );
+        assert_eq!(v[0], ("pos".into(), "7".into()));
+        assert_eq!(v[1].1, "02004002");
+        let locks: Vec<_> = v.iter().filter(|(k, _)| k == "lock").collect();
+        assert_eq!(locks.len(), 2);
+        // Only the first ':' splits: the value keeps its own.
+        assert_eq!(locks[0].1, "1: FLOCK  ADVISORY  WRITE 9 fe:01:3 0 EOF");
+    }
 }

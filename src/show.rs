@@ -408,6 +408,10 @@ impl Describe for FdTable {
                     f.capacity
                 ),
                 Some(F::Tty(t)) => format!("terminal {} flags {:#o} (shell job)", t.path, t.flags),
+                Some(F::GhostDir(g)) => format!(
+                    "deleted directory {} mode {:o} flags {:#o} pos {}",
+                    g.path, g.mode, g.flags, g.pos
+                ),
                 None => "?".into(),
             };
             let dup = e

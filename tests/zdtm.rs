@@ -18,9 +18,24 @@ fn maps() {
     cycle("maps", &[]);
 }
 
+/// AVX-512 state (zmm0-31, opmask k3, x87): only where the CPU has it.
 #[test]
 fn fpu_avx512() {
-    cycle("fpu", &[]);
+    if !cpu_has("avx512f") {
+        eprintln!("skipped: this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)");
+        return;
+    }
+    cycle("fpu", &["avx512"]);
+}
+
+/// AVX state (the upper halves of ymm0-15, x87) on every CPU with AVX.
+#[test]
+fn fpu_avx() {
+    if !cpu_has("avx") {
+        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+        return;
+    }
+    cycle("fpu", &["avx"]);
 }
 
 #[test]
@@ -31,6 +46,16 @@ fn signals() {
 #[test]
 fn itimers() {
     cycle("itimers", &[]);
+}
+
+#[test]
+fn itimer_fired_while_frozen() {
+    cycle("itimer_fired", &[]);
+}
+
+#[test]
+fn deleted_dirs_and_chroot() {
+    cycle("ghost_dirs", &[]);
 }
 
 #[test]
@@ -194,6 +219,17 @@ fn python_mid_computation() {
     assert!(st.success(), "python exited with {st}: {log}");
     let want = (n - 1) * n * (2 * n - 1) / 6;
     assert_eq!(log.trim(), want.to_string(), "wrong result after restore");
+}
+
+#[test]
+fn python_periodic_itimer() {
+    let mut s = Spawn::new("pyitimer").args(&[root().join("zdtm/pyitimer.py").to_str().unwrap()]);
+    s.program = Some("python3".into());
+    let mut t = s.start();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
 }
 
 #[test]

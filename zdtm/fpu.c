@@ -1,65 +1,117 @@
-/* FPU/SSE/AVX/AVX-512 registers: hold distinct values in all vector
- * registers (and x87) while the task is checkpointed, then compare. The task
- * spins in assembly so the values live only in registers. */
+/* FPU and vector registers: hold distinct values in every vector register
+ * (and x87) while the task is checkpointed, then compare. The task spins in
+ * assembly so the values live only in registers.
+ *
+ *   fpu avx512   zmm0-31 (all 512 bits), the k3 mask register and x87
+ *   fpu avx      ymm0-15 (the upper halves live in the AVX xsave component)
+ *
+ * Built without any -m flag: only the function of the chosen mode uses its
+ * instructions (target attribute), and the runner picks a mode the CPU has
+ * (/proc/cpuinfo). The program checks CPUID itself too, so a wrong mode
+ * fails with a message instead of SIGILL. */
 #include "zdtmlib.h"
 #include <cpuid.h>
 #include <stdint.h>
 
-static volatile int stop_flag;
-static void on_term(int s) { (void)s; stop_flag = 1; }
-
-static int has_avx512(void)
+static int cpu_has(const char *what)
 {
 	unsigned a, b, c, d;
-	if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+	if (!strcmp(what, "avx512")) {
+		if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+			return 0;
+		return (b >> 16) & 1;
+	}
+	if (!__get_cpuid(1, &a, &b, &c, &d))
 		return 0;
-	return (b >> 16) & 1;
+	return (c >> 28) & 1; /* AVX */
 }
 
-int main(void)
+static uint64_t in[32][8] __attribute__((aligned(64)));
+static uint64_t out[32][8] __attribute__((aligned(64)));
+static double x87_in = 3.14159265358979, x87_out;
+
+static void fill(void)
 {
-	test_init();
-	struct sigaction sa = { .sa_handler = on_term };
-	sigaction(SIGTERM, &sa, NULL);
-	if (!has_avx512()) {
-		/* The runner only runs this test on AVX-512 machines. */
-		fail("no AVX-512 on this CPU");
-	}
-	static uint64_t in[32][8] __attribute__((aligned(64)));
-	static uint64_t out[32][8] __attribute__((aligned(64)));
 	for (int r = 0; r < 32; r++)
 		for (int i = 0; i < 8; i++)
 			in[r][i] = 0x0101010101010101ULL * (r + 1) + (uint64_t)i * 0x1000 + 0xabcd;
+}
+
+static void compare(int nregs, int words)
+{
+	for (int r = 0; r < nregs; r++)
+		for (int i = 0; i < words; i++)
+			if (in[r][i] != out[r][i])
+				fail("register %d word %d: %llx != %llx", r, i,
+				     (unsigned long long)out[r][i], (unsigned long long)in[r][i]);
+	if (x87_out != x87_in)
+		fail("x87 st0 %f", x87_out);
+}
+
+__attribute__((target("avx512f"))) static void hold_avx512(void)
+{
 	uint64_t k_in = 0xa5a5, k_out = 0;
-	double x87_in = 3.14159265358979, x87_out = 0;
 	test_ready();
-#define LD(n) "vmovdqa64 " #n "*64(%[in]), %%zmm" #n "\n\t"
-#define ST(n) "vmovdqa64 %%zmm" #n ", " #n "*64(%[out])\n\t"
+#define LDZ(n) "vmovdqa64 " #n "*64(%[in]), %%zmm" #n "\n\t"
+#define STZ(n) "vmovdqa64 %%zmm" #n ", " #n "*64(%[out])\n\t"
 	asm volatile(
 		"fldl %[x]\n\t"
-		"kmovq %[k], %%k3\n\t"
-		LD(0) LD(1) LD(2) LD(3) LD(4) LD(5) LD(6) LD(7) LD(8) LD(9) LD(10) LD(11) LD(12) LD(13) LD(14) LD(15)
-		LD(16) LD(17) LD(18) LD(19) LD(20) LD(21) LD(22) LD(23) LD(24) LD(25) LD(26) LD(27) LD(28) LD(29) LD(30) LD(31)
+		"kmovw %k[k], %%k3\n\t"
+		LDZ(0) LDZ(1) LDZ(2) LDZ(3) LDZ(4) LDZ(5) LDZ(6) LDZ(7) LDZ(8) LDZ(9) LDZ(10) LDZ(11)
+		LDZ(12) LDZ(13) LDZ(14) LDZ(15) LDZ(16) LDZ(17) LDZ(18) LDZ(19) LDZ(20) LDZ(21) LDZ(22)
+		LDZ(23) LDZ(24) LDZ(25) LDZ(26) LDZ(27) LDZ(28) LDZ(29) LDZ(30) LDZ(31)
 		"1: pause\n\t"
 		"cmpl $0, %[flag]\n\t"
 		"je 1b\n\t"
-		ST(0) ST(1) ST(2) ST(3) ST(4) ST(5) ST(6) ST(7) ST(8) ST(9) ST(10) ST(11) ST(12) ST(13) ST(14) ST(15)
-		ST(16) ST(17) ST(18) ST(19) ST(20) ST(21) ST(22) ST(23) ST(24) ST(25) ST(26) ST(27) ST(28) ST(29) ST(30) ST(31)
-		"kmovq %%k3, %[ko]\n\t"
+		STZ(0) STZ(1) STZ(2) STZ(3) STZ(4) STZ(5) STZ(6) STZ(7) STZ(8) STZ(9) STZ(10) STZ(11)
+		STZ(12) STZ(13) STZ(14) STZ(15) STZ(16) STZ(17) STZ(18) STZ(19) STZ(20) STZ(21) STZ(22)
+		STZ(23) STZ(24) STZ(25) STZ(26) STZ(27) STZ(28) STZ(29) STZ(30) STZ(31)
+		"kmovw %%k3, %k[ko]\n\t"
 		"fstpl %[xo]\n\t"
-		: [ko] "=m"(k_out), [xo] "=m"(x87_out)
-		: [in] "r"(in), [out] "r"(out), [flag] "m"(stop_flag), [k] "m"(k_in), [x] "m"(x87_in)
+		: [ko] "=r"(k_out), [xo] "=m"(x87_out)
+		: [in] "r"(in), [out] "r"(out), [flag] "m"(zdtm_stop), [k] "r"(k_in), [x] "m"(x87_in)
 		: "memory", "k3", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
 		  "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20",
 		  "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
-	for (int r = 0; r < 32; r++)
-		for (int i = 0; i < 8; i++)
-			if (in[r][i] != out[r][i])
-				fail("zmm%d word %d: %llx != %llx", r, i, (unsigned long long)out[r][i],
-				     (unsigned long long)in[r][i]);
-	if (k_out != k_in)
+	compare(32, 8);
+	if ((k_out & 0xffff) != k_in)
 		fail("k3: %llx", (unsigned long long)k_out);
-	if (x87_out != x87_in)
-		fail("x87 st0 %f", x87_out);
+}
+
+__attribute__((target("avx"))) static void hold_avx(void)
+{
+	test_ready();
+#define LDY(n) "vmovdqa " #n "*64(%[in]), %%ymm" #n "\n\t"
+#define STY(n) "vmovdqa %%ymm" #n ", " #n "*64(%[out])\n\t"
+	asm volatile(
+		"fldl %[x]\n\t"
+		LDY(0) LDY(1) LDY(2) LDY(3) LDY(4) LDY(5) LDY(6) LDY(7) LDY(8) LDY(9) LDY(10) LDY(11)
+		LDY(12) LDY(13) LDY(14) LDY(15)
+		"1: pause\n\t"
+		"cmpl $0, %[flag]\n\t"
+		"je 1b\n\t"
+		STY(0) STY(1) STY(2) STY(3) STY(4) STY(5) STY(6) STY(7) STY(8) STY(9) STY(10) STY(11)
+		STY(12) STY(13) STY(14) STY(15)
+		"fstpl %[xo]\n\t"
+		: [xo] "=m"(x87_out)
+		: [in] "r"(in), [out] "r"(out), [flag] "m"(zdtm_stop), [x] "m"(x87_in)
+		: "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+		  "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+	compare(16, 4);
+}
+
+int main(int argc, char **argv)
+{
+	const char *mode = argc > 1 ? argv[1] : "avx";
+	test_init();
+	if (strcmp(mode, "avx") && strcmp(mode, "avx512"))
+		fail("usage: fpu avx|avx512");
+	if (!cpu_has(mode))
+		fail("this CPU has no %s; the runner must not run this mode here", mode);
+	fill();
+	if (!strcmp(mode, "avx512"))
+		hold_avx512();
+	else
+		hold_avx();
 	pass();
 }

@@ -125,14 +125,6 @@ impl FileKind for RegularFileKind {
         if !p.meta.file_type().is_file() && !p.meta.file_type().is_dir() {
             return Ok(None);
         }
-        if p.link.ends_with(" (deleted)") {
-            bail!(
-                "PID {} fd {} is the deleted directory {}, which crust cannot restore",
-                p.pid,
-                p.fd,
-                p.link
-            );
-        }
         Ok(Some(FdFile::Regular(RegularFile {
             path: p.link.to_string(),
             flags: p.flags & !O_CLOEXEC,
@@ -248,6 +240,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::inotify::InotifyKind,
     &super::fanotify::FanotifyKind,
     &super::ghost::GhostFileKind,
+    &super::ghost::GhostDirKind,
     &RegularFileKind,
     &super::pty::PtyKind,
     &TtyKind,
@@ -294,16 +287,27 @@ pub fn dump_fd_table(
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     fds.sort_unstable();
+    let fs_link = |name: &str| -> Result<(String, Option<crate::images::pb::GhostDir>)> {
+        let proc_path = format!("/proc/{pid}/{name}");
+        let link = fs::read_link(&proc_path)
+            .with_context(|| format!("reading {proc_path}"))?
+            .to_string_lossy()
+            .into_owned();
+        let ghost = super::ghost::is_ghost_dir(&proc_path, &link)
+            .then(|| super::ghost::dump_ghost_dir(&proc_path, &link))
+            .transpose()?;
+        Ok((link, ghost))
+    };
+    let (cwd, cwd_ghost) = fs_link("cwd")?;
+    let (root, root_ghost) = fs_link("root")?;
     let mut table = FdTable {
-        cwd: fs::read_link(format!("/proc/{pid}/cwd"))?
-            .to_string_lossy()
-            .into_owned(),
-        root: fs::read_link(format!("/proc/{pid}/root"))?
-            .to_string_lossy()
-            .into_owned(),
+        cwd,
+        root,
         umask: proc::status(pid)?.umask,
         fds: Vec::new(),
         pipes: Vec::new(),
+        cwd_ghost,
+        root_ghost,
     };
     let pidfd = crate::sys::pidfd_open(pid).with_context(|| format!("pidfd of {pid}"))?;
     for fd in fds {
@@ -793,18 +797,67 @@ fn own_fds() -> Result<Vec<RawFd>> {
         .collect())
 }
 
-/// Restores cwd, root and umask.
-pub fn restore_fs(table: &FdTable) -> Result<()> {
-    if table.root != "/" {
-        nix::unistd::chroot(table.root.as_str())
-            .with_context(|| format!("chroot to {}", table.root))?;
+/// A task's root and working directory, opened (O_PATH) before its fd
+/// table is rebuilt: both paths are crust's view, and the cwd may lie
+/// outside the root. `apply` moves the task into them.
+pub struct FsDirs {
+    root: Option<OwnedFd>,
+    cwd: OwnedFd,
+    umask: u32,
+}
+
+impl FsDirs {
+    /// Opens the dumped root and cwd (a deleted one: the directory crust
+    /// made again, from `inodes`), above fd `min`.
+    pub fn open(
+        table: &FdTable,
+        inodes: &std::collections::HashMap<(u64, u64), RawFd>,
+        min: RawFd,
+    ) -> Result<Self> {
+        let open = |path: &str, ghost: Option<&crate::images::pb::GhostDir>, what: &str| {
+            let fd = match ghost {
+                Some(g) => {
+                    let made = inodes.get(&(g.dev, g.ino)).with_context(|| {
+                        format!("the deleted {what} {} was not made again", g.path)
+                    })?;
+                    super::ghost::reopen(*made, libc::O_PATH | libc::O_DIRECTORY, &g.path)?
+                }
+                None => open_fd(path, (libc::O_PATH | libc::O_DIRECTORY) as u32).map_err(|e| {
+                    anyhow::anyhow!("{what} {path} is gone ({e:#}); create it to restore")
+                })?,
+            };
+            // SAFETY: duplicating an fd we own above the task's fds.
+            let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+            new_fd(high as i64, what)
+        };
+        let root = (table.root != "/" || table.root_ghost.is_some())
+            .then(|| open(&table.root, table.root_ghost.as_ref(), "root directory"))
+            .transpose()?;
+        let cwd = open(&table.cwd, table.cwd_ghost.as_ref(), "working directory")?;
+        Ok(FsDirs {
+            root,
+            cwd,
+            umask: table.umask,
+        })
     }
-    nix::unistd::chdir(table.cwd.as_str()).map_err(|e| {
-        anyhow::anyhow!(
-            "working directory {} is gone ({e}); create it to restore",
-            table.cwd
-        )
-    })?;
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(table.umask));
-    Ok(())
+
+    /// The fds to keep while the fd table is rebuilt.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.root
+            .iter()
+            .chain([&self.cwd])
+            .map(|f| f.as_raw_fd())
+            .collect()
+    }
+
+    /// chroot into the root, chdir into the cwd, set the umask.
+    pub fn apply(self) -> Result<()> {
+        if let Some(root) = &self.root {
+            nix::unistd::fchdir(root.as_raw_fd()).context("entering the root directory")?;
+            nix::unistd::chroot(".").context("chroot to the dumped root")?;
+        }
+        nix::unistd::fchdir(self.cwd.as_raw_fd()).context("entering the working directory")?;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(self.umask));
+        Ok(())
+    }
 }

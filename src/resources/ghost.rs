@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use super::files::{FdProbe, FileKind, RestoreCtx};
 use crate::images::pb::fd_entry::File as FdFile;
-use crate::images::pb::{GhostData, GhostFile, MmEntry};
+use crate::images::pb::{FdTable, GhostData, GhostDir, GhostFile, MmEntry};
 
 /// Largest ghost file carried in the images.
 const GHOST_LIMIT: u64 = 64 << 20;
@@ -120,7 +120,10 @@ pub fn create_ghost(g: &GhostData) -> Result<OwnedFd> {
 /// Opens a new description of the file crust holds as `fd`, with `flags`.
 pub fn reopen(fd: RawFd, flags: i32, name: &str) -> Result<OwnedFd> {
     let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))?;
-    let flags = (flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC;
+    // O_NOFOLLOW would refuse the /proc magic link itself (sqlite opens its
+    // temporary files with it); it says nothing about the open file.
+    let flags = (flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOFOLLOW))
+        | libc::O_CLOEXEC;
     // SAFETY: open(2) of a NUL-terminated path.
     let fd = unsafe { libc::open(path.as_ptr(), flags) };
     if fd < 0 {
@@ -130,12 +133,94 @@ pub fn reopen(fd: RawFd, flags: i32, name: &str) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Creates every nameless file the tree maps, once per (dev, ino); crust
-/// holds them (the tasks inherit the fds at fork) until the tree is built.
+/// Whether the directory behind a /proc link (`proc_path`, shown as
+/// `shown`) was deleted: the link says so and the directory has no links.
+pub fn is_ghost_dir(proc_path: &str, shown: &str) -> bool {
+    shown.ends_with(DELETED)
+        && std::fs::metadata(proc_path).is_ok_and(|m| m.is_dir() && m.nlink() == 0)
+}
+
+/// Describes the deleted directory behind a /proc link.
+pub fn dump_ghost_dir(proc_path: &str, shown: &str) -> Result<GhostDir> {
+    let md = std::fs::metadata(proc_path).with_context(|| format!("stat {proc_path}"))?;
+    Ok(GhostDir {
+        path: shown.strip_suffix(DELETED).unwrap_or(shown).to_string(),
+        dev: md.dev(),
+        ino: md.ino(),
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        flags: 0,
+        pos: 0,
+    })
+}
+
+/// Makes a deleted directory again: created at its old path (beside it,
+/// under a temporary name, when something else has that path now; missing
+/// parents are made and removed again), given its mode and owner, opened
+/// (O_PATH) and removed. The holders then get a directory with no name, as
+/// they had.
+pub fn create_ghost_dir(g: &GhostDir) -> Result<OwnedFd> {
+    let path = std::path::Path::new(&g.path);
+    let mut made: Vec<&std::path::Path> = path
+        .ancestors()
+        .skip(1)
+        .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
+        .collect();
+    made.reverse();
+    for a in &made {
+        std::fs::create_dir(a)
+            .with_context(|| format!("making {} for a deleted directory", a.display()))?;
+    }
+    let tmp;
+    let at = if std::fs::symlink_metadata(path).is_ok() {
+        tmp = std::path::PathBuf::from(format!("{}.crust-{}", g.path, std::process::id()));
+        tmp.as_path()
+    } else {
+        path
+    };
+    let made_at = std::fs::create_dir(at)
+        .with_context(|| format!("making the deleted directory {} again", g.path))
+        .and_then(|_| {
+            std::fs::set_permissions(at, std::fs::Permissions::from_mode(g.mode))?;
+            std::os::unix::fs::chown(at, Some(g.uid), Some(g.gid))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(at)?;
+            Ok(OwnedFd::from(f))
+        });
+    let _ = std::fs::remove_dir(at);
+    for a in made.iter().rev() {
+        let _ = std::fs::remove_dir(a);
+    }
+    made_at.with_context(|| format!("making the deleted directory {} again", g.path))
+}
+
+/// The deleted directories a table holds: cwd, root and open fds.
+fn ghost_dirs(t: &FdTable) -> impl Iterator<Item = &GhostDir> {
+    t.cwd_ghost
+        .iter()
+        .chain(t.root_ghost.iter())
+        .chain(t.fds.iter().filter_map(|e| match &e.file {
+            Some(FdFile::GhostDir(g)) => Some(g),
+            _ => None,
+        }))
+}
+
+/// Creates every nameless file the tree maps and every deleted directory
+/// it holds, once per (dev, ino); crust holds them (the tasks inherit the
+/// fds at fork) until the tree is built.
 pub fn create_tree_ghosts<'a>(
     mms: impl Iterator<Item = &'a MmEntry>,
+    tables: impl Iterator<Item = &'a FdTable>,
 ) -> Result<HashMap<(u64, u64), RawFd>> {
     let mut out = HashMap::new();
+    for g in tables.flat_map(ghost_dirs) {
+        if let std::collections::hash_map::Entry::Vacant(e) = out.entry((g.dev, g.ino)) {
+            e.insert(create_ghost_dir(g)?.into_raw_fd());
+        }
+    }
     for g in mms.flat_map(|mm| &mm.ghosts) {
         if let std::collections::hash_map::Entry::Vacant(e) = out.entry((g.dev, g.ino)) {
             // Held read-only: a file open for writing anywhere cannot become
@@ -184,6 +269,45 @@ impl FileKind for GhostFileKind {
             bail!(
                 "seeking {} to {}: {}",
                 data.path,
+                g.pos,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Some(fd))
+    }
+}
+
+/// An open fd of a deleted directory.
+pub struct GhostDirKind;
+
+impl FileKind for GhostDirKind {
+    fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
+        let proc_path = format!("/proc/{}/fd/{}", p.pid, p.fd);
+        if !p.meta.is_dir() || !is_ghost_dir(&proc_path, p.link) {
+            return Ok(None);
+        }
+        let mut g = dump_ghost_dir(&proc_path, p.link)?;
+        g.flags = p.flags & !(libc::O_CLOEXEC as u32);
+        g.pos = p.pos;
+        Ok(Some(FdFile::GhostDir(g)))
+    }
+
+    fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
+        let FdFile::GhostDir(g) = f else {
+            return Ok(None);
+        };
+        let made = ctx
+            .inodes
+            .get(&(g.dev, g.ino))
+            .with_context(|| format!("the deleted directory {} was not made again", g.path))?;
+        let fd = reopen(*made, g.flags as i32, &g.path)?;
+        // SAFETY: lseek on an fd we own (a directory's readdir position).
+        if g.flags & libc::O_PATH as u32 == 0
+            && unsafe { libc::lseek(fd.as_raw_fd(), g.pos as i64, libc::SEEK_SET) } < 0
+        {
+            bail!(
+                "seeking the deleted directory {} to {}: {}",
+                g.path,
                 g.pos,
                 std::io::Error::last_os_error()
             );

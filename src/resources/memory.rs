@@ -25,6 +25,8 @@ const PAGE: u64 = abi::PAGE_SIZE;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+/// mmap(2) type of memory the kernel may drop under pressure (Linux 6.11).
+const MAP_DROPPABLE: i32 = 0x08;
 
 // ---------------------------------------------------------------- dump ---
 
@@ -113,6 +115,8 @@ pub fn dump_mm(pid: i32) -> Result<MmEntry> {
                 | (e.exec as u32 * libc::PROT_EXEC as u32),
             kind: kind as i32,
             growsdown: e.has_flag("gd"),
+            noreserve: e.has_flag("nr"),
+            droppable: e.has_flag("dp"),
             advice: abi::VMA_ADVICE
                 .iter()
                 .filter(|(_, flag, _)| e.has_flag(flag))
@@ -595,7 +599,14 @@ fn premap_vma(
     let (prot, flags, file) = match v.kind() {
         VmaKind::VmaAnonPrivate => {
             let gd = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
-            (rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | gd, None)
+            let nr = if v.noreserve { libc::MAP_NORESERVE } else { 0 };
+            // MAP_DROPPABLE is a mapping type of its own, in place of MAP_PRIVATE.
+            let kind = if v.droppable {
+                MAP_DROPPABLE
+            } else {
+                libc::MAP_PRIVATE
+            };
+            (rw, kind | libc::MAP_ANONYMOUS | gd | nr, None)
         }
         VmaKind::VmaAnonShared => match shared.get(&(v.dev, v.ino)) {
             // The object crust made for this shmem inode, shared by

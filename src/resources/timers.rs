@@ -25,15 +25,30 @@ pub fn dump_itimers(misc: &MiscState, core: &mut TaskCore) {
 pub fn restore_itimers(core: &TaskCore, args: &mut RestorerArgs) {
     for t in &core.itimers {
         if let Some(slot) = args.itimers.get_mut(t.which as usize) {
-            *slot = ITimerVal {
-                interval_sec: t.interval_usec / 1_000_000,
-                interval_usec: t.interval_usec % 1_000_000,
-                value_sec: t.value_usec / 1_000_000,
-                value_usec: t.value_usec % 1_000_000,
-            };
+            *slot = itimer_to_set(t);
         }
     }
 }
+
+/// The setting that brings a dumped interval timer back. A periodic timer
+/// that had just fired reads 0 time left: the kernel re-arms ITIMER_REAL
+/// only when its SIGALRM is dequeued, so setting 0 would disarm it for
+/// good. It gets one full interval instead (its pending SIGALRM, if any,
+/// comes back with the other pending signals).
+fn itimer_to_set(t: &ITimer) -> ITimerVal {
+    let value = if t.value_usec == 0 && t.interval_usec > 0 {
+        t.interval_usec
+    } else {
+        t.value_usec
+    };
+    ITimerVal {
+        interval_sec: t.interval_usec / 1_000_000,
+        interval_usec: t.interval_usec % 1_000_000,
+        value_sec: value / 1_000_000,
+        value_usec: value % 1_000_000,
+    }
+}
+
 
 /// The POSIX timers of process `pid` as /proc/PID/timers lists them: ids,
 /// clocks and how they notify (their settings need the parasite). Refused
@@ -249,5 +264,33 @@ impl FileKind for TimerFdKind {
             }
         }
         Ok(Some(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fired_periodic_itimer_is_rearmed() {
+        let t = ITimer {
+            which: 0,
+            interval_usec: 2_000,
+            value_usec: 0,
+        };
+        let v = itimer_to_set(&t);
+        assert_eq!((v.value_sec, v.value_usec), (0, 2_000));
+        assert_eq!((v.interval_sec, v.interval_usec), (0, 2_000));
+        let t = ITimer {
+            which: 0,
+            interval_usec: 1_500_000,
+            value_usec: 700_000,
+        };
+        let v = itimer_to_set(&t);
+        assert_eq!((v.value_sec, v.value_usec), (0, 700_000));
+        assert_eq!((v.interval_sec, v.interval_usec), (1, 500_000));
+        // A one-shot timer that is off stays off.
+        let off = itimer_to_set(&ITimer::default());
+        assert_eq!((off.value_sec, off.value_usec), (0, 0));
     }
 }

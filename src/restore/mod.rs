@@ -333,7 +333,10 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
-    let mut inodes = crate::resources::ghost::create_tree_ghosts(tasks.values().map(|t| &t.mm))?;
+    let mut inodes = crate::resources::ghost::create_tree_ghosts(
+        tasks.values().map(|t| &t.mm),
+        tasks.values().map(|t| &t.files),
+    )?;
     inodes.extend(crate::resources::fifo::open_fifo_keepers(
         tasks.values().map(|t| &t.files),
     )?);
@@ -430,7 +433,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
 
 /// Reads why the child failed: a text message from crust's code in the
 /// child, or a step record from the restorer.
-fn child_failure(mut status: File) -> anyhow::Error {
+fn child_failure(mut status: File, died: &str) -> anyhow::Error {
     // Other tasks of the tree still hold the pipe: read what is there, not
     // to the end (a moment for the failing task's message to land).
     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -444,18 +447,18 @@ fn child_failure(mut status: File) -> anyhow::Error {
     };
     let mut buf = Vec::new();
     let _ = status.read_to_end(&mut buf);
-    if buf.len() == 8 && buf[0] != b'E' {
-        let step = u32::from_le_bytes(buf[0..4].try_into().unwrap());
-        let err = i32::from_le_bytes(buf[4..8].try_into().unwrap());
+    if buf.len() == abi::RESTORER_FAILURE_LEN && buf[0] != b'E' {
+        let word = |i: usize| i32::from_le_bytes(buf[i * 4..i * 4 + 4].try_into().unwrap());
         return anyhow::anyhow!(
-            "restorer failed while {}: {}",
-            abi::restorer_step_name(step),
-            std::io::Error::from_raw_os_error(err)
+            "restored task {}: the restorer failed while {}: {}",
+            word(2),
+            abi::restorer_step_name(word(0) as u32),
+            std::io::Error::from_raw_os_error(word(1))
         );
     }
     match buf.strip_prefix(b"E") {
         Some(msg) => anyhow::anyhow!("{}", String::from_utf8_lossy(msg)),
-        None => anyhow::anyhow!("the restored task died before it was rebuilt"),
+        None => anyhow::anyhow!("{died} before it was rebuilt, without saying why"),
     }
 }
 
@@ -521,7 +524,18 @@ fn finish_tree(
             }
             // A zombie of the tree died as it should; its parent reaps it.
             WaitStatus::Exited(p, _) | WaitStatus::Signaled(p, _, _) if zombies.contains(&p) => {}
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err(child_failure(status)),
+            WaitStatus::Exited(p, code) => {
+                return Err(child_failure(
+                    status,
+                    &format!("restored task {p} exited with status {code}"),
+                ));
+            }
+            WaitStatus::Signaled(p, sig, _) => {
+                return Err(child_failure(
+                    status,
+                    &format!("restored task {p} was killed by {sig:?}"),
+                ));
+            }
             WaitStatus::Stopped(tid, sig) => {
                 let rip = ptrace::getregs(tid).map(|r| r.rip).unwrap_or(0);
                 bail!("restored thread {tid} got {sig:?} at {rip:#x} before it could run");

@@ -21,6 +21,12 @@ pub fn find_hole(mm: &MmEntry, size: u64, taken: &[(u64, u64)]) -> Result<u64> {
     let mut used: Vec<(u64, u64)> = proc::self_maps()?;
     used.extend(mm.vmas.iter().map(|v| (v.start, v.end)));
     used.extend_from_slice(taken);
+    first_fit(used, size)
+}
+
+/// The lowest 2 MiB-aligned address from `SEARCH_FROM` where `size` bytes
+/// fit with a 2 MiB margin to every range in `used`.
+fn first_fit(mut used: Vec<(u64, u64)>, size: u64) -> Result<u64> {
     used.sort_unstable();
     let mut at = SEARCH_FROM;
     for (s, e) in used {
@@ -142,4 +148,53 @@ pub fn make_plan(img: &TaskImages, taken: &[(u64, u64)]) -> Result<RestorePlan> 
         layout,
         stack_top: start + size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn overlaps_margin(at: u64, size: u64, used: &[(u64, u64)]) -> bool {
+        used.iter()
+            .any(|&(s, e)| at < e + ALIGN && s.saturating_sub(ALIGN) < at + size)
+    }
+
+    #[test]
+    fn empty_space_starts_at_the_bottom() {
+        assert_eq!(first_fit(vec![], 10 * MIB).unwrap(), SEARCH_FROM);
+    }
+
+    #[test]
+    fn hole_keeps_its_margin_and_alignment() {
+        let used = vec![
+            (SEARCH_FROM, SEARCH_FROM + 3 * MIB),
+            // A gap too small for 8 MiB plus margins.
+            (SEARCH_FROM + 9 * MIB, SEARCH_FROM + 10 * MIB),
+            (0x7f00_0000_0000 - 4 * MIB, 0x7f00_0000_0000),
+        ];
+        let size = 8 * MIB;
+        let at = first_fit(used.clone(), size).unwrap();
+        assert_eq!(at % ALIGN, 0);
+        assert!(!overlaps_margin(at, size, &used), "{at:#x}");
+        assert!(at >= SEARCH_FROM + 10 * MIB);
+    }
+
+    #[test]
+    fn a_gap_that_fits_is_taken() {
+        let used = vec![
+            (SEARCH_FROM, SEARCH_FROM + MIB),
+            (SEARCH_FROM + 64 * MIB, SEARCH_FROM + 65 * MIB),
+        ];
+        let at = first_fit(used.clone(), 4 * MIB).unwrap();
+        assert!(at < SEARCH_FROM + 64 * MIB);
+        assert!(!overlaps_margin(at, 4 * MIB, &used));
+    }
+
+    #[test]
+    fn no_room_is_an_error() {
+        let used = vec![(SEARCH_FROM, SEARCH_TO)];
+        assert!(first_fit(used, MIB).is_err());
+    }
 }

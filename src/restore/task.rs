@@ -31,7 +31,12 @@ pub fn run_child(
     sync: Option<OwnedFd>,
     parent: Option<&memory::Premapped>,
 ) -> ! {
-    let status_fd = status.into_raw_fd();
+    // Above every fd the task will have, so that rebuilding its fd table
+    // leaves the pipe in place and a failure at any step can be reported.
+    let status_fd = match set.tasks.get(&pid) {
+        Some(img) => move_fd_above(status.into_raw_fd(), top_fd(img)).unwrap_or(-1),
+        None => status.into_raw_fd(),
+    };
     let err = match start_task(set, pid, sync) {
         Ok(()) => rebuild_memory(set, pid, parent)
             .and_then(|mem| {
@@ -46,7 +51,7 @@ pub fn run_child(
             .unwrap_err(),
         Err(e) => e,
     };
-    let msg = format!("E{:#}", err);
+    let msg = format!("Erestored task {pid}: {:#}", err);
     // SAFETY: writing a byte buffer to our status pipe.
     unsafe {
         libc::write(status_fd, msg.as_ptr().cast(), msg.len());
@@ -220,6 +225,11 @@ fn die_as_zombie(status: i32) -> ! {
     }
 }
 
+/// The lowest fd number above every fd of the task (and above stdio).
+fn top_fd(img: &TaskImages) -> RawFd {
+    img.files.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1
+}
+
 /// Moves an fd of ours to a number at or above `min`.
 fn move_fd_above(fd: RawFd, min: RawFd) -> Result<RawFd> {
     // SAFETY: duplicating and closing fds this process owns.
@@ -244,9 +254,8 @@ fn build_task(
     let moves = &mem.moves;
 
     let exe = memory::open_exe(&img.mm, &set.inodes)?;
-    let top_fd = img.files.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1;
+    let top_fd = top_fd(img);
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
-    let status_fd = move_fd_above(status_fd, top_fd)?;
     let mut keep = vec![exe_fd, status_fd];
     let holds_tty = img
         .files
@@ -269,6 +278,8 @@ fn build_task(
     };
 
     load_restorer(img, plan, moves, exe_fd, status_fd)?;
+    let dirs = files::FsDirs::open(&img.files, &set.inodes, top_fd)?;
+    keep.extend(dirs.fds());
 
     files::restore_fd_table(
         &img.files,
@@ -285,7 +296,7 @@ fn build_task(
         // SAFETY: closing our extra copy of the terminal.
         unsafe { libc::close(t) };
     }
-    files::restore_fs(&img.files)?;
+    dirs.apply()?;
     let me = set.task_ref(img.core.pid);
     if me.ctty_pty > 0 && me.tty_fg_pgrp > 0 && me.tty_fg_pgrp != me.pgid {
         crate::resources::pty::set_foreground(me.ctty_pty as u32 - 1, me.tty_fg_pgrp);

@@ -40,7 +40,9 @@ pub fn build(name: &str) -> PathBuf {
             if p.extension().is_some_and(|x| x == "c") {
                 let out = bin_dir().join(p.file_stem().unwrap());
                 let st = Command::new("cc")
-                    .args(["-O1", "-Wall", "-mavx512f", "-pthread", "-o"])
+                    // No -m flag: the programs run on any x86-64 CPU (a
+                    // test of one CPU feature's state checks `cpu_has`).
+                    .args(["-O1", "-Wall", "-pthread", "-o"])
                     .arg(&out)
                     .arg(&p)
                     .status()
@@ -50,6 +52,15 @@ pub fn build(name: &str) -> PathBuf {
         }
     });
     bin_dir().join(name)
+}
+
+/// Whether /proc/cpuinfo lists the CPU feature flag `flag` (e.g. "avx512f").
+pub fn cpu_has(flag: &str) -> bool {
+    fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|w| w == flag))
 }
 
 /// Keeps fds the test harness inherited (from whatever started cargo) out of
