@@ -139,7 +139,8 @@ pub struct MiscState {
     pub dumpable: i32,
     pub child_subreaper: i32,
     pub thp_disable: i32,
-    pub _pad: i32,
+    /// membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS), or a negative errno.
+    pub membarrier: i32,
     /// Bitmask of the sigactions that could be read.
     pub sigactions_ok: u64,
 }
@@ -164,6 +165,9 @@ pub struct ParasiteCtl {
     pub nr_timers: u64,
     pub timers: [PosixTimer; MAX_POSIX_TIMERS],
 }
+
+/// membarrier(2) command that reports the process's registrations (6.3).
+pub const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 
 // ---- restorer ----------------------------------------------------------
 

@@ -195,6 +195,7 @@ fn get_misc(ctl: &mut ParasiteCtl) -> i64 {
         m.mce_kill = syscall6(SYS_PRCTL, PR_MCE_KILL_GET, 0, 0, 0, 0, 0) as i32;
         m.no_new_privs = syscall6(SYS_PRCTL, PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0, 0) as i32;
         m.thp_disable = syscall6(SYS_PRCTL, PR_GET_THP_DISABLE, 0, 0, 0, 0, 0) as i32;
+        m.membarrier = syscall4(SYS_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, 0) as i32;
     }
     0
 }

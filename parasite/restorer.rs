@@ -17,18 +17,36 @@ mod rt;
 use abi::*;
 use rt::*;
 
+// The end of every thread's restore: `rax` holds the address of its
+// sigframe's ucontext (rt_sigreturn reads the frame at rsp - 8), `rdx` the
+// task's own SIGTRAP action (0: none). The int3 lets crust watch the last
+// step; being forced with every signal blocked, it resets the SIGTRAP
+// action to the default, so the action is installed again after it.
+core::arch::global_asm!(
+    ".globl restorer_finish",
+    "restorer_finish:",
+    "mov rsp, rax",
+    "mov rsi, rdx",
+    "int3",
+    "test rsi, rsi",
+    "jz 1f",
+    "mov eax, 13",
+    "mov edi, 5",
+    "xor edx, edx",
+    "mov r10d, 8",
+    "syscall",
+    "1:",
+    "mov eax, 15",
+    "syscall",
+    "2: jmp 2b",
+);
+
 core::arch::global_asm!(
     ".globl restorer_entry",
     "restorer_entry:",
     "and rsp, -16",
     "call {main}",
-    // main returns the address of the sigframe's ucontext: rt_sigreturn
-    // reads the frame at rsp - 8.
-    "mov rsp, rax",
-    "int3",
-    "mov eax, 15",
-    "syscall",
-    "2: jmp 2b",
+    "jmp restorer_finish",
     main = sym restorer_main,
 );
 
@@ -49,13 +67,26 @@ core::arch::global_asm!(
     "mov rdi, r12",
     "and rsp, -16",
     "call {thread_main}",
-    "mov rsp, rax",
-    "int3",
-    "mov eax, 15",
-    "syscall",
-    "2: jmp 2b",
+    "jmp restorer_finish",
     thread_main = sym thread_main,
 );
+
+/// What a thread's restore returns to `restorer_finish` (in rax and rdx).
+#[repr(C)]
+struct Finish {
+    sigframe_uc: u64,
+    sigtrap_action: u64,
+}
+
+fn finish(args: &RestorerArgs, sigframe_uc: u64) -> Finish {
+    let trap = 5;
+    let sigtrap_action = if args.sigactions_ok & (1 << (trap - 1)) != 0 {
+        &args.sigactions[trap - 1] as *const KSigAction as u64
+    } else {
+        0
+    };
+    Finish { sigframe_uc, sigtrap_action }
+}
 
 unsafe extern "C" {
     fn restorer_clone_thread(args: *const CloneArgs, size: u64, thread: *const ThreadArgs) -> i64;
@@ -163,7 +194,7 @@ fn restore_own_state(args: &RestorerArgs, t: &ThreadArgs) {
     }
 }
 
-extern "C" fn thread_main(t: *const ThreadArgs) -> u64 {
+extern "C" fn thread_main(t: *const ThreadArgs) -> Finish {
     // SAFETY: the main thread passed a ThreadArgs in the hole.
     let t = unsafe { &*t };
     // SAFETY: t.args points at the process's RestorerArgs in the hole.
@@ -175,7 +206,7 @@ extern "C" fn thread_main(t: *const ThreadArgs) -> u64 {
         (*done).fetch_add(1, core::sync::atomic::Ordering::SeqCst);
         syscall4(SYS_FUTEX, done as u64, FUTEX_WAKE, 1, 0);
     }
-    t.sigframe_uc
+    finish(args, t.sigframe_uc)
 }
 
 /// Creates the other threads with their TIDs, once the address space and
@@ -248,7 +279,7 @@ fn check(args: &RestorerArgs, step: u32, r: i64) {
     }
 }
 
-extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
+extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
     // SAFETY: crust's child placed the args in the hole and points rdi at them.
     let args = unsafe { &mut *args_ptr };
     let base = args_ptr as u64;
@@ -335,7 +366,7 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> u64 {
 
     // SAFETY: the status pipe is crust's, the task never had it.
     unsafe { syscall2(SYS_CLOSE, args.status_fd as u64, 0) };
-    args.leader.sigframe_uc
+    finish(args, args.leader.sigframe_uc)
 }
 
 /// Installs the thread's seccomp filters, oldest first, while it still has

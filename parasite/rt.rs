@@ -47,6 +47,7 @@ pub const SYS_SHMAT: u64 = 30;
 pub const SYS_MLOCKALL: u64 = 151;
 pub const SYS_SECCOMP: u64 = 317;
 pub const SYS_MLOCK2: u64 = 325;
+pub const SYS_MEMBARRIER: u64 = 324;
 pub const SYS_TIMER_SETTIME: u64 = 223;
 pub const SYS_TIMER_GETTIME: u64 = 224;
 pub const SYS_TIMER_GETOVERRUN: u64 = 225;

@@ -11,7 +11,9 @@ use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
 use crate::proc;
-use crate::resources::{creds, files, memory, pipes, prctl, regs, sched, seccomp, signals, timers};
+use crate::resources::{
+    creds, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
+};
 use crate::seize::{SeizedTask, seize_threads};
 use crate::{abi, sys};
 
@@ -251,6 +253,10 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         let vmas = dump_task(threads, fds, &dir, parent)?;
         vmas_of.insert(pid, vmas);
     }
+    let job_stops: std::collections::HashMap<i32, i32> = seized
+        .iter()
+        .filter_map(|t| Some((t[0].pid.as_raw(), t[0].job_stop? as i32)))
+        .collect();
     for n in &tree {
         let ctty = (n.sid == n.pid && !n.zombie)
             .then(|| crate::resources::pty::ctty_of(n.pid, &masters))
@@ -262,6 +268,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             sid: n.sid,
             zombie: n.zombie,
             stopped: n.stopped,
+            stop_signo: job_stops.get(&n.pid).copied().unwrap_or(0),
             exit_status: n.exit_status,
             ctty_pty: ctty.map_or(0, |(i, _)| i as i32 + 1),
             tty_fg_pgrp: ctty.map_or(0, |(_, g)| g),
@@ -386,6 +393,7 @@ fn dump_task(
             .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
             .unwrap_or(0),
         shared_pending: sys::peek_pending(task.pid, true).context("reading pending signals")?,
+        loginuid: creds::dump_loginuid(pid)?,
         oom_score_adj: std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -417,6 +425,7 @@ fn dump_task(
             timers::dump_itimers(&m, &mut core);
             creds::dump_rlimits(&m, &mut core);
             prctl::dump_prctl(&m, &mut core);
+            membarrier::dump_membarrier(&m, &mut core);
             if m.brk >= mm.start_brk {
                 mm.brk = m.brk;
             }

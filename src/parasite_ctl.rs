@@ -13,7 +13,6 @@ use std::sync::atomic::{Ordering, compiler_fence};
 use anyhow::{Context, Result, bail};
 use iced_x86::code_asm::CodeAssembler;
 use nix::sys::ptrace;
-use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use tracing::debug;
 
@@ -23,12 +22,11 @@ use crate::resources::regs;
 use crate::seize::{Regs, SeizedTask, wait_task};
 use crate::sys;
 
-/// The machine code of a remote system call: `syscall; int3`.
-fn syscall_trap_code() -> Vec<u8> {
+/// The machine code of a remote system call: one `syscall` instruction.
+fn syscall_code() -> Vec<u8> {
     let mut a = CodeAssembler::new(64).expect("64-bit assembler");
     a.syscall().expect("encode syscall");
-    a.int3().expect("encode int3");
-    a.assemble(0).expect("assemble syscall; int3")
+    a.assemble(0).expect("assemble syscall")
 }
 
 /// Bytes of the task's code overwritten for a remote syscall; put back on drop.
@@ -57,18 +55,22 @@ impl Drop for CodePatch<'_> {
     }
 }
 
-/// Runs the task from `regs` until it traps (int3), with all signals blocked.
+/// Runs the task from `regs`, with all signals blocked, through one system
+/// call: stopped at its entry and at its exit (PTRACE_SYSCALL), where the
+/// result is read. No trap instruction is involved: a forced SIGTRAP with
+/// SIGTRAP blocked would reset the task's SIGTRAP handler to the default.
 /// The task's own state is put back by the caller (`SeizedTask::restore_state`).
-fn run_until_trap(task: &SeizedTask, regs: Regs) -> Result<Regs> {
+fn run_one_syscall(task: &SeizedTask, regs: Regs) -> Result<Regs> {
     let pid = task.pid;
     // Registers first, mask second: a crust killed in between must not
     // leave the task's own code running with every signal blocked.
     ptrace::setregs(pid, regs)?;
     sys::set_sigmask(pid, !0)?;
-    ptrace::cont(pid, None)?;
-    loop {
+    let mut stops = 0;
+    while stops < 2 {
+        ptrace::syscall(pid, None)?;
         match wait_task(pid)? {
-            WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+            WaitStatus::PtraceSyscall(_) => stops += 1,
             WaitStatus::Stopped(_, sig) => {
                 let r = ptrace::getregs(pid)?;
                 bail!(
@@ -79,41 +81,17 @@ fn run_until_trap(task: &SeizedTask, regs: Regs) -> Result<Regs> {
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                 bail!("task {pid} died while running injected code")
             }
-            WaitStatus::PtraceEvent(..) => ptrace::cont(pid, None)?,
+            WaitStatus::PtraceEvent(..) => {}
             other => bail!("task {pid}: unexpected {other:?} while running injected code"),
         }
     }
-    let regs = ptrace::getregs(pid)?;
-    park_in_interrupt_stop(pid)?;
-    Ok(regs)
-}
-
-/// Moves a task out of the SIGTRAP signal-delivery stop of an int3 into an
-/// interrupt stop. A tracer that dies leaves a task in a signal-delivery stop
-/// to receive that signal, and SIGTRAP would kill it; leaving an interrupt
-/// stop delivers nothing. The task does not reach user space in between: it
-/// goes on inside the kernel's signal code (all signals blocked) to the trap.
-fn park_in_interrupt_stop(pid: nix::unistd::Pid) -> Result<()> {
-    ptrace::interrupt(pid)?;
-    ptrace::cont(pid, None)?;
-    loop {
-        match wait_task(pid)? {
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(()),
-            // Only SIGSTOP gets through the mask: deliver it; it ends in the
-            // same stop.
-            WaitStatus::Stopped(_, sig) => ptrace::cont(pid, Some(sig))?,
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                bail!("task {pid} died after running injected code")
-            }
-            _ => ptrace::cont(pid, None)?,
-        }
-    }
+    Ok(ptrace::getregs(pid)?)
 }
 
 /// Executes one system call in the task, at its current rip, and puts the
 /// code and the task's registers back before returning.
 pub fn remote_syscall(task: &SeizedTask, nr: i64, args: [u64; 6]) -> Result<i64> {
-    let code = syscall_trap_code();
+    let code = syscall_code();
     let at = task.regs.rip;
     let result = {
         let _patch = CodePatch::apply(&task.mem, at, &code)?;
@@ -124,7 +102,7 @@ pub fn remote_syscall(task: &SeizedTask, nr: i64, args: [u64; 6]) -> Result<i64>
         r.rax = nr as u64;
         (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) =
             (args[0], args[1], args[2], args[3], args[4], args[5]);
-        run_until_trap(task, r).map(|r| r.rax as i64)
+        run_one_syscall(task, r).map(|r| r.rax as i64)
     };
     task.restore_state()?;
     let ret = result?;

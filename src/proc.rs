@@ -117,6 +117,9 @@ pub struct Status {
     pub groups: Vec<u32>,
     pub threads: u32,
     pub sig_blk: u64,
+    /// Signals pending for the thread (SigPnd) and the process (ShdPnd).
+    pub sig_pnd: u64,
+    pub shd_pnd: u64,
     pub cap_inh: u64,
     pub cap_prm: u64,
     pub cap_eff: u64,
@@ -163,6 +166,8 @@ pub fn parse_status(text: &str) -> Status {
             }
             "Threads" => s.threads = v.parse().unwrap_or(1),
             "SigBlk" => s.sig_blk = hex(v),
+            "SigPnd" => s.sig_pnd = hex(v),
+            "ShdPnd" => s.shd_pnd = hex(v),
             "CapInh" => s.cap_inh = hex(v),
             "CapPrm" => s.cap_prm = hex(v),
             "CapEff" => s.cap_eff = hex(v),

@@ -30,6 +30,9 @@ pub struct SeizedTask {
     pub sigmask: u64,
     /// /proc/PID/mem, for reading and patching the task's memory.
     pub mem: File,
+    /// The signal of the job-control stop the task was in (SIGSTOP,
+    /// SIGTSTP...), None when it was running.
+    pub job_stop: Option<Signal>,
     released: bool,
 }
 
@@ -88,9 +91,13 @@ pub fn seize_task(pid: i32) -> Result<SeizedTask> {
     };
     ptrace::interrupt(p)
         .map_err(|e| detach_on_err(anyhow::anyhow!("PTRACE_INTERRUPT of {pid}: {e}")))?;
-    loop {
+    let job_stop = loop {
         match wait_task(p).map_err(detach_on_err)? {
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => break,
+            // The stop of PTRACE_INTERRUPT reports SIGTRAP; a task in a
+            // job-control stop reports the signal that stopped it.
+            WaitStatus::PtraceEvent(_, sig, libc::PTRACE_EVENT_STOP) => {
+                break is_stop_signal(sig).then_some(sig);
+            }
             // A signal arrived first: let it be delivered as it would have
             // been; the interrupt stays pending and stops the task next.
             WaitStatus::Stopped(_, sig) => {
@@ -102,6 +109,9 @@ pub fn seize_task(pid: i32) -> Result<SeizedTask> {
             }
             other => debug!("task {pid}: ignoring {other:?} while seizing"),
         }
+    };
+    if job_stop.is_some() {
+        drain_stop_signals(p).map_err(detach_on_err)?;
     }
     let stop_regs = ptrace::getregs(p).map_err(|e| detach_on_err(e.into()))?;
     // The registers to run the task's own code from after injected code;
@@ -122,6 +132,7 @@ pub fn seize_task(pid: i32) -> Result<SeizedTask> {
         xstate,
         sigmask,
         mem,
+        job_stop,
         released: false,
     })
 }
@@ -141,6 +152,7 @@ impl SeizedTask {
                 .read(true)
                 .write(true)
                 .open(format!("/proc/{pid}/mem"))?,
+            job_stop: None,
             released: false,
         })
     }
@@ -219,6 +231,68 @@ impl Drop for SeizedTask {
             let _ = ptrace::detach(self.pid, None);
         }
     }
+}
+
+fn is_stop_signal(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
+/// Bit of `sig` in a /proc signal mask.
+fn sig_bit(sig: Signal) -> u64 {
+    1 << (sig as i32 - 1)
+}
+
+/// Takes the stop signals still queued to a task that is stopped already
+/// (a second SIGSTOP, sent with kill or tkill): when not blocked,
+/// the first injected code the task ran would be interrupted by one. They
+/// change nothing: the task is stopped, stays stopped when crust lets it go
+/// (the kernel puts a detached tracee back into its group stop), and is
+/// stopped again after a restore; a SIGCONT would have discarded them.
+/// Each is dequeued with PTRACE_CONT and suppressed at its signal-delivery
+/// stop, with an interrupt queued so that the task goes straight back into
+/// a ptrace stop without running a single instruction of its own.
+fn drain_stop_signals(p: Pid) -> Result<()> {
+    let stops = [
+        Signal::SIGSTOP,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ]
+    .into_iter()
+    .map(sig_bit)
+    .fold(0, |a, b| a | b);
+    for _ in 0..8 {
+        let st = proc::status(p.as_raw())?;
+        // A blocked one stays queued: injected code runs with every signal
+        // blocked, and the task gets it back as it was. SIGSTOP cannot be
+        // blocked.
+        let deliverable =
+            (st.sig_pnd | st.shd_pnd) & stops & (!st.sig_blk | sig_bit(Signal::SIGSTOP));
+        if deliverable == 0 {
+            return Ok(());
+        }
+        ptrace::cont(p, None)?;
+        loop {
+            match wait_task(p)? {
+                WaitStatus::Stopped(_, sig) => {
+                    ptrace::interrupt(p)?;
+                    // Another signal on its way in is delivered as it would
+                    // have been (as during the seize itself).
+                    let pass = (!is_stop_signal(sig)).then_some(sig);
+                    ptrace::cont(p, pass)?;
+                }
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => break,
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    bail!("PID {p} exited while being seized")
+                }
+                _ => ptrace::cont(p, None)?,
+            }
+        }
+    }
+    bail!("PID {p}: stop signals keep arriving; dump again")
 }
 
 /// Seizes every thread of process `pid`, the leader first, re-reading

@@ -59,6 +59,21 @@ fn deleted_dirs_and_chroot() {
 }
 
 #[test]
+fn zombies_killed_and_in_groups() {
+    cycle("zombie_kinds", &[]);
+}
+
+#[test]
+fn job_control_stop_signals() {
+    cycle("stop_signals", &[]);
+}
+
+#[test]
+fn sigtrap_action_kept() {
+    cycle("sigtrap", &[]);
+}
+
+#[test]
 fn madvise_and_mlock() {
     cycle("madvise", &[]);
 }

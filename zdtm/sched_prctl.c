@@ -1,14 +1,26 @@
-/* Scheduling and prctl state, per thread and per process: nice, policy and
- * CPU affinity; timer slack, MCE kill policy, parent-death signal,
- * no_new_privs and securebits per thread; dumpable, child subreaper and THP
- * disable per process; oom_score_adj. */
+/* Scheduling and prctl state, per thread and per process: nice, policy
+ * (SCHED_RESET_ON_FORK included) and CPU affinity; timer slack, MCE kill
+ * policy, parent-death signal, no_new_privs and securebits per thread;
+ * dumpable, child subreaper and THP disable per process; oom_score_adj,
+ * the audit login uid and membarrier registrations. */
 #include "zdtmlib.h"
 #include <pthread.h>
 #include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <linux/securebits.h>
+#include <linux/membarrier.h>
+
+#ifndef SCHED_RESET_ON_FORK
+#define SCHED_RESET_ON_FORK 0x40000000
+#endif
+#ifndef MEMBARRIER_CMD_GET_REGISTRATIONS
+#define MEMBARRIER_CMD_GET_REGISTRATIONS (1 << 9)
+#endif
+
+static int membarrier(int cmd) { return syscall(SYS_membarrier, cmd, 0, 0); }
 
 static volatile int stop_thread;
 static char thread_err[128];
@@ -74,6 +86,31 @@ int main(void)
 	prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0);
 	if (prctl(PR_SET_SECUREBITS, SECBIT_NOROOT))
 		fail("PR_SET_SECUREBITS");
+	/* A real-time task has no timer slack: the RR policy lives in a child. */
+	pid_t rt = fork();
+	if (rt == 0) {
+		struct sched_param rr = { .sched_priority = 3 }, got;
+		if (sched_setscheduler(0, SCHED_RR | SCHED_RESET_ON_FORK, &rr))
+			_exit(2);
+		while (!test_done())
+			usleep(1000);
+		if (sched_getscheduler(0) != (SCHED_RR | SCHED_RESET_ON_FORK))
+			_exit(3);
+		if (sched_getparam(0, &got) || got.sched_priority != 3)
+			_exit(4);
+		_exit(0);
+	}
+	while (sched_getscheduler(rt) != (SCHED_RR | SCHED_RESET_ON_FORK))
+		usleep(1000);
+	int mb = MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED | MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
+	if (membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) ||
+	    membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED))
+		fail("membarrier registration");
+	if (membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS) != mb)
+		fail("membarrier registrations %x before the dump", membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS));
+	FILE *lf = fopen("/proc/self/loginuid", "w");
+	if (!lf || fprintf(lf, "4242") < 0 || fclose(lf))
+		fail("setting loginuid");
 	prctl(PR_SET_DUMPABLE, 0);
 	FILE *f = fopen("/proc/self/oom_score_adj", "w");
 	if (!f || fprintf(f, "300") < 0 || fclose(f))
@@ -112,5 +149,18 @@ int main(void)
 	f = fopen("/proc/self/oom_score_adj", "r");
 	if (!f || !fgets(buf, sizeof(buf), f) || atoi(buf) != 300)
 		fail("oom_score_adj %s", buf);
+	fclose(f);
+	kill(rt, SIGTERM);
+	int st;
+	if (waitpid(rt, &st, 0) != rt || !WIFEXITED(st) || WEXITSTATUS(st))
+		fail("the SCHED_RR | SCHED_RESET_ON_FORK child: status %x (3: policy, 4: priority)", st);
+	if (membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS) != mb)
+		fail("membarrier registrations %x", membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS));
+	if (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED))
+		fail("membarrier PRIVATE_EXPEDITED after restore");
+	memset(buf, 0, sizeof(buf));
+	f = fopen("/proc/self/loginuid", "r");
+	if (!f || !fgets(buf, sizeof(buf), f) || atoi(buf) != 4242)
+		fail("loginuid %s", buf);
 	pass();
 }

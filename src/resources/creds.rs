@@ -73,3 +73,31 @@ pub fn restore_rlimits(core: &TaskCore) -> Result<()> {
     }
     Ok(())
 }
+
+/// The audit login uid of a process (unset reads 4294967295).
+pub fn dump_loginuid(pid: i32) -> Result<u32> {
+    let p = format!("/proc/{pid}/loginuid");
+    match std::fs::read_to_string(&p) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{p}: cannot parse {s:?}")),
+        // A kernel without audit has no such file: nothing to carry.
+        Err(_) => Ok(u32::MAX),
+    }
+}
+
+/// Sets the calling (restored) process's login uid. An unset one stays
+/// unset; writing needs CAP_AUDIT_CONTROL, which crust has as root.
+pub fn restore_loginuid(core: &TaskCore) -> Result<()> {
+    let own = dump_loginuid(std::process::id() as i32)?;
+    if core.loginuid == own {
+        return Ok(());
+    }
+    std::fs::write("/proc/self/loginuid", core.loginuid.to_string()).map_err(|e| {
+        anyhow::anyhow!(
+            "setting the login uid to {}: {e}; crust needs CAP_AUDIT_CONTROL (and an audit loginuid that is not immutable)",
+            core.loginuid as i32
+        )
+    })
+}

@@ -8,6 +8,7 @@ pub mod fifo;
 pub mod files;
 pub mod ghost;
 pub mod inotify;
+pub mod membarrier;
 pub mod memory;
 pub mod pipes;
 pub mod prctl;

@@ -29,9 +29,10 @@ pub fn dump_sched(tid: i32) -> Sched {
         } else {
             Vec::new()
         };
-        // SCHED_RESET_ON_FORK is reported as a flag of the policy.
+        // SCHED_RESET_ON_FORK is reported as a flag of the policy and is
+        // kept there: sched_setscheduler takes it the same way.
         Sched {
-            policy: policy & !0x4000_0000,
+            policy,
             priority: param.sched_priority,
             nice,
             affinity,

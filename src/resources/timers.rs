@@ -49,7 +49,6 @@ fn itimer_to_set(t: &ITimer) -> ITimerVal {
     }
 }
 
-
 /// The POSIX timers of process `pid` as /proc/PID/timers lists them: ids,
 /// clocks and how they notify (their settings need the parasite). Refused
 /// before anything is touched when there are more than crust carries.

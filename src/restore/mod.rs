@@ -203,7 +203,8 @@ pub fn dead_groups(inv: &Inventory) -> Vec<(i32, i32)> {
         return Vec::new();
     };
     let mut out: Vec<(i32, i32)> = Vec::new();
-    for t in inv.tasks.iter().filter(|t| !t.zombie) {
+    // Zombies count: they are made again in their group before they die.
+    for t in &inv.tasks {
         if t.pgid != root.pgid
             && !inv.tasks.iter().any(|l| l.pid == t.pgid)
             && !out.iter().any(|&(g, _)| g == t.pgid)
@@ -431,6 +432,54 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     Ok(child)
 }
 
+/// Where a restored thread is after the restorer's final trap: between
+/// system calls, inside one (the SIGTRAP action put back), inside
+/// rt_sigreturn, or parked at its exit, back in the task's own code.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Finishing {
+    Between,
+    InOther,
+    InSigreturn,
+    Parked,
+}
+
+/// The signal that stops a restored task again: the one that stopped it,
+/// when it still would. SIGTSTP, SIGTTIN and SIGTTOU stop only where their
+/// handler is the default, they are not blocked, and the group is not
+/// orphaned (the kernel discards them there); SIGSTOP always stops.
+fn stop_signal(set: &RestoreSet, img: &TaskImages) -> Signal {
+    let me = set.task_ref(img.core.pid);
+    let Ok(sig) = Signal::try_from(me.stop_signo) else {
+        return Signal::SIGSTOP;
+    };
+    if sig == Signal::SIGSTOP {
+        return sig;
+    }
+    let bit = 1u64 << (sig as i32 - 1);
+    let default = img
+        .core
+        .sigactions
+        .iter()
+        .find(|a| a.signo == sig as u32)
+        .is_none_or(|a| a.handler == 0);
+    let blocked = img.core.threads[0].sigmask & bit != 0;
+    // A group is orphaned unless a member's parent is in another group of
+    // the same session (the root's parent, outside the tree, cannot count).
+    let orphaned = !set.inv.tasks.iter().any(|t| {
+        t.pgid == me.pgid
+            && set
+                .inv
+                .tasks
+                .iter()
+                .any(|p| p.pid == t.ppid && p.pgid != t.pgid && p.sid == t.sid)
+    });
+    if default && !blocked && !orphaned {
+        sig
+    } else {
+        Signal::SIGSTOP
+    }
+}
+
 /// Reads why the child failed: a text message from crust's code in the
 /// child, or a step record from the restorer.
 fn child_failure(mut status: File, died: &str) -> anyhow::Error {
@@ -499,10 +548,12 @@ fn finish_tree(
         .map(Pid::from_raw)
         .collect();
     let expected: usize = set.tasks.values().map(|t| t.core.threads.len()).sum();
-    // Per thread: how many syscall stops of rt_sigreturn it has passed
-    // since its final trap (2 = parked at the exit, back in its own code).
-    let mut stage: HashMap<Pid, u8> = HashMap::new();
-    let parked = |stage: &HashMap<Pid, u8>| stage.values().filter(|&&s| s == 2).count();
+    // Per thread, from its final trap on: where it is in the restorer's
+    // last system calls (rt_sigaction of SIGTRAP, then rt_sigreturn).
+    let mut stage: HashMap<Pid, Finishing> = HashMap::new();
+    let parked = |stage: &HashMap<Pid, Finishing>| {
+        stage.values().filter(|&&s| s == Finishing::Parked).count()
+    };
     while parked(&stage) < expected {
         let st = loop {
             match waitpid(None, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
@@ -512,18 +563,31 @@ fn finish_tree(
         };
         match st {
             WaitStatus::Stopped(tid, Signal::SIGTRAP) => {
-                stage.insert(tid, 0);
+                stage.insert(tid, Finishing::Between);
                 ptrace::syscall(tid, None)?;
             }
             WaitStatus::PtraceSyscall(tid) => {
-                let s = stage.entry(tid).or_insert(0);
-                *s += 1;
-                if *s < 2 {
+                let s = stage.entry(tid).or_insert(Finishing::Between);
+                *s = match *s {
+                    Finishing::Between => {
+                        let nr = ptrace::getregs(tid)?.orig_rax;
+                        if nr == libc::SYS_rt_sigreturn as u64 {
+                            Finishing::InSigreturn
+                        } else {
+                            Finishing::InOther
+                        }
+                    }
+                    Finishing::InOther => Finishing::Between,
+                    Finishing::InSigreturn | Finishing::Parked => Finishing::Parked,
+                };
+                if *s != Finishing::Parked {
                     ptrace::syscall(tid, None)?;
                 }
             }
             // A zombie of the tree died as it should; its parent reaps it.
             WaitStatus::Exited(p, _) | WaitStatus::Signaled(p, _, _) if zombies.contains(&p) => {}
+            // A zombie killing itself with its signal: deliver it.
+            WaitStatus::Stopped(p, sig) if zombies.contains(&p) => ptrace::cont(p, Some(sig))?,
             WaitStatus::Exited(p, code) => {
                 return Err(child_failure(
                     status,
@@ -566,10 +630,10 @@ fn finish_tree(
                 -r
             );
         }
-        // A task stopped by job control gets its SIGSTOP while still held,
-        // so it stops again before it runs a single instruction.
+        // A task stopped by job control gets its stop signal while still
+        // held, so it stops again before it runs a single instruction.
         if set.task_ref(*pid).stopped {
-            kill(Pid::from_raw(*pid), Signal::SIGSTOP)?;
+            kill(Pid::from_raw(*pid), stop_signal(set, img))?;
         }
         // A thread stopped in an interruptible syscall goes back into the
         // kernel's signal code with its orig_rax, as the freeze found it:

@@ -12,7 +12,9 @@ use super::{RestoreOpts, RestoreSet, TaskImages};
 use crate::abi::{MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs, VmaMove};
 use crate::blobs::RESTORER_BLOB;
 use crate::images::pb::ThreadCore;
-use crate::resources::{creds, files, memory, prctl, regs, sched, seccomp, signals, timers};
+use crate::resources::{
+    creds, files, membarrier, memory, prctl, regs, sched, seccomp, signals, timers,
+};
 use crate::sys;
 use nix::unistd::Pid;
 use std::os::fd::FromRawFd;
@@ -119,7 +121,7 @@ fn group_standin(set: &RestoreSet, pgid: i32) -> ! {
         .inv
         .tasks
         .iter()
-        .filter(|t| t.pgid == pgid && !t.zombie)
+        .filter(|t| t.pgid == pgid)
         .map(|t| t.pid)
         .collect();
     let joined =
@@ -144,6 +146,8 @@ fn fork_children(
         match sys::fork_with_pid(child.pid) {
             Ok(0) => {
                 if child.zombie {
+                    // In its session and group first: a zombie keeps them.
+                    let _ = join_session(set, child.pid);
                     die_as_zombie(child.exit_status)
                 }
                 // SAFETY: dup of our status pipe for the child to own.
@@ -157,7 +161,7 @@ fn fork_children(
                 // do), so the group exists before the next sibling, which
                 // may join it, is forked.
                 let c = Pid::from_raw(c);
-                if child.sid != child.pid && !child.zombie {
+                if child.sid != child.pid {
                     if child.pgid == child.pid {
                         let _ = nix::unistd::setpgid(c, c);
                     } else if set.in_tree(child.pgid) || set.is_dead_group(child.pgid) {
@@ -214,6 +218,8 @@ fn die_as_zombie(status: i32) -> ! {
     // SAFETY: the process ends here; nothing of crust's runs after this.
     unsafe {
         if sig != 0 {
+            // Dying of SIGSEGV and the like must not write a core file.
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
             libc::signal(sig, libc::SIG_DFL);
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -305,6 +311,8 @@ fn build_task(
     // SAFETY: personality(2) with the dumped persona.
     unsafe { libc::personality(img.core.personality as libc::c_ulong) };
     creds::restore_rlimits(&img.core)?;
+    creds::restore_loginuid(&img.core)?;
+    membarrier::restore_membarrier(&img.core)?;
     prctl::restore_oom_score_adj(&img.core)?;
     // The stand-in group leaders this task made are no children of the
     // dumped task: reap them before its own code runs.
