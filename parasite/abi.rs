@@ -282,6 +282,7 @@ pub const RSTEP_POSIX_TIMER: u32 = 14;
 pub const RSTEP_MADVISE: u32 = 15;
 pub const RSTEP_SECCOMP: u32 = 16;
 pub const RSTEP_SHMAT: u32 = 17;
+pub const RSTEP_GUARD: u32 = 18;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -302,6 +303,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_MADVISE => "restoring a VMA's madvise/mlock state",
         RSTEP_SECCOMP => "installing seccomp filters",
         RSTEP_SHMAT => "attaching a SysV shared memory segment",
+        RSTEP_GUARD => "installing a guard region",
         _ => "unknown step",
     }
 }
@@ -340,6 +342,11 @@ pub struct RestorerArgs {
     pub _pad: u32,
     /// mlockall() flags for future mappings (MCL_FUTURE | MCL_ONFAULT), 0 for none.
     pub mlockall: u64,
+    /// Guard regions to install again (MADV_GUARD_INSTALL): `nr_guards`
+    /// `IoVec`s at `guards_off` from the start of this struct, each inside
+    /// one VMA's final place.
+    pub guards_off: u64,
+    pub nr_guards: u64,
     /// POSIX timers, created with their ids once every thread exists.
     pub nr_posix_timers: u64,
     pub posix_timers: [PosixTimer; MAX_POSIX_TIMERS],

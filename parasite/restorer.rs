@@ -306,6 +306,7 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
         // SAFETY: the VMA now lives at dst.
         let r = unsafe { syscall4(SYS_MPROTECT, v.dst, v.len, v.prot, 0) };
         check(args, RSTEP_MPROTECT, r);
+        install_guards(args, base, &v);
         restore_vma_advice(args, &v);
     }
 
@@ -413,6 +414,22 @@ fn attach_shm(args: &RestorerArgs, v: &VmaMove) {
     check(args, RSTEP_SHMAT, r);
     if r as u64 != v.dst {
         fail(args, RSTEP_SHMAT, -22);
+    }
+}
+
+/// Installs the guard regions that lie in VMA `v` (before its mlock: a
+/// locked VMA refuses them).
+fn install_guards(args: &RestorerArgs, base: u64, v: &VmaMove) {
+    const MADV_GUARD_INSTALL: u64 = 102;
+    let guards = (base + args.guards_off) as *const IoVec;
+    for i in 0..args.nr_guards as usize {
+        // SAFETY: crust wrote nr_guards entries at guards_off.
+        let g = unsafe { *guards.add(i) };
+        if g.base >= v.dst && g.base < v.dst + v.len {
+            // SAFETY: madvise on a range of the VMA just moved into place.
+            let r = unsafe { syscall4(SYS_MADVISE, g.base, g.len, MADV_GUARD_INSTALL, 0) };
+            check(args, RSTEP_GUARD, r);
+        }
     }
 }
 

@@ -74,6 +74,11 @@ fn sigtrap_action_kept() {
 }
 
 #[test]
+fn guard_regions_and_droppable_memory() {
+    cycle("guards", &[]);
+}
+
+#[test]
 fn madvise_and_mlock() {
     cycle("madvise", &[]);
 }

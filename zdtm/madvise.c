@@ -1,5 +1,6 @@
 /* madvise and mlock state of mappings: MADV_DONTFORK, MADV_WIPEONFORK,
- * MADV_HUGEPAGE/NOHUGEPAGE, MADV_DONTDUMP, mlock and mlock2(MLOCK_ONFAULT),
+ * MADV_HUGEPAGE/NOHUGEPAGE, MADV_DONTDUMP, MADV_SEQUENTIAL/RANDOM,
+ * MAP_NORESERVE, mlock and mlock2(MLOCK_ONFAULT),
  * and mlockall(MCL_FUTURE) for mappings made after the restore.
  * After restore each region shows its VmFlags again, holds its data, and a
  * child forked then sees no DONTFORK region and a zeroed WIPEONFORK one. */
@@ -14,6 +15,7 @@ struct region {
 	int advice; /* -1: mlock, -2: mlock2 on fault */
 	const char *flag;
 	char *p;
+	int mflags; /* extra mmap flags */
 };
 
 static struct region regions[] = {
@@ -24,6 +26,9 @@ static struct region regions[] = {
 	{ "dontdump", MADV_DONTDUMP, "dd", 0 },
 	{ "locked", -1, "lo", 0 },
 	{ "lockonfault", -2, "lf", 0 },
+	{ "sequential", MADV_SEQUENTIAL, "sr", 0 },
+	{ "random", MADV_RANDOM, "rr", 0 },
+	{ "noreserve", 0, "nr", 0, MAP_NORESERVE },
 	{ "plain", 0, NULL, 0 },
 };
 #define NR (int)(sizeof(regions) / sizeof(regions[0]))
@@ -71,7 +76,8 @@ int main(void)
 	test_init();
 	for (int i = 0; i < NR; i++) {
 		/* A guard page between regions keeps the kernel from merging them. */
-		char *p = mmap(NULL, LEN + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		char *p = mmap(NULL, LEN + 4096, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | regions[i].mflags, -1, 0);
 		if (p == MAP_FAILED)
 			fail("mmap: %m");
 		munmap(p + LEN, 4096);

@@ -25,6 +25,8 @@ const PAGE: u64 = abi::PAGE_SIZE;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
+/// The page is a guard region (MADV_GUARD_INSTALL; Linux 6.15 reports it).
+const PM_GUARD: u64 = 1 << 58;
 /// mmap(2) type of memory the kernel may drop under pressure (Linux 6.11).
 const MAP_DROPPABLE: i32 = 0x08;
 
@@ -261,11 +263,18 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     let mut pbuf = Vec::new();
     let mut runs = Vec::new();
     let mut shared_runs = Vec::new();
+    let mut guards = Vec::new();
     for v in &mm.vmas {
+        // The kernel may drop the pages of a MAP_DROPPABLE mapping at any
+        // time: they are not stored, and read as zeros after the restore.
+        if v.droppable {
+            continue;
+        }
         let kind = v.kind();
+        // Shared file mappings store no pages, but may hold guard regions.
         if matches!(
             kind,
-            VmaKind::VmaFileShared | VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+            VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
         ) {
             continue;
         }
@@ -292,6 +301,10 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
             let e = u64::from_le_bytes(c.try_into().unwrap());
             let addr = v.start + i as u64 * PAGE;
             let pfn = e & PM_PFN_MASK;
+            if e & PM_GUARD != 0 {
+                push_page(&mut guards, v.start, addr);
+                continue;
+            }
             let zero =
                 kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn;
             if !page_needed(kind, e) || zero {
@@ -310,6 +323,7 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     }
     mm.pagemap = runs;
     mm.parent_pages = shared_runs;
+    mm.guard_pages = guards;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 use anyhow::{Result, bail};
 
 use super::TaskImages;
-use crate::abi::{RestorerArgs, ThreadArgs, VmaMove};
+use crate::abi::{IoVec, RestorerArgs, ThreadArgs, VmaMove};
 use crate::blobs::{RESTORER_BLOB, page_align};
 use crate::images::pb::MmEntry;
 use crate::proc;
@@ -79,6 +79,8 @@ pub struct ArgsLayout {
     pub siginfo_off: usize,
     /// Each thread's seccomp filter records (`resources::seccomp`).
     pub seccomp_off: usize,
+    /// The guard regions, one `IoVec` each.
+    pub guards_off: usize,
     pub size: usize,
 }
 
@@ -107,13 +109,16 @@ impl ArgsLayout {
                 .map(|t| t.pending.len())
                 .sum::<usize>();
         let seccomp_off = siginfo_off + 128 * nr_siginfo;
-        let size = seccomp_off
-            + img
-                .core
-                .threads
-                .iter()
-                .map(seccomp::records_len)
-                .sum::<usize>();
+        let guards_off = align(
+            seccomp_off
+                + img
+                    .core
+                    .threads
+                    .iter()
+                    .map(seccomp::records_len)
+                    .sum::<usize>(),
+        );
+        let size = guards_off + img.mm.guard_pages.len() * std::mem::size_of::<IoVec>();
         ArgsLayout {
             vmas_off,
             threads_off,
@@ -121,6 +126,7 @@ impl ArgsLayout {
             frame_size,
             siginfo_off,
             seccomp_off,
+            guards_off,
             size,
         }
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use super::plan::{RESTORER_STACK, RestorePlan, THREAD_STACK};
 use super::{RestoreOpts, RestoreSet, TaskImages};
-use crate::abi::{MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs, VmaMove};
+use crate::abi::{IoVec, MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs, VmaMove};
 use crate::blobs::RESTORER_BLOB;
 use crate::images::pb::ThreadCore;
 use crate::resources::{
@@ -550,6 +550,16 @@ fn load_restorer(
         at += seccomp::restore_thread_seccomp(t, a, area, at)?;
     }
     args.leader = threads.remove(0);
+    let guards: Vec<IoVec> = mm
+        .guard_pages
+        .iter()
+        .map(|g| IoVec {
+            base: g.vaddr,
+            len: g.nr_pages * crate::abi::PAGE_SIZE,
+        })
+        .collect();
+    args.guards_off = lay.guards_off as u64;
+    args.nr_guards = guards.len() as u64;
     // SAFETY: plain repr(C) data copied into the args area, laid out by
     // ArgsLayout from the same counts.
     unsafe {
@@ -563,6 +573,11 @@ fn load_restorer(
             threads.as_ptr(),
             area.as_mut_ptr().add(lay.threads_off) as *mut ThreadArgs,
             threads.len(),
+        );
+        std::ptr::copy_nonoverlapping(
+            guards.as_ptr(),
+            area.as_mut_ptr().add(lay.guards_off) as *mut IoVec,
+            guards.len(),
         );
     }
     Ok(())
