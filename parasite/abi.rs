@@ -322,9 +322,12 @@ pub struct RestorerArgs {
     pub mm_map: PrctlMmMap,
     pub auxv: [u64; MAX_AUXV],
     pub status_fd: i32,
+    /// crust's log, moved out of the task's way; closed with status_fd.
+    pub log_fd: i32,
     pub dumpable: i32,
     pub child_subreaper: i32,
     pub thp_disable: i32,
+    pub _pad_log: i32,
     pub sigactions: [KSigAction; NSIG],
     pub sigactions_ok: u64,
     pub itimers: [ITimerVal; 3],

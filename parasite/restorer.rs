@@ -366,7 +366,12 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
     }
 
     // SAFETY: the status pipe is crust's, the task never had it.
-    unsafe { syscall2(SYS_CLOSE, args.status_fd as u64, 0) };
+    unsafe {
+        syscall2(SYS_CLOSE, args.status_fd as u64, 0);
+        if args.log_fd >= 0 {
+            syscall2(SYS_CLOSE, args.log_fd as u64, 0);
+        }
+    }
     finish(args, args.leader.sigframe_uc)
 }
 

@@ -11,6 +11,7 @@ use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
 use crate::proc;
+use crate::resources::ghost::GhostStore;
 use crate::resources::{
     creds, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
 };
@@ -23,6 +24,10 @@ pub struct DumpOpts {
     pub shell_job: bool,
     pub leave_running: bool,
     pub file_locks: bool,
+    /// Most data carried per file without a name (`--ghost-limit`).
+    pub ghost_limit: u64,
+    /// Link files deleted but linked elsewhere back (`--link-remap`).
+    pub link_remap: bool,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -217,19 +222,12 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // The fd tables first, for the whole tree, before any task is touched:
     // a pipe is dumped once, and one whose other end is outside the tree is
     // marked external.
-    let seen_pipes = std::cell::RefCell::new(std::collections::HashSet::new());
-    let descriptions = files::Descriptions::default();
-    let mut tables = Vec::new();
     let live: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
+    let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
+    let fctx = files::DumpCtx::new(&live, opts.shell_job, opts.file_locks, &ghosts);
+    let mut tables = Vec::new();
     for &pid in &live {
-        tables.push(files::dump_fd_table(
-            pid,
-            opts.shell_job,
-            opts.file_locks,
-            &seen_pipes,
-            &descriptions,
-            &live,
-        )?);
+        tables.push(files::dump_fd_table(pid, &fctx)?);
     }
     // The tree's pty masters: a session leader whose controlling terminal
     // is one of them takes it again on restore.
@@ -250,7 +248,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, parent)?;
+        let vmas = dump_task(threads, fds, &dir, &ghosts, parent)?;
         vmas_of.insert(pid, vmas);
     }
     let job_stops: std::collections::HashMap<i32, i32> = seized
@@ -291,11 +289,13 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
+    ghosts.write()?;
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
     // Durable before the tree is killed: a dump from a shutdown hook
     // survives the power cut that follows.
     dir.sync()?;
+    ghosts.keep();
     let mut killed = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();
@@ -374,12 +374,13 @@ fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
     dir: &ImageDir,
+    ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
 ) -> Result<Vec<crate::images::pb::VmaEntry>> {
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
-    let mut mm = memory::dump_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
+    let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
     memory::scan_pages(pid, &mut mm, parent)?;
     let mut threads_core = threads
         .iter()

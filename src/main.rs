@@ -11,6 +11,7 @@ mod blobs;
 mod check;
 mod dump;
 mod images;
+mod log;
 mod parasite_ctl;
 mod proc;
 mod resources;
@@ -67,6 +68,16 @@ enum Cmd {
         /// holding one is refused.
         #[arg(short = 'l', long)]
         file_locks: bool,
+        /// Most data carried in the images per file deleted while open
+        /// (holes do not count): bytes, or with a K, M or G suffix.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
+        ghost_limit: u64,
+        /// A file deleted while open but still linked under another name is
+        /// linked back beside its old name until the restore (which opens
+        /// that same file and removes the link); without it such a tree is
+        /// refused.
+        #[arg(long)]
+        link_remap: bool,
     },
     /// Bring a checkpointed process back.
     Restore {
@@ -92,6 +103,10 @@ enum Cmd {
         /// shared with the outside (a pipe's other end: pipe:[INO]).
         #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
         inherit_fd: Vec<(i32, String)>,
+        /// Allow the files the dump linked back with --link-remap: they are
+        /// opened, and their links removed once the restore is done.
+        #[arg(long)]
+        link_remap: bool,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -100,6 +115,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A size in bytes, with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?}: expected a size such as 1048576, 512K, 64M or 2G");
+    let (num, shift) = match s.trim().chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// Parses CRIU's `fd[N]:KEY` spelling of --inherit-fd.
@@ -115,37 +143,26 @@ fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let level = match cli.verbosity {
-        0 => tracing::Level::ERROR,
-        1 => tracing::Level::WARN,
-        2 => tracing::Level::INFO,
-        3 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
+    let file = match &cli.log_file {
+        Some(path) => {
+            let path = match (&cli.cmd, path.is_relative()) {
+                (Cmd::Dump { dir, .. } | Cmd::Restore { dir, .. }, true) => {
+                    std::fs::create_dir_all(dir).ok();
+                    dir.join(path)
+                }
+                _ => path.clone(),
+            };
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?,
+            )
+        }
+        None => None,
     };
-    let b = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false);
-    if let Some(path) = &cli.log_file {
-        let path = match (&cli.cmd, path.is_relative()) {
-            (Cmd::Dump { dir, .. } | Cmd::Restore { dir, .. }, true) => {
-                std::fs::create_dir_all(dir).ok();
-                dir.join(path)
-            }
-            _ => path.clone(),
-        };
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?;
-        b.with_ansi(false)
-            .with_writer(std::sync::Mutex::new(f))
-            .init();
-    } else {
-        b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    log::init(cli.verbosity, file);
     Ok(())
 }
 
@@ -159,6 +176,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             shell_job,
             leave_running,
             file_locks,
+            ghost_limit,
+            link_remap,
         } => {
             dump::dump(&dump::DumpOpts {
                 pid,
@@ -166,6 +185,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 shell_job,
                 leave_running,
                 file_locks,
+                ghost_limit,
+                link_remap,
             })?;
             Ok(0)
         }
@@ -177,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             file_locks: _,
             pid_ns,
             inherit_fd,
+            link_remap,
         } => restore::restore(&restore::RestoreOpts {
             dir,
             detach: restore_detached,
@@ -184,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             pidfile,
             pid_ns,
             inherit_fds: inherit_fd,
+            link_remap,
         }),
         Cmd::Show { path, json } => {
             show::show(&path, json)?;
@@ -223,6 +246,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        for bad in ["", "M", "12X", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn inherit_fd_spelling() {
         assert_eq!(
             parse_inherit_fd("fd[3]:pipe:[12345]").unwrap(),
@@ -256,6 +290,7 @@ mod tests {
                 shell_job,
                 leave_running,
                 file_locks,
+                ..
             } => {
                 assert_eq!(pid, 42);
                 assert_eq!(dir, PathBuf::from("/tmp/x"));

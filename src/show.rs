@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::images::pb::{FdTable, Inventory, MmEntry, TaskCore};
+use crate::images::pb::{FdTable, GhostTable, Inventory, MmEntry, TaskCore};
 use crate::images::{self, HEADER_LEN, ImageKind, parse_header, read_msg_file};
 
 /// How an image reads for people.
@@ -319,9 +319,44 @@ impl Describe for MmEntry {
     }
 }
 
+impl Describe for GhostTable {
+    fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        for g in &self.ghosts {
+            let data: u64 = g.extents.iter().map(|e| e.len).sum();
+            let _ = writeln!(
+                o,
+                "ghost {} {}:{} {}{} mode {:o} owner {}:{} size {} ({} bytes of data in {} runs){}{}",
+                g.id,
+                g.dev,
+                g.ino,
+                if g.memfd { "memfd " } else { "" },
+                g.path,
+                g.mode,
+                g.uid,
+                g.gid,
+                g.size,
+                data,
+                g.extents.len(),
+                if g.target.is_empty() {
+                    String::new()
+                } else {
+                    format!(" -> {}", g.target)
+                },
+                if g.link_remap.is_empty() {
+                    String::new()
+                } else {
+                    format!(", linked back as {}", g.link_remap)
+                }
+            );
+        }
+        o
+    }
+}
+
 impl Describe for FdTable {
     fn describe(&self) -> String {
-        use crate::images::pb::fd_entry::File as F;
         use std::fmt::Write;
         let mut o = String::new();
         let _ = writeln!(
@@ -330,90 +365,10 @@ impl Describe for FdTable {
             self.cwd, self.root, self.umask
         );
         for e in &self.fds {
-            let what = match &e.file {
-                Some(F::Regular(r)) => format!(
-                    "file {} flags {:#o} pos {} size {}",
-                    r.path, r.flags, r.pos, r.size
-                ),
-                Some(F::Chardev(c)) => format!("device {} flags {:#o}", c.path, c.flags),
-                Some(F::Pipe(p)) => format!(
-                    "pipe:[{}] {} end flags {:#o}",
-                    p.ino,
-                    if p.write { "write" } else { "read" },
-                    p.flags
-                ),
-                Some(F::Eventfd(x)) => format!(
-                    "eventfd count {} semaphore {} flags {:#o}",
-                    x.count, x.semaphore, x.flags
-                ),
-                Some(F::Signalfd(x)) => format!("signalfd mask {:#x} flags {:#o}", x.mask, x.flags),
-                Some(F::Timerfd(x)) => format!(
-                    "timerfd clock {} next in {} ns every {} ns, {} unread",
-                    x.clockid, x.value_ns, x.interval_ns, x.ticks
-                ),
-                Some(F::Epoll(x)) => {
-                    let t: Vec<String> = x
-                        .targets
-                        .iter()
-                        .map(|t| format!("fd {} events {:#x} data {:#x}", t.fd, t.events, t.data))
-                        .collect();
-                    format!("epoll [{}]", t.join(", "))
-                }
-                Some(F::Ghost(g)) => {
-                    let d = g.file.as_ref();
-                    format!(
-                        "{} {} ({} bytes carried) flags {:#o} pos {}",
-                        if d.is_some_and(|d| d.memfd) {
-                            "memfd"
-                        } else {
-                            "deleted file"
-                        },
-                        d.map_or("?", |d| d.path.as_str()),
-                        d.map_or(0, |d| d.data.len()),
-                        g.flags,
-                        g.pos
-                    )
-                }
-                Some(F::Pty(p)) if p.master => format!(
-                    "pty master of /dev/pts/{} flags {:#o} winsize {:?} packet {} locked {}",
-                    p.index, p.flags, p.winsize, p.packet_mode, p.locked
-                ),
-                Some(F::Pty(p)) => format!("pty /dev/pts/{} flags {:#o}", p.index, p.flags),
-                Some(F::Fanotify(g)) => {
-                    let m: Vec<String> = g
-                        .marks
-                        .iter()
-                        .map(|m| {
-                            format!(
-                                "{} mask {:#x} ignored {:#x}",
-                                m.path, m.mask, m.ignored_mask
-                            )
-                        })
-                        .collect();
-                    format!("fanotify flags {:#x} [{}]", g.init_flags, m.join(", "))
-                }
-                Some(F::Inotify(n)) => {
-                    let w: Vec<String> = n
-                        .watches
-                        .iter()
-                        .map(|w| format!("wd {} mask {:#x} {}", w.wd, w.mask, w.path))
-                        .collect();
-                    format!("inotify flags {:#o} [{}]", n.flags, w.join(", "))
-                }
-                Some(F::Fifo(f)) => format!(
-                    "FIFO {} flags {:#o}, {} bytes buffered (capacity {})",
-                    f.path,
-                    f.flags,
-                    f.data.len(),
-                    f.capacity
-                ),
-                Some(F::Tty(t)) => format!("terminal {} flags {:#o} (shell job)", t.path, t.flags),
-                Some(F::GhostDir(g)) => format!(
-                    "deleted directory {} mode {:o} flags {:#o} pos {}",
-                    g.path, g.mode, g.flags, g.pos
-                ),
-                None => "?".into(),
-            };
+            let what = e
+                .file
+                .as_ref()
+                .map_or_else(|| "?".into(), crate::resources::files::describe_file);
             let dup = e
                 .dup_of
                 .map(|d| format!(" (same open file as fd {d})"))
@@ -480,6 +435,23 @@ fn show_file(path: &Path, json: bool) -> Result<()> {
             &read_msg_file::<FdTable>(path, Some(hdr.kind))?,
             json,
         ),
+        ImageKind::Ghosts => print(
+            &name,
+            &read_msg_file::<GhostTable>(path, Some(hdr.kind))?,
+            json,
+        ),
+        ImageKind::GhostData => {
+            let h = images::verify_raw_file(path, ImageKind::GhostData)?;
+            print(
+                &name,
+                &Pages {
+                    bytes: h.len,
+                    pages: h.len.div_ceil(4096),
+                    crc32: h.crc,
+                },
+                json,
+            )
+        }
         ImageKind::Pages => {
             let h = images::verify_pages_file(path)?;
             print(

@@ -78,6 +78,52 @@ fn guard_regions_and_droppable_memory() {
     cycle("guards", &[]);
 }
 
+/// Size of everything in `dir`, in bytes actually allocated.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn files_without_a_name() {
+    let mut t = Spawn::new("ghost_files").start();
+    t.dump(&[]);
+    let used = disk_usage(&t.work.images());
+    assert!(
+        used < 16 << 20,
+        "the images take {used} bytes: the holes of the sparse file were stored"
+    );
+    t.restore(&[]);
+    t.pass();
+}
+
+#[test]
+fn deleted_file_linked_elsewhere_needs_link_remap() {
+    let mut t = Spawn::new("ghost_files").args(&["linked"]).start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dumped without --link-remap");
+    assert!(err.contains("--link-remap"), "{err}");
+    assert!(pid_alive(t.pid), "a refused dump killed the task");
+    t.dump(&["--link-remap"]);
+    let remapped = std::fs::read_dir(&t.work.0)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("link-remap")
+        })
+        .count();
+    assert_eq!(remapped, 1, "the dump did not link the file back");
+    t.restore(&["--link-remap"]);
+    t.pass();
+}
+
 #[test]
 fn madvise_and_mlock() {
     cycle("madvise", &[]);

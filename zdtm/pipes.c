@@ -1,5 +1,8 @@
 /* Pipes: one held whole by the root with unread bytes in it, a bigger
- * capacity and a non-blocking read end; and a pipeline producer -> consumer
+ * capacity and a non-blocking read end, plus a second description of that
+ * read end (opened through /proc) that blocks, and a dup of the first that
+ * shares its flags; a pipe end's flags exactly as pipe(2) gave them; and a
+ * pipeline producer -> consumer
  * between two children, checkpointed mid-stream: the consumer must see
  * every number exactly once and in order, across the restore. */
 #include "zdtmlib.h"
@@ -15,6 +18,13 @@ int main(void)
 	if (fcntl(a[1], F_SETPIPE_SZ, 131072) < 0)
 		fail("F_SETPIPE_SZ");
 	fcntl(a[0], F_SETFL, O_NONBLOCK);
+	char proc[64];
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", a[0]);
+	int second = open(proc, O_RDONLY);
+	int dup_of_first = dup(a[0]);
+	if (second < 0 || dup_of_first < 0)
+		fail("a second description of the pipe");
+	int plain = fcntl(b[1], F_GETFL);
 	if (write(a[1], "hello pipe", 10) != 10)
 		fail("write");
 	pid_t prod = fork();
@@ -42,7 +52,6 @@ int main(void)
 		_exit(n == 0 && want > 0 ? 0 : 5);
 	}
 	close(b[0]);
-	close(b[1]);
 	usleep(100000);
 	test_ready();
 	test_waitsig();
@@ -51,8 +60,13 @@ int main(void)
 		fail("the bytes in the pipe are lost: %s", buf);
 	if (fcntl(a[1], F_GETPIPE_SZ) != 131072)
 		fail("capacity %d", fcntl(a[1], F_GETPIPE_SZ));
-	if (!(fcntl(a[0], F_GETFL) & O_NONBLOCK))
+	if (!(fcntl(a[0], F_GETFL) & O_NONBLOCK) || !(fcntl(dup_of_first, F_GETFL) & O_NONBLOCK))
 		fail("O_NONBLOCK lost");
+	if (fcntl(second, F_GETFL) & O_NONBLOCK)
+		fail("O_NONBLOCK spread to the second description of the pipe");
+	if (fcntl(b[1], F_GETFL) != plain)
+		fail("pipe end flags %o, were %o", fcntl(b[1], F_GETFL), plain);
+	close(b[1]);
 	usleep(50000); /* let the pipeline run after restore */
 	kill(prod, SIGTERM);
 	int st;

@@ -20,7 +20,7 @@ pub mod pb {
 }
 
 /// Bumped on every incompatible change of a schema or of the framing.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 24;
 /// The pages file keeps its data page-aligned.
 pub const PAGES_HEADER_LEN: u64 = 4096;
@@ -32,15 +32,21 @@ pub enum ImageKind {
     Mm,
     Files,
     Pages,
+    /// ghosts.img: the files without a name the tree holds.
+    Ghosts,
+    /// ghost-ID.img: one such file's data (raw, its extents one after the other).
+    GhostData,
 }
 
 impl ImageKind {
-    pub const ALL: [ImageKind; 5] = [
+    pub const ALL: [ImageKind; 7] = [
         Self::Inventory,
         Self::Core,
         Self::Mm,
         Self::Files,
         Self::Pages,
+        Self::Ghosts,
+        Self::GhostData,
     ];
 
     pub fn magic(self) -> u32 {
@@ -50,6 +56,8 @@ impl ImageKind {
             Self::Mm => 0x4352_534d,        // "CRSM"
             Self::Files => 0x4352_5346,     // "CRSF"
             Self::Pages => 0x4352_5350,     // "CRSP"
+            Self::Ghosts => 0x4352_5347,    // "CRSG"
+            Self::GhostData => 0x4352_5344, // "CRSD"
         }
     }
 
@@ -60,6 +68,8 @@ impl ImageKind {
             Self::Mm => format!("mm-{pid}.img"),
             Self::Files => format!("files-{pid}.img"),
             Self::Pages => format!("pages-{pid}.img"),
+            Self::Ghosts => "ghosts.img".into(),
+            Self::GhostData => format!("ghost-{pid}.img"),
         }
     }
 
@@ -319,6 +329,102 @@ impl Drop for PagesWriter {
     }
 }
 
+/// A raw image written in one go by a copy loop: header, then the data,
+/// checksummed as it goes.
+pub struct RawWriter {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    crc: crc32fast::Hasher,
+    kind: ImageKind,
+}
+
+impl RawWriter {
+    pub fn create(dir: &ImageDir, kind: ImageKind, id: i32) -> Result<Self> {
+        let (path, file) = dir.create_file(kind, id)?;
+        file.write_all_at(&[0u8; HEADER_LEN], 0)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(RawWriter {
+            path,
+            file,
+            len: 0,
+            crc: crc32fast::Hasher::new(),
+            kind,
+        })
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, HEADER_LEN as u64 + self.len)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.crc.update(data);
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Seals the header and syncs the file.
+    pub fn finish(self) -> Result<()> {
+        let h = header(self.kind, self.len, self.crc.finalize());
+        self.file
+            .write_all_at(&h, 0)
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Reads a raw image through `RawReader`: its framing is checked on open,
+/// its checksum once the reader has consumed all of it.
+pub struct RawReader {
+    path: PathBuf,
+    file: File,
+    at: u64,
+    hdr: Header,
+    crc: crc32fast::Hasher,
+}
+
+impl RawReader {
+    pub fn open(dir: &ImageDir, kind: ImageKind, id: i32) -> Result<Self> {
+        let path = dir.file(kind, id);
+        let file = File::open(&path)
+            .with_context(|| format!("{}: cannot open; the dump is incomplete", path.display()))?;
+        let mut h = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+        let hdr = parse_header(&path, &h)?;
+        if hdr.kind != kind || file.metadata()?.len() != HEADER_LEN as u64 + hdr.len {
+            bail!("{}: not a whole {kind:?} image; dump again", path.display());
+        }
+        Ok(RawReader {
+            path,
+            file,
+            at: 0,
+            hdr,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Fills `buf` with the next bytes.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, HEADER_LEN as u64 + self.at)
+            .with_context(|| format!("{}: truncated", self.path.display()))?;
+        self.crc.update(buf);
+        self.at += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Checks that everything was read and matches the checksum.
+    pub fn finish(self) -> Result<()> {
+        if self.at != self.hdr.len || self.crc.finalize() != self.hdr.crc {
+            bail!(
+                "{}: checksum mismatch, the image is corrupt; dump again",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 fn crc_of_file_range(f: &File, off: u64, len: u64) -> std::io::Result<u32> {
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -352,6 +458,25 @@ pub fn open_pages(dir: &ImageDir, pid: i32) -> Result<(File, Header)> {
         );
     }
     Ok((f, hdr))
+}
+
+/// Verifies a whole raw image's framing and checksum (used by `show`).
+pub fn verify_raw_file(path: &Path, kind: ImageKind) -> Result<Header> {
+    let f = File::open(path)?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+    let hdr = parse_header(path, &h)?;
+    if hdr.kind != kind || f.metadata()?.len() != HEADER_LEN as u64 + hdr.len {
+        bail!("{}: truncated or padded image; dump again", path.display());
+    }
+    if crc_of_file_range(&f, HEADER_LEN as u64, hdr.len)? != hdr.crc {
+        bail!(
+            "{}: checksum mismatch, the image is corrupt; dump again",
+            path.display()
+        );
+    }
+    Ok(hdr)
 }
 
 /// Verifies the whole pages image's checksum (used by `show`).

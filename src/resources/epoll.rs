@@ -49,6 +49,16 @@ impl FileKind for EpollKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Epoll(x) = f else { return None };
+        let t: Vec<String> = x
+            .targets
+            .iter()
+            .map(|t| format!("fd {} events {:#x} data {:#x}", t.fd, t.events, t.data))
+            .collect();
+        Some(format!("epoll [{}]", t.join(", ")))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Epoll(_) = f else { return Ok(None) };
         // SAFETY: epoll_create1 returns a new fd or -1.

@@ -23,6 +23,14 @@ impl FileKind for EventFdKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Eventfd(x) = f else { return None };
+        Some(format!(
+            "eventfd count {} semaphore {} flags {:#o}",
+            x.count, x.semaphore, x.flags
+        ))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Eventfd(e) = f else {
             return Ok(None);

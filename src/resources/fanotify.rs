@@ -88,6 +88,25 @@ impl FileKind for FanotifyKind {
         Ok(Some(FdFile::Fanotify(group)))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Fanotify(g) = f else { return None };
+        let m: Vec<String> = g
+            .marks
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} mask {:#x} ignored {:#x}",
+                    m.path, m.mask, m.ignored_mask
+                )
+            })
+            .collect();
+        Some(format!(
+            "fanotify flags {:#x} [{}]",
+            g.init_flags,
+            m.join(", ")
+        ))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Fanotify(g) = f else {
             return Ok(None);

@@ -1,5 +1,6 @@
 //! FIFOs (named pipes), opened by their path, with the bytes sitting in
-//! their buffer and its capacity.
+//! their buffer and its capacity. A FIFO deleted while held is made again
+//! without a name (`ghost`) and reopened from that.
 //!
 //! Dump: the path, the flags, and the buffer copied with `tee` (as for
 //! pipes, `pipes::copy_pipe_buffer`). Restore: before the tree forks, crust
@@ -9,15 +10,22 @@
 //! does not block since the keeper is both a reader and a writer. The
 //! tasks drop their copies of the keeper once their fds are in place.
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{Context, Result, bail};
 
-use super::files::{FdProbe, FileKind, RestoreCtx};
+use super::files::{
+    FdProbe, FileKind, ObjKey, RestoreCtx, TreeImages, TreeObjects, dup_fd, reopen,
+    set_status_flags,
+};
+use crate::images::pb::Fifo;
 use crate::images::pb::fd_entry::File as FdFile;
-use crate::images::pb::{FdTable, Fifo};
+
+/// The tree object of a FIFO's keeper.
+fn keeper_key(f: &Fifo) -> ObjKey {
+    ("fifo", f.dev, f.ino)
+}
 
 pub struct FifoKind;
 
@@ -37,9 +45,13 @@ impl FileKind for FifoKind {
         if !p.meta.file_type().is_fifo() || p.link.starts_with("pipe:[") {
             return Ok(None);
         }
-        if !p.link.starts_with('/') || p.link.ends_with(" (deleted)") {
+        let ghost = super::ghost::is_ghost_path(p.link);
+        if ghost {
+            let whose = format!("PID {} fd {}", p.pid, p.fd);
+            p.ctx.ghosts.add(&p.proc_path(), p.link, &whose, None)?;
+        } else if !p.link.starts_with('/') {
             bail!(
-                "PID {} fd {} is the FIFO {}, which has no path any more; crust cannot restore it",
+                "PID {} fd {} is the FIFO {}, which has no path; crust cannot restore it",
                 p.pid,
                 p.fd,
                 p.link
@@ -47,52 +59,67 @@ impl FileKind for FifoKind {
         }
         let (capacity, data) = super::pipes::copy_pipe_buffer(p.pid, p.fd)?;
         Ok(Some(FdFile::Fifo(Fifo {
-            path: p.link.to_string(),
-            flags: p.flags & !(libc::O_CLOEXEC as u32),
+            path: p.link.trim_end_matches(" (deleted)").to_string(),
+            flags: p.open_flags(),
             dev: p.meta.dev(),
             ino: p.meta.ino(),
             data,
             capacity,
+            ghost,
         })))
+    }
+
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Fifo(f) = f else { return None };
+        Some(format!(
+            "FIFO {}{} flags {:#o}, {} bytes buffered (capacity {})",
+            f.path,
+            if f.ghost { " (deleted)" } else { "" },
+            f.flags,
+            f.data.len(),
+            f.capacity
+        ))
+    }
+
+    fn prepare(&self, t: &TreeImages, objects: &mut TreeObjects) -> Result<()> {
+        for (_, _, file) in t.files() {
+            let FdFile::Fifo(f) = file else { continue };
+            if !objects.contains(keeper_key(f)) {
+                let keeper = open_keeper(f, objects)?;
+                objects.insert(keeper_key(f), keeper);
+            }
+        }
+        Ok(())
     }
 
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Fifo(e) = f else { return Ok(None) };
-        if !ctx.inodes.contains_key(&(e.dev, e.ino)) {
-            bail!("FIFO {} was not prepared before the fork", e.path);
-        }
+        let keeper = ctx
+            .objects
+            .need(keeper_key(e), &format!("the keeper of FIFO {}", e.path))?;
         // The keeper holds both ends: opening does not block, whatever the
         // access mode. The task's own O_NONBLOCK is set afterwards.
-        let fd = open_path(
-            &e.path,
-            (e.flags as i32 & libc::O_ACCMODE) | libc::O_NONBLOCK,
-        )?;
-        let keep = (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT) as u32;
-        // SAFETY: setting status flags of the description we hold.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, (e.flags & keep) as i32) } < 0 {
-            bail!(
-                "setting the flags of FIFO {}: {}",
-                e.path,
-                std::io::Error::last_os_error()
-            );
-        }
+        let access = (e.flags as i32 & libc::O_ACCMODE) | libc::O_NONBLOCK;
+        let fd = if e.ghost {
+            reopen(keeper, access, &e.path)?
+        } else {
+            open_path(&e.path, access)?
+        };
+        set_status_flags(fd.as_raw_fd(), e.flags, &format!("FIFO {}", e.path))?;
         Ok(Some(fd))
     }
 }
 
-/// Opens every FIFO the tree holds once, read-write, with its capacity and
-/// the bytes its buffer held; keyed by the dumped (dev, ino).
-pub fn open_fifo_keepers<'a>(
-    tables: impl Iterator<Item = &'a FdTable>,
-) -> Result<HashMap<(u64, u64), RawFd>> {
-    let mut out = HashMap::new();
-    for e in tables.flat_map(|t| &t.fds) {
-        let Some(FdFile::Fifo(f)) = &e.file else {
-            continue;
-        };
-        if out.contains_key(&(f.dev, f.ino)) {
-            continue;
-        }
+/// Opens a FIFO once read-write (a deleted one: the one `ghost` made), with
+/// its capacity and the bytes its buffer held.
+fn open_keeper(f: &Fifo, objects: &TreeObjects) -> Result<OwnedFd> {
+    let keeper = if f.ghost {
+        let made = objects.need(
+            super::ghost::ghost_key(f.dev, f.ino),
+            &format!("the deleted FIFO {}", f.path),
+        )?;
+        dup_fd(made)?
+    } else {
         match std::fs::metadata(&f.path) {
             Ok(m) if m.file_type().is_fifo() => {}
             _ => bail!(
@@ -101,26 +128,25 @@ pub fn open_fifo_keepers<'a>(
                 f.path
             ),
         }
-        let keeper = open_path(&f.path, libc::O_RDWR | libc::O_NONBLOCK)?;
-        // SAFETY: fcntl on a FIFO we hold.
-        if unsafe { libc::fcntl(keeper.as_raw_fd(), libc::F_SETPIPE_SZ, f.capacity as i32) } < 0 {
-            bail!(
-                "giving FIFO {} its capacity of {} bytes: {}",
-                f.path,
-                f.capacity,
-                std::io::Error::last_os_error()
-            );
-        }
-        let n = nix::unistd::write(&keeper, &f.data)
-            .with_context(|| format!("refilling FIFO {}", f.path))?;
-        if n != f.data.len() {
-            bail!(
-                "refilling FIFO {}: {n} of {} bytes fit; something else filled it",
-                f.path,
-                f.data.len()
-            );
-        }
-        out.insert((f.dev, f.ino), keeper.into_raw_fd());
+        open_path(&f.path, libc::O_RDWR | libc::O_NONBLOCK)?
+    };
+    // SAFETY: fcntl on a FIFO we hold.
+    if unsafe { libc::fcntl(keeper.as_raw_fd(), libc::F_SETPIPE_SZ, f.capacity as i32) } < 0 {
+        bail!(
+            "giving FIFO {} its capacity of {} bytes: {}",
+            f.path,
+            f.capacity,
+            std::io::Error::last_os_error()
+        );
     }
-    Ok(out)
+    let n = nix::unistd::write(&keeper, &f.data)
+        .with_context(|| format!("refilling FIFO {}", f.path))?;
+    if n != f.data.len() {
+        bail!(
+            "refilling FIFO {}: {n} of {} bytes fit; something else filled it",
+            f.path,
+            f.data.len()
+        );
+    }
+    Ok(keeper)
 }

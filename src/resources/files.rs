@@ -1,19 +1,67 @@
-//! Files: the fd table, cwd, root and umask of a task.
+//! Files: the fd table of a task, and the framework every kind of open file
+//! plugs into.
 //!
-//! Each kind of open file is one `FileKind`: it recognises an fd at dump and
-//! reopens it at restore. Adding a kind means adding one implementation to
-//! `KINDS`; nothing else in the tree changes.
+//! Each kind of open file is one `FileKind`, in its own module with its image
+//! message: it recognises an fd at dump, describes its entry for `crust
+//! show`, checks before a restore that what it needs is there, makes what the
+//! whole tree shares before the tree forks (a pipe, a pty pair, a recreated
+//! deleted file), opens the fd again in the restored task, and finishes it
+//! once every fd is in place. Adding a kind is one module, its message in the
+//! `FdEntry.file` oneof, and one line in `KINDS`.
 
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 
 use anyhow::{Context, Result, bail};
 
-use crate::images::pb::{
-    CharDevice, FdEntry, FdOwner, FdTable, FileLock, RegularFile, Tty, fd_entry::File as FdFile,
-};
+use crate::images::ImageDir;
+use crate::images::pb::{FdEntry, FdTable, GhostData, PipeData, fd_entry::File as FdFile};
 use crate::proc;
+
+/// What the dump of the tree's fd tables knows beyond one fd: the tree, the
+/// options, the images directory, and what kinds collect once per tree.
+pub struct DumpCtx<'a> {
+    /// Every live process of the dumped tree.
+    pub tree: &'a [i32],
+    pub shell_job: bool,
+    pub file_locks: bool,
+    /// Objects dumped once for the whole tree (a pipe's buffer...), by a
+    /// kind's tag and numbers.
+    pub seen: RefCell<HashSet<ObjKey>>,
+    /// Pipe buffers first seen in the process being read (`FdTable.pipes`).
+    pub new_pipes: RefCell<Vec<PipeData>>,
+    /// Files without a name that the tree holds (deleted, memfds), stored
+    /// once per inode (`ghost`).
+    pub ghosts: &'a super::ghost::GhostStore,
+    descriptions: Descriptions,
+}
+
+impl<'a> DumpCtx<'a> {
+    pub fn new(
+        tree: &'a [i32],
+        shell_job: bool,
+        file_locks: bool,
+        ghosts: &'a super::ghost::GhostStore,
+    ) -> Self {
+        DumpCtx {
+            tree,
+            shell_job,
+            file_locks,
+            seen: RefCell::new(HashSet::new()),
+            new_pipes: RefCell::new(Vec::new()),
+            ghosts,
+            descriptions: Descriptions::default(),
+        }
+    }
+
+    /// Records `key` as dumped; false when it was already.
+    pub fn first_time(&self, key: ObjKey) -> bool {
+        self.seen.borrow_mut().insert(key)
+    }
+}
 
 /// What a `FileKind` sees of one fd at dump.
 pub struct FdProbe<'a> {
@@ -27,13 +75,7 @@ pub struct FdProbe<'a> {
     pub pos: u64,
     /// Every `key: value` line of fdinfo.
     pub info: &'a [(String, String)],
-    pub shell_job: bool,
-    /// Pipe inodes already seen anywhere in the tree, and the buffers of
-    /// those first seen in this process.
-    pub seen_pipes: &'a std::cell::RefCell<std::collections::HashSet<u64>>,
-    pub new_pipes: &'a std::cell::RefCell<Vec<crate::images::pb::PipeData>>,
-    /// Every process of the dumped tree.
-    pub tree: &'a [i32],
+    pub ctx: &'a DumpCtx<'a>,
 }
 
 impl FdProbe<'_> {
@@ -53,6 +95,83 @@ impl FdProbe<'_> {
             self.link
         )
     }
+
+    /// /proc/PID/fd/N of this fd.
+    pub fn proc_path(&self) -> String {
+        format!("/proc/{}/fd/{}", self.pid, self.fd)
+    }
+
+    /// The open(2) flags to keep in an image (close-on-exec is per fd).
+    pub fn open_flags(&self) -> u32 {
+        self.flags & !O_CLOEXEC
+    }
+}
+
+/// Names an object made for the whole tree before it forks: a kind's tag
+/// and two numbers of its choosing (a pipe's inode, a pty's index...).
+pub type ObjKey = (&'static str, u64, u64);
+
+/// The objects crust makes before the tree forks, which every restored task
+/// inherits and dups or reopens: crust holds them until the tree is built.
+#[derive(Default)]
+pub struct TreeObjects(HashMap<ObjKey, RawFd>);
+
+impl TreeObjects {
+    pub fn get(&self, key: ObjKey) -> Option<RawFd> {
+        self.0.get(&key).copied()
+    }
+
+    pub fn contains(&self, key: ObjKey) -> bool {
+        self.0.contains_key(&key)
+    }
+
+    pub fn insert(&mut self, key: ObjKey, fd: OwnedFd) {
+        if let Some(old) = self.0.insert(key, fd.into_raw_fd()) {
+            // SAFETY: the fd this map held for the key, replaced.
+            unsafe { libc::close(old) };
+        }
+    }
+
+    /// The fd of `key`, or an error naming `what` was not made.
+    pub fn need(&self, key: ObjKey, what: &str) -> Result<RawFd> {
+        self.get(key)
+            .with_context(|| format!("{what} was not made before the tree forked"))
+    }
+
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.0.values().copied()
+    }
+
+    /// Closes crust's copies (the tree holds its own).
+    pub fn close_all(&mut self) {
+        for (_, fd) in self.0.drain() {
+            // SAFETY: fds this map owns.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Everything a restore read about the tree's files, for the kinds to make
+/// what the tree shares (`FileKind::prepare`).
+pub struct TreeImages<'a> {
+    /// (PID, fd table) of every live process.
+    pub tables: Vec<(i32, &'a FdTable)>,
+    /// The files without a name the tree holds (`ghost`).
+    pub ghosts: &'a [GhostData],
+    pub dir: &'a ImageDir,
+    /// `--inherit-fd`: crust's fd N stands in for KEY.
+    pub inherit_fds: &'a [(RawFd, String)],
+}
+
+impl TreeImages<'_> {
+    /// Every fd entry's file in the tree, with the PID and fd holding it.
+    pub fn files(&self) -> impl Iterator<Item = (i32, &FdEntry, &FdFile)> {
+        self.tables.iter().flat_map(|(pid, t)| {
+            t.fds
+                .iter()
+                .filter_map(move |e| Some((*pid, e, e.file.as_ref()?)))
+        })
+    }
 }
 
 /// What a `FileKind` is given at restore.
@@ -61,20 +180,26 @@ pub struct RestoreCtx<'a> {
     pub tty: Option<RawFd>,
     /// Open file descriptions shared by several processes of the tree, by
     /// `description_id`, opened by crust before the tree forks.
-    pub shared: &'a std::collections::HashMap<u64, RawFd>,
-    /// The tree's pipes by inode: (read end, write end), made by crust.
-    pub pipes: &'a std::collections::HashMap<u64, (RawFd, RawFd)>,
-    /// Files crust made or opened per dumped inode, (dev, ino), before the
-    /// tree forks: nameless files the tree maps (`ghost::create_tree_ghosts`)
-    /// and a keeper of each FIFO, refilled (`fifo::open_fifo_keepers`).
-    pub inodes: &'a std::collections::HashMap<(u64, u64), RawFd>,
-    /// The tree's pty masters by index, made by crust (`pty::create_ptys`).
-    pub ptys: &'a std::collections::HashMap<u32, RawFd>,
+    pub shared: &'a HashMap<u64, RawFd>,
+    /// What the kinds made for the whole tree (`FileKind::prepare`).
+    pub objects: &'a TreeObjects,
 }
 
 pub trait FileKind: Sync {
     /// Claims the fd, returning its image entry, or None when it is not of this kind.
     fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>>;
+    /// One line for `crust show`, or None when the entry is not of this kind.
+    fn describe(&self, f: &FdFile) -> Option<String>;
+    /// Before anything is made: refuses a restore that cannot work (a file
+    /// gone or replaced since the dump).
+    fn check(&self, _f: &FdFile) -> Result<()> {
+        Ok(())
+    }
+    /// Makes, once for the whole tree and before it forks, the objects
+    /// several fds or tasks share.
+    fn prepare(&self, _t: &TreeImages, _objects: &mut TreeObjects) -> Result<()> {
+        Ok(())
+    }
     /// Opens a new file description for the entry.
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>>;
     /// Runs once every fd of the task is in place (an epoll set adds its
@@ -83,6 +208,24 @@ pub trait FileKind: Sync {
         Ok(())
     }
 }
+
+/// Every kind of file crust knows; the first to claim an fd dumps it.
+static KINDS: &[&dyn FileKind] = &[
+    &super::eventfd::EventFdKind,
+    &super::signals::SignalFdKind,
+    &super::timers::TimerFdKind,
+    &super::epoll::EpollKind,
+    &super::inotify::InotifyKind,
+    &super::fanotify::FanotifyKind,
+    &super::ghost::GhostFileKind,
+    &super::ghost::GhostDirKind,
+    &super::regular::RegularFileKind,
+    &super::pty::PtyKind,
+    &super::devices::TtyKind,
+    &super::devices::CharDeviceKind,
+    &super::pipes::PipeKind,
+    &super::fifo::FifoKind,
+];
 
 /// Takes ownership of an fd a system call just returned, or reports why
 /// creating `what` failed.
@@ -99,19 +242,16 @@ pub fn info_get<'a>(info: &'a [(String, String)], key: &str) -> Option<&'a str> 
     info.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
 /// Flags that must not be replayed when reopening a file.
 const OPEN_ONLY: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
 
-fn open_fd(path: &str, flags: u32) -> Result<OwnedFd> {
+/// Opens `path` with dumped open(2) flags (those that only matter at open
+/// time dropped), close-on-exec.
+pub fn open_fd(path: &str, flags: u32) -> Result<OwnedFd> {
     let c = std::ffi::CString::new(path)?;
     // SAFETY: a plain open(2) of a NUL-terminated path.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            ((flags & !OPEN_ONLY & !O_CLOEXEC) | O_CLOEXEC) as i32,
-        )
-    };
+    let fd = unsafe { libc::open(c.as_ptr(), ((flags & !OPEN_ONLY) | O_CLOEXEC) as i32) };
     if fd < 0 {
         bail!("opening {path}: {}", std::io::Error::last_os_error());
     }
@@ -119,135 +259,60 @@ fn open_fd(path: &str, flags: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-struct RegularFileKind;
-impl FileKind for RegularFileKind {
-    fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
-        if !p.meta.file_type().is_file() && !p.meta.file_type().is_dir() {
-            return Ok(None);
-        }
-        Ok(Some(FdFile::Regular(RegularFile {
-            path: p.link.to_string(),
-            flags: p.flags & !O_CLOEXEC,
-            pos: p.pos,
-            size: if p.meta.is_file() { p.meta.size() } else { 0 },
-            dev: p.meta.dev(),
-            ino: p.meta.ino(),
-        })))
+/// Opens a new description of the file crust holds as `fd`, with `flags`
+/// (through /proc/self/fd: the same inode, whatever its name).
+pub fn reopen(fd: RawFd, flags: i32, name: &str) -> Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))?;
+    // O_NOFOLLOW would refuse the /proc magic link itself (sqlite opens its
+    // temporary files with it), O_TMPFILE would make a new file: neither
+    // says anything about the open file.
+    let mut drop = libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOFOLLOW;
+    // O_TMPFILE is __O_TMPFILE | O_DIRECTORY: a directory keeps its O_DIRECTORY.
+    const O_TMPFILE_BIT: i32 = 0o20000000;
+    if flags & O_TMPFILE_BIT != 0 {
+        drop |= libc::O_TMPFILE;
     }
-    fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
-        let FdFile::Regular(r) = f else {
-            return Ok(None);
-        };
-        let fd = open_fd(&r.path, r.flags)?;
-        // An O_PATH fd has no offset.
-        let o_path = r.flags & libc::O_PATH as u32 != 0;
-        // SAFETY: lseek on an fd we own.
-        if !o_path && unsafe { libc::lseek(fd.as_raw_fd(), r.pos as i64, libc::SEEK_SET) } < 0 {
-            bail!(
-                "seeking {} to {}: {}",
-                r.path,
-                r.pos,
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(Some(fd))
+    // SAFETY: open(2) of a NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), (flags & !drop) | libc::O_CLOEXEC) };
+    if fd < 0 {
+        bail!("reopening {name}: {}", std::io::Error::last_os_error());
     }
+    // SAFETY: fd was just opened and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn is_tty_rdev(rdev: u64) -> bool {
-    let major = libc::major(rdev);
-    // 4: virtual consoles and serial ttys, 5: /dev/tty and ptmx, 136-143: pty slaves.
-    major == 4 || major == 5 || (136..=143).contains(&major)
+/// Sets the status flags (O_NONBLOCK, O_APPEND, O_DIRECT, O_NOATIME) of a
+/// description to the dumped ones.
+pub fn set_status_flags(fd: RawFd, flags: u32, what: &str) -> Result<()> {
+    let settable = (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT | libc::O_NOATIME) as u32;
+    // SAFETY: fcntl on an fd of ours.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, (flags & settable) as i32) } < 0 {
+        bail!(
+            "setting the flags of {what}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
-struct TtyKind;
-impl FileKind for TtyKind {
-    fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
-        if !p.meta.file_type().is_char_device() || !is_tty_rdev(p.meta.rdev()) {
-            return Ok(None);
-        }
-        if !p.shell_job {
-            bail!(
-                "PID {} fd {} is the terminal {}; dump a process started from a shell with --shell-job",
-                p.pid,
-                p.fd,
-                p.link
-            );
-        }
-        Ok(Some(FdFile::Tty(Tty {
-            path: p.link.to_string(),
-            flags: p.flags & !O_CLOEXEC,
-            rdev: p.meta.rdev(),
-        })))
+/// Seeks a description to its dumped offset.
+pub fn seek_to(fd: RawFd, pos: u64, what: &str) -> Result<()> {
+    // SAFETY: lseek on an fd of ours.
+    if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
+        bail!(
+            "seeking {what} to {pos}: {}",
+            std::io::Error::last_os_error()
+        );
     }
-    fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
-        let FdFile::Tty(t) = f else { return Ok(None) };
-        let Some(tty) = ctx.tty else {
-            bail!(
-                "the images hold the terminal {}; restore with --shell-job from a terminal",
-                t.path
-            );
-        };
-        // SAFETY: duplicating crust's own terminal fd.
-        let fd = unsafe { libc::fcntl(tty, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            bail!(
-                "duplicating crust's terminal: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: fd was just created and is owned by no one else.
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
+    Ok(())
 }
 
-/// Character devices that carry no state of their own.
-const STATELESS_DEVICES: &[&str] = &[
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-];
-
-struct CharDeviceKind;
-impl FileKind for CharDeviceKind {
-    fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
-        if !p.meta.file_type().is_char_device() || !STATELESS_DEVICES.contains(&p.link) {
-            return Ok(None);
-        }
-        Ok(Some(FdFile::Chardev(CharDevice {
-            path: p.link.to_string(),
-            flags: p.flags & !O_CLOEXEC,
-            rdev: p.meta.rdev(),
-            pos: p.pos,
-        })))
-    }
-    fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
-        let FdFile::Chardev(c) = f else {
-            return Ok(None);
-        };
-        Ok(Some(open_fd(&c.path, c.flags)?))
-    }
+/// A new fd of the description crust holds as `fd` (dup, close-on-exec).
+pub fn dup_fd(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: duplicating an fd of ours.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    new_fd(n as i64, &format!("a copy of fd {fd}"))
 }
-
-/// Every kind of file crust knows; the first to claim an fd dumps it.
-static KINDS: &[&dyn FileKind] = &[
-    &super::eventfd::EventFdKind,
-    &super::signals::SignalFdKind,
-    &super::timers::TimerFdKind,
-    &super::epoll::EpollKind,
-    &super::inotify::InotifyKind,
-    &super::fanotify::FanotifyKind,
-    &super::ghost::GhostFileKind,
-    &super::ghost::GhostDirKind,
-    &RegularFileKind,
-    &super::pty::PtyKind,
-    &TtyKind,
-    &CharDeviceKind,
-    &super::pipes::PipeKind,
-    &super::fifo::FifoKind,
-];
 
 fn describe_unsupported(link: &str) -> &'static str {
     if link.starts_with("pipe:") {
@@ -255,74 +320,49 @@ fn describe_unsupported(link: &str) -> &'static str {
     } else if link.starts_with("socket:") {
         "a socket"
     } else if link.starts_with("anon_inode:") {
-        "an anonymous-inode file (eventfd, epoll, signalfd, timerfd...)"
+        "an anonymous-inode file"
     } else {
         "a file of a kind"
     }
 }
 
-/// Collects the fd table and fs state of a task.
 /// (pid, fd, description id) of one fd of a description.
 type DescriptionRef = (i32, RawFd, u64);
 
 /// The open file descriptions seen so far in the tree, by the (dev, inode)
 /// of their file: (pid, fd, description id) of one fd of each.
 #[derive(Default)]
-pub struct Descriptions {
-    by_file: std::cell::RefCell<std::collections::HashMap<(u64, u64), Vec<DescriptionRef>>>,
-    next_id: std::cell::Cell<u64>,
+struct Descriptions {
+    by_file: RefCell<HashMap<(u64, u64), Vec<DescriptionRef>>>,
+    /// The image entry of each description, by id: a description met again
+    /// in another process is the same entry.
+    files: RefCell<HashMap<u64, FdFile>>,
+    next_id: Cell<u64>,
 }
 
-pub fn dump_fd_table(
-    pid: i32,
-    shell_job: bool,
-    file_locks: bool,
-    seen_pipes: &std::cell::RefCell<std::collections::HashSet<u64>>,
-    descriptions: &Descriptions,
-    tree: &[i32],
-) -> Result<FdTable> {
-    let new_pipes = std::cell::RefCell::new(Vec::new());
+/// Collects the fd table and fs state of a task.
+pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
     let mut fds: Vec<RawFd> = fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd"))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     fds.sort_unstable();
-    let fs_link = |name: &str| -> Result<(String, Option<crate::images::pb::GhostDir>)> {
-        let proc_path = format!("/proc/{pid}/{name}");
-        let link = fs::read_link(&proc_path)
-            .with_context(|| format!("reading {proc_path}"))?
-            .to_string_lossy()
-            .into_owned();
-        let ghost = super::ghost::is_ghost_dir(&proc_path, &link)
-            .then(|| super::ghost::dump_ghost_dir(&proc_path, &link))
-            .transpose()?;
-        Ok((link, ghost))
-    };
-    let (cwd, cwd_ghost) = fs_link("cwd")?;
-    let (root, root_ghost) = fs_link("root")?;
-    let mut table = FdTable {
-        cwd,
-        root,
-        umask: proc::status(pid)?.umask,
-        fds: Vec::new(),
-        pipes: Vec::new(),
-        cwd_ghost,
-        root_ghost,
-    };
+    let mut table = super::fs::dump_fs(pid)?;
     let pidfd = crate::sys::pidfd_open(pid).with_context(|| format!("pidfd of {pid}"))?;
+    let descriptions = &ctx.descriptions;
     for fd in fds {
         let path = format!("/proc/{pid}/fd/{fd}");
         let link = fs::read_link(&path)?.to_string_lossy().into_owned();
         let info = proc::fdinfo(pid, fd)?;
-        let get = |k: &str| {
-            info.iter()
-                .find(|(a, _)| a == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
-        let flags = u32::from_str_radix(&get("flags"), 8).unwrap_or(0);
-        let pos = get("pos").parse().unwrap_or(0);
+        let flags = info_get(&info, "flags")
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .unwrap_or(0);
+        let pos = info_get(&info, "pos")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let what = describe_unsupported(&link);
+        // Not followed when it is a symlink held with O_PATH|O_NOFOLLOW: the
+        // magic link then leads to the symlink itself.
         let meta = fs::metadata(&path).with_context(|| {
             format!("PID {pid} fd {fd} is {what} ({link}) crust cannot dump yet")
         })?;
@@ -333,21 +373,19 @@ pub fn dump_fd_table(
                 .find(|&&(p, f, _)| same_file(p, f, pid, fd))
                 .copied()
         });
-        if let Some((p, f, id)) = same.filter(|&(p, _, _)| p == pid) {
-            let _ = p;
+        if let Some((_, f, id)) = same.filter(|&(p, _, _)| p == pid) {
             let first = table
                 .fds
                 .iter()
                 .find(|e| e.fd == f)
                 .expect("an fd of this table");
             let (first_fd, file) = (first.fd, first.file.clone());
-            let description_id = id;
             table.fds.push(FdEntry {
                 fd,
                 cloexec: flags & O_CLOEXEC != 0,
                 file,
                 dup_of: Some(first_fd),
-                description_id,
+                description_id: id,
                 locks: Vec::new(),
                 owner: None,
             });
@@ -376,13 +414,10 @@ pub fn dump_fd_table(
             flags,
             pos,
             info: &info,
-            shell_job,
-            seen_pipes,
-            new_pipes: &new_pipes,
-            tree,
+            ctx,
         };
-        let mut entry = None;
-        for k in KINDS {
+        let mut entry = descriptions.files.borrow().get(&description_id).cloned();
+        for k in KINDS.iter().filter(|_| entry.is_none()) {
             if let Some(f) = k.dump(&probe)? {
                 entry = Some(f);
                 break;
@@ -393,186 +428,22 @@ pub fn dump_fd_table(
                 "PID {pid} fd {fd} is {what} ({link}) that crust cannot dump yet; close it or leave the process out"
             );
         };
+        descriptions
+            .files
+            .borrow_mut()
+            .insert(description_id, file.clone());
         table.fds.push(FdEntry {
             fd,
             cloexec: flags & O_CLOEXEC != 0,
             file: Some(file),
             dup_of: None,
             description_id,
-            locks: dump_locks(pid, fd, &link, &info, file_locks)?,
-            owner: dump_owner(&pidfd, pid, fd, flags)?,
+            locks: super::locks::dump_locks(pid, fd, &link, &info, ctx.file_locks)?,
+            owner: super::fown::dump_owner(&pidfd, pid, fd, flags)?,
         });
     }
-    table.pipes = new_pipes.into_inner();
+    table.pipes = ctx.new_pipes.take();
     Ok(table)
-}
-
-// fcntl(2) commands and struct f_owner_ex, which the libc crate lacks.
-const F_SETSIG: libc::c_int = 10;
-const F_GETSIG: libc::c_int = 11;
-const F_SETOWN_EX: libc::c_int = 15;
-const F_GETOWN_EX: libc::c_int = 16;
-#[repr(C)]
-struct FOwnerEx {
-    type_: libc::c_int,
-    pid: libc::pid_t,
-}
-
-/// Who gets the description's SIGIO (F_GETOWN_EX) and with which signal
-/// (F_GETSIG), read on a copy of the fd; None when nobody does.
-fn dump_owner(pidfd: &OwnedFd, pid: i32, fd: RawFd, flags: u32) -> Result<Option<FdOwner>> {
-    let copy = crate::sys::pidfd_getfd(pidfd, fd)
-        .with_context(|| format!("taking a copy of PID {pid} fd {fd}"))?;
-    let mut own = FOwnerEx { type_: 0, pid: 0 };
-    // SAFETY: F_GETOWN_EX writes one f_owner_ex; F_GETSIG takes nothing.
-    let (r, sig) = unsafe {
-        (
-            libc::fcntl(copy.as_raw_fd(), F_GETOWN_EX, &mut own),
-            libc::fcntl(copy.as_raw_fd(), F_GETSIG),
-        )
-    };
-    let is_async = flags & libc::O_ASYNC as u32 != 0;
-    if r < 0 || sig < 0 || (own.pid == 0 && sig == 0 && !is_async) {
-        return Ok(None);
-    }
-    Ok(Some(FdOwner {
-        kind: own.type_,
-        pid: own.pid,
-        signal: sig,
-        r#async: is_async,
-    }))
-}
-
-/// Gives a description back its owner, signal and O_ASYNC. The owner may be
-/// a process of the tree that is not forked yet: wait for it a little.
-fn restore_owner(fd: RawFd, o: &FdOwner) -> Result<()> {
-    let own = FOwnerEx {
-        type_: o.kind,
-        pid: o.pid,
-    };
-    let mut tries = 0;
-    // SAFETY: F_SETOWN_EX reads one f_owner_ex.
-    while o.pid != 0 && unsafe { libc::fcntl(fd, F_SETOWN_EX, &own) } < 0 {
-        tries += 1;
-        if tries > 200 {
-            bail!(
-                "fd {fd}: giving its signals to {} again (F_SETOWN_EX): {}",
-                o.pid,
-                std::io::Error::last_os_error()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    // SAFETY: plain fcntls on our own fd.
-    unsafe {
-        if o.signal != 0 && libc::fcntl(fd, F_SETSIG, o.signal) < 0 {
-            bail!(
-                "fd {fd}: F_SETSIG {}: {}",
-                o.signal,
-                std::io::Error::last_os_error()
-            );
-        }
-        if o.r#async {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC);
-        }
-    }
-    Ok(())
-}
-
-/// The locks held through an fd, from its fdinfo `lock:` lines
-/// ("1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 5 14").
-fn dump_locks(
-    pid: i32,
-    fd: RawFd,
-    link: &str,
-    info: &[(String, String)],
-    take: bool,
-) -> Result<Vec<FileLock>> {
-    let mut out = Vec::new();
-    for (_, v) in info.iter().filter(|(k, _)| k == "lock") {
-        let w: Vec<&str> = v.split_whitespace().collect();
-        if w.len() < 8 {
-            bail!("PID {pid} fd {fd}: cannot read the lock {v:?}");
-        }
-        let kind = w[1].to_string();
-        // A POSIX lock of another process on the same file is not ours.
-        if kind == "POSIX" && w[4].parse::<i32>().ok() != Some(pid) {
-            continue;
-        }
-        if !matches!(kind.as_str(), "FLOCK" | "POSIX" | "OFDLCK") || w[2] != "ADVISORY" {
-            bail!(
-                "PID {pid} fd {fd} ({link}) holds a {} {} lock, which crust cannot restore",
-                w[2],
-                kind
-            );
-        }
-        if !take {
-            bail!(
-                "PID {pid} fd {fd} ({link}) holds a {kind} lock; dump with --file-locks to take it along"
-            );
-        }
-        out.push(FileLock {
-            kind,
-            write: w[3] == "WRITE",
-            start: w[6].parse().unwrap_or(0),
-            end: if w[7] == "EOF" {
-                -1
-            } else {
-                w[7].parse().unwrap_or(-1)
-            },
-        });
-    }
-    Ok(out)
-}
-
-/// Takes the locks of an fd again, in the restored process.
-fn restore_locks(e: &FdEntry) -> Result<()> {
-    for l in &e.locks {
-        let r = match l.kind.as_str() {
-            "FLOCK" => {
-                let op = if l.write {
-                    libc::LOCK_EX
-                } else {
-                    libc::LOCK_SH
-                };
-                // SAFETY: flock on an fd of ours.
-                unsafe { libc::flock(e.fd, op | libc::LOCK_NB) }
-            }
-            kind => {
-                // SAFETY: flock is plain data; zero is a valid start.
-                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-                fl.l_type = if l.write {
-                    libc::F_WRLCK
-                } else {
-                    libc::F_RDLCK
-                } as i16;
-                fl.l_whence = libc::SEEK_SET as i16;
-                fl.l_start = l.start as i64;
-                fl.l_len = if l.end < 0 {
-                    0
-                } else {
-                    l.end - l.start as i64 + 1
-                };
-                let cmd = if kind == "OFDLCK" {
-                    libc::F_OFD_SETLK
-                } else {
-                    libc::F_SETLK
-                };
-                // SAFETY: fcntl reads one struct flock.
-                unsafe { libc::fcntl(e.fd, cmd, &fl) }
-            }
-        };
-        if r < 0 {
-            bail!(
-                "taking the {} lock on fd {} again: {}; is the original still holding it?",
-                l.kind,
-                e.fd,
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Whether fd `a` of `pa` and fd `b` of `pb` are one open file description.
@@ -582,51 +453,44 @@ fn same_file(pa: i32, a: RawFd, pb: i32, b: RawFd) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
-/// Checks, before anything is created, that the files the table names are
-/// still there and the same size.
-/// Whether the file now at a dumped path is another one than the dumped
-/// (dev, ino): on the same filesystem a new inode means the path was
-/// replaced. On another filesystem (images moved to another host, say)
-/// inodes say nothing, and the size check is what remains.
-pub fn replaced(now: &fs::Metadata, dev: u64, ino: u64) -> bool {
-    now.dev() == dev && now.ino() != ino
+/// One line describing an fd entry's file, by the kind that knows it.
+pub fn describe_file(f: &FdFile) -> String {
+    KINDS
+        .iter()
+        .find_map(|k| k.describe(f))
+        .unwrap_or_else(|| "a file of no known kind".into())
 }
 
+/// Checks, before anything is made, that every file of the table can come
+/// back (each kind's `check`).
 pub fn check_fd_table(table: &FdTable) -> Result<()> {
-    for e in &table.fds {
-        if let Some(FdFile::Regular(r)) = &e.file {
-            let md = fs::metadata(&r.path).map_err(|err| {
-                anyhow::anyhow!(
-                    "file {} (fd {}) is gone ({err}); put it back to restore",
-                    r.path,
-                    e.fd
-                )
-            })?;
-            if replaced(&md, r.dev, r.ino) {
-                bail!(
-                    "file {} (fd {}) was replaced by another file since the dump; restore the original file",
-                    r.path,
-                    e.fd
-                );
-            }
-            if md.is_file() && md.size() != r.size {
-                bail!(
-                    "file {} (fd {}) changed size since the dump ({} bytes, now {}); restore the original file",
-                    r.path,
-                    e.fd,
-                    r.size,
-                    md.size()
-                );
+    for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
+        if let Some(f) = &e.file {
+            for k in KINDS {
+                k.check(f).with_context(|| format!("fd {}", e.fd))?;
             }
         }
     }
     Ok(())
 }
 
+/// Makes what the tree's files share, before it forks (each kind's
+/// `prepare`, in `KINDS` order).
+pub fn prepare_tree(t: &TreeImages) -> Result<TreeObjects> {
+    let mut objects = TreeObjects::default();
+    for k in KINDS {
+        if let Err(e) = k.prepare(t, &mut objects) {
+            objects.close_all();
+            return Err(e);
+        }
+    }
+    Ok(objects)
+}
+
 /// Rebuilds the fd table in the current (restored) process. Every fd not in
 /// the table and not in `keep` is closed.
 pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Result<()> {
-    // The fds entries are made from (crust's pipe ends and shared
+    // The fds entries are made from (crust's objects and shared
     // descriptions, inherited at any number) move above every number in play.
     let high = table
         .fds
@@ -637,9 +501,6 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         .unwrap_or(0)
         + 1;
     let lift = |fd: RawFd| -> Result<RawFd> {
-        if fd < 0 {
-            return Ok(fd);
-        }
         // SAFETY: duplicating then closing an fd crust handed down.
         let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high) };
         if n < 0 {
@@ -652,36 +513,19 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         unsafe { libc::close(fd) };
         Ok(n)
     };
-    let mut pipes = std::collections::HashMap::new();
-    for (ino, &(r, w)) in ctx.pipes {
-        pipes.insert(*ino, (lift(r)?, lift(w)?));
-    }
-    let mut shared = std::collections::HashMap::new();
+    let mut shared = HashMap::new();
     for (id, &fd) in ctx.shared {
         shared.insert(*id, lift(fd)?);
     }
-    let mut inodes = std::collections::HashMap::new();
-    for (id, &fd) in ctx.inodes {
-        inodes.insert(*id, lift(fd)?);
+    let mut objects = TreeObjects::default();
+    for (key, &fd) in &ctx.objects.0 {
+        objects.0.insert(*key, lift(fd)?);
     }
-    let mut ptys = std::collections::HashMap::new();
-    for (id, &fd) in ctx.ptys {
-        ptys.insert(*id, lift(fd)?);
-    }
-    let sources: Vec<RawFd> = pipes
-        .values()
-        .flat_map(|&(r, w)| [r, w])
-        .chain(shared.values().copied())
-        .chain(inodes.values().copied())
-        .chain(ptys.values().copied())
-        .filter(|&fd| fd >= 0)
-        .collect();
+    let sources: Vec<RawFd> = shared.values().copied().chain(objects.fds()).collect();
     let lifted = RestoreCtx {
         tty: ctx.tty,
-        pipes: &pipes,
         shared: &shared,
-        inodes: &inodes,
-        ptys: &ptys,
+        objects: &objects,
     };
     for fd in own_fds()? {
         if !keep.contains(&fd) && !sources.contains(&fd) {
@@ -704,7 +548,7 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
             let file = e.file.as_ref().context("fd entry without a file")?;
             open_entry(file, &lifted).with_context(|| format!("restoring fd {}", e.fd))?
         };
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        let raw = fd.into_raw_fd();
         if raw != e.fd {
             // SAFETY: dup2 onto the task's fd number, then closing our copy.
             unsafe {
@@ -719,13 +563,13 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         unsafe { libc::fcntl(e.fd, libc::F_SETFD, flag) };
     }
     for fd in sources {
-        // SAFETY: crust's copies; every task fd made from them is a dup.
+        // SAFETY: crust's copies; every task fd made from them is a dup or reopen.
         unsafe { libc::close(fd) };
     }
     for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
-        restore_locks(e)?;
+        super::locks::restore_locks(e)?;
         if let Some(o) = &e.owner {
-            restore_owner(e.fd, o)?;
+            super::fown::restore_owner(e.fd, o)?;
         }
         if let Some(file) = &e.file {
             for k in KINDS {
@@ -735,16 +579,6 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         }
     }
     Ok(())
-}
-
-fn dup_fd(fd: RawFd) -> Result<OwnedFd> {
-    // SAFETY: duplicating an fd of ours.
-    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if n < 0 {
-        bail!("duplicating fd {fd}: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: n was just created and is owned by no one else.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Opens a new file description for an fd entry, by the kind that knows it.
@@ -762,9 +596,8 @@ pub fn open_entry(file: &FdFile, ctx: &RestoreCtx) -> Result<OwnedFd> {
 pub fn open_shared<'a>(
     tables: impl Iterator<Item = &'a FdTable>,
     ctx: &RestoreCtx,
-) -> Result<std::collections::HashMap<u64, RawFd>> {
-    let mut by_id: std::collections::HashMap<u64, (usize, &FdEntry)> =
-        std::collections::HashMap::new();
+) -> Result<HashMap<u64, RawFd>> {
+    let mut by_id: HashMap<u64, (usize, &FdEntry)> = HashMap::new();
     for t in tables {
         let mut ids: Vec<u64> = t.fds.iter().map(|e| e.description_id).collect();
         ids.sort_unstable();
@@ -778,7 +611,7 @@ pub fn open_shared<'a>(
             by_id.entry(id).or_insert((0, first)).0 += 1;
         }
     }
-    let mut out = std::collections::HashMap::new();
+    let mut out = HashMap::new();
     for (id, (procs, e)) in by_id {
         if procs < 2 || id == 0 {
             continue;
@@ -786,7 +619,7 @@ pub fn open_shared<'a>(
         let file = e.file.as_ref().context("fd entry without a file")?;
         let fd = open_entry(file, ctx)
             .with_context(|| format!("opening the file of fd {} shared in the tree", e.fd))?;
-        out.insert(id, std::os::fd::IntoRawFd::into_raw_fd(fd));
+        out.insert(id, fd.into_raw_fd());
     }
     Ok(out)
 }
@@ -797,67 +630,23 @@ fn own_fds() -> Result<Vec<RawFd>> {
         .collect())
 }
 
-/// A task's root and working directory, opened (O_PATH) before its fd
-/// table is rebuilt: both paths are crust's view, and the cwd may lie
-/// outside the root. `apply` moves the task into them.
-pub struct FsDirs {
-    root: Option<OwnedFd>,
-    cwd: OwnedFd,
-    umask: u32,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl FsDirs {
-    /// Opens the dumped root and cwd (a deleted one: the directory crust
-    /// made again, from `inodes`), above fd `min`.
-    pub fn open(
-        table: &FdTable,
-        inodes: &std::collections::HashMap<(u64, u64), RawFd>,
-        min: RawFd,
-    ) -> Result<Self> {
-        let open = |path: &str, ghost: Option<&crate::images::pb::GhostDir>, what: &str| {
-            let fd = match ghost {
-                Some(g) => {
-                    let made = inodes.get(&(g.dev, g.ino)).with_context(|| {
-                        format!("the deleted {what} {} was not made again", g.path)
-                    })?;
-                    super::ghost::reopen(*made, libc::O_PATH | libc::O_DIRECTORY, &g.path)?
-                }
-                None => open_fd(path, (libc::O_PATH | libc::O_DIRECTORY) as u32).map_err(|e| {
-                    anyhow::anyhow!("{what} {path} is gone ({e:#}); create it to restore")
-                })?,
-            };
-            // SAFETY: duplicating an fd we own above the task's fds.
-            let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
-            new_fd(high as i64, what)
-        };
-        let root = (table.root != "/" || table.root_ghost.is_some())
-            .then(|| open(&table.root, table.root_ghost.as_ref(), "root directory"))
-            .transpose()?;
-        let cwd = open(&table.cwd, table.cwd_ghost.as_ref(), "working directory")?;
-        Ok(FsDirs {
-            root,
-            cwd,
-            umask: table.umask,
-        })
-    }
-
-    /// The fds to keep while the fd table is rebuilt.
-    pub fn fds(&self) -> Vec<RawFd> {
-        self.root
-            .iter()
-            .chain([&self.cwd])
-            .map(|f| f.as_raw_fd())
-            .collect()
-    }
-
-    /// chroot into the root, chdir into the cwd, set the umask.
-    pub fn apply(self) -> Result<()> {
-        if let Some(root) = &self.root {
-            nix::unistd::fchdir(root.as_raw_fd()).context("entering the root directory")?;
-            nix::unistd::chroot(".").context("chroot to the dumped root")?;
-        }
-        nix::unistd::fchdir(self.cwd.as_raw_fd()).context("entering the working directory")?;
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(self.umask));
-        Ok(())
+    #[test]
+    fn tree_objects_own_their_fds() {
+        let mut o = TreeObjects::default();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let rr = std::os::fd::AsRawFd::as_raw_fd(&r);
+        o.insert(("pipe-r", 7, 0), r);
+        o.insert(("pipe-w", 7, 0), w);
+        assert_eq!(o.get(("pipe-r", 7, 0)), Some(rr));
+        assert!(o.contains(("pipe-w", 7, 0)));
+        let e = o.need(("pty", 1, 0), "pty 1").unwrap_err().to_string();
+        assert!(e.contains("pty 1 was not made"), "{e}");
+        assert_eq!(o.fds().count(), 2);
+        o.close_all();
+        assert_eq!(o.fds().count(), 0);
     }
 }

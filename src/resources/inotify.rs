@@ -151,6 +151,16 @@ impl FileKind for InotifyKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Inotify(n) = f else { return None };
+        let w: Vec<String> = n
+            .watches
+            .iter()
+            .map(|w| format!("wd {} mask {:#x} {}", w.wd, w.mask, w.path))
+            .collect();
+        Some(format!("inotify flags {:#o} [{}]", n.flags, w.join(", ")))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Inotify(n) = f else {
             return Ok(None);

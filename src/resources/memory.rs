@@ -10,11 +10,12 @@
 //! into place by the restorer with mremap.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{Context, Result, bail};
 
+use super::files::TreeObjects;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
 use crate::images::{PAGES_HEADER_LEN, PagesWriter};
@@ -87,7 +88,7 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
 }
 
 /// Collects the address space of a task, without its pages.
-pub fn dump_mm(pid: i32) -> Result<MmEntry> {
+pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
     let stat = proc::stat_fields(pid)?;
     let f = |n| proc::stat_field(&stat, n);
     let mut mm = MmEntry {
@@ -157,15 +158,8 @@ pub fn dump_mm(pid: i32) -> Result<MmEntry> {
             if super::ghost::is_ghost_path(&e.path) {
                 v.ghost = true;
                 v.path = e.path.trim_end_matches(" (deleted)").to_string();
-                if !mm
-                    .ghosts
-                    .iter()
-                    .any(|g| g.dev == md.dev() && g.ino == md.ino())
-                {
-                    let whose = format!("PID {pid} mapping {:#x}-{:#x}", e.start, e.end);
-                    mm.ghosts
-                        .push(super::ghost::read_ghost(&mf, &e.path, &whose)?);
-                }
+                let whose = format!("PID {pid} mapping {:#x}-{:#x}", e.start, e.end);
+                ghosts.add(&mf, &e.path, &whose, None)?;
             }
             v.pgoff = e.offset;
             v.file_size = md.size();
@@ -402,14 +396,6 @@ pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) 
 /// Checks that the files behind file mappings are still the ones dumped.
 pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
     for v in &mm.vmas {
-        if v.ghost && !mm.ghosts.iter().any(|g| g.dev == v.dev && g.ino == v.ino) {
-            bail!(
-                "mapping {:#x}-{:#x} of {} has no contents in the mm image; the images are corrupt",
-                v.start,
-                v.end,
-                v.path
-            );
-        }
         if v.path.is_empty() || v.ghost {
             continue;
         }
@@ -419,7 +405,7 @@ pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
                 v.path
             )
         })?;
-        if super::files::replaced(&md, v.dev, v.ino) {
+        if super::regular::replaced(&md, v.dev, v.ino) {
             bail!(
                 "mapped file {} was replaced by another file since the dump; restore the original file",
                 v.path
@@ -460,17 +446,14 @@ fn premapped(v: &VmaEntry) -> bool {
 }
 
 /// Opens the file a VMA maps: by its path, or the nameless file crust
-/// recreated for it.
-fn open_mapped(
-    v: &VmaEntry,
-    access: i32,
-    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
-) -> Result<File> {
+/// made again for it (`ghost`).
+fn open_mapped(v: &VmaEntry, access: i32, objects: &TreeObjects) -> Result<File> {
     if v.ghost {
-        let fd = ghosts
-            .get(&(v.dev, v.ino))
-            .with_context(|| format!("the recreated file for mapping {} is missing", v.path))?;
-        return Ok(File::from(super::ghost::reopen(*fd, access, &v.path)?));
+        let made = objects.need(
+            super::ghost::ghost_key(v.dev, v.ino),
+            &format!("the nameless file of mapping {}", v.path),
+        )?;
+        return Ok(File::from(super::files::reopen(made, access, &v.path)?));
     }
     std::fs::OpenOptions::new()
         .read(true)
@@ -481,15 +464,12 @@ fn open_mapped(
 
 /// Opens the task's executable for PR_SET_MM_MAP: by its path, or, when it
 /// was deleted (a binary upgraded under a running program), the file crust
-/// recreated for its mappings.
-pub fn open_exe(
-    mm: &MmEntry,
-    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
-) -> Result<File> {
+/// made again for its mappings.
+pub fn open_exe(mm: &MmEntry, objects: &TreeObjects) -> Result<File> {
     if let Some(path) = mm.exe_path.strip_suffix(" (deleted)")
         && let Some(v) = mm.vmas.iter().find(|v| v.ghost && v.path == path)
     {
-        return open_mapped(v, libc::O_RDONLY, ghosts);
+        return open_mapped(v, libc::O_RDONLY, objects);
     }
     File::open(&mm.exe_path)
         .with_context(|| format!("executable {} is gone; put it back to restore", mm.exe_path))
@@ -544,7 +524,7 @@ pub fn premap_vmas<'a>(
     mm: &'a MmEntry,
     mut at: u64,
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
-    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
+    objects: &TreeObjects,
     parent: Option<&Premapped>,
 ) -> Result<Premapped<'a>> {
     let mut moves = Vec::new();
@@ -560,7 +540,7 @@ pub fn premap_vmas<'a>(
         };
         match copy {
             Some(src) => take_parents_copy(v, src, at)?,
-            None => premap_vma(v, at, shared, ghosts)?,
+            None => premap_vma(v, at, shared, objects)?,
         }
         moves.push(move_of(v, at));
         inherited.push(copy.is_some());
@@ -605,7 +585,7 @@ fn premap_vma(
     v: &VmaEntry,
     at: u64,
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
-    ghosts: &std::collections::HashMap<(u64, u64), RawFd>,
+    objects: &TreeObjects,
 ) -> Result<()> {
     let len = v.end - v.start;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
@@ -637,11 +617,11 @@ fn premap_vma(
             None => (rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
         },
         VmaKind::VmaFilePrivate => {
-            let f = open_mapped(v, libc::O_RDONLY, ghosts)?;
+            let f = open_mapped(v, libc::O_RDONLY, objects)?;
             (rw, libc::MAP_PRIVATE, Some(f))
         }
         VmaKind::VmaFileShared => {
-            let f = open_mapped(v, v.open_flags as i32 & libc::O_ACCMODE, ghosts)?;
+            let f = open_mapped(v, v.open_flags as i32 & libc::O_ACCMODE, objects)?;
             let prot = if v.open_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
                 rw
             } else {

@@ -14,11 +14,19 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use anyhow::{Context, Result, bail};
 
-use super::files::{FdProbe, FileKind, RestoreCtx};
+use super::files::{
+    FdProbe, FileKind, ObjKey, RestoreCtx, TreeImages, TreeObjects, dup_fd, reopen,
+    set_status_flags,
+};
 use crate::images::pb::fd_entry::File as FdFile;
 use crate::images::pb::{FdTable, PipeData, PipeEnd};
 
 pub struct PipeKind;
+
+/// The tree object of a pipe's end crust made.
+fn end_key(ino: u64, write: bool) -> ObjKey {
+    (if write { "pipe-w" } else { "pipe-r" }, ino, 0)
+}
 
 impl FileKind for PipeKind {
     fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
@@ -26,50 +34,75 @@ impl FileKind for PipeKind {
             return Ok(None);
         }
         let ino = p.meta.ino();
-        if p.seen_pipes.borrow_mut().insert(ino) {
+        if p.ctx.first_time(("pipe", ino, 0)) {
             let (capacity, data) = copy_pipe_buffer(p.pid, p.fd)?;
-            p.new_pipes.borrow_mut().push(PipeData {
+            p.ctx.new_pipes.borrow_mut().push(PipeData {
                 ino,
                 capacity,
                 data,
             });
         }
+        let write = p.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
         Ok(Some(FdFile::Pipe(PipeEnd {
             ino,
-            write: p.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32,
-            flags: p.flags & !(libc::O_CLOEXEC as u32),
+            write,
+            flags: p.open_flags(),
             external: false,
+            original: p.ctx.first_time(("pipe-end", ino, write as u64)),
         })))
+    }
+
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Pipe(p) = f else { return None };
+        Some(format!(
+            "pipe:[{}] {} end flags {:#o}{}",
+            p.ino,
+            if p.write { "write" } else { "read" },
+            p.flags,
+            if p.external {
+                " (other end outside the tree)"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    fn prepare(&self, t: &TreeImages, objects: &mut TreeObjects) -> Result<()> {
+        for (ino, (r, w)) in create_pipes(t.tables.iter().copied(), t.inherit_fds)? {
+            for (fd, write) in [(r, false), (w, true)] {
+                if fd >= 0 {
+                    // SAFETY: the fds create_pipes made are crust's alone.
+                    objects.insert(end_key(ino, write), unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Pipe(e) = f else { return Ok(None) };
-        let &(rd, wr) = ctx
-            .pipes
-            .get(&e.ino)
-            .with_context(|| format!("pipe {} is not in the images", e.ino))?;
-        let end = if e.write { wr } else { rd };
-        if end < 0 {
-            bail!(
-                "pipe {} has no {} end here",
-                e.ino,
-                if e.write { "write" } else { "read" }
-            );
-        }
-        // SAFETY: duplicating the pipe end crust made before the fork.
-        let fd = unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            bail!(
-                "duplicating pipe {}: {}",
-                e.ino,
-                std::io::Error::last_os_error()
-            );
-        }
-        let keep = (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
-        // SAFETY: setting status flags of the description we hold.
-        unsafe { libc::fcntl(fd, libc::F_SETFL, (e.flags & keep) as i32) };
-        // SAFETY: fd was just created and is owned by no one else.
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+        let side = if e.write { "write" } else { "read" };
+        let end = ctx.objects.need(
+            end_key(e.ino, e.write),
+            &format!("the {side} end of pipe {}", e.ino),
+        )?;
+        let what = format!("pipe {}", e.ino);
+        // The first description of the end is crust's end itself; any
+        // other gets a description of its own, opened non-blocking (crust
+        // holds the other end, or the process outside does, so it would
+        // not block anyway). A pipe whose other end is gone altogether
+        // cannot be opened like this, and shares crust's description.
+        let access = if e.write {
+            libc::O_WRONLY
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = match e.original {
+            true => dup_fd(end)?,
+            false => reopen(end, access | libc::O_NONBLOCK, &what).or_else(|_| dup_fd(end))?,
+        };
+        set_status_flags(fd.as_raw_fd(), e.flags, &what)?;
+        Ok(Some(fd))
     }
 }
 
@@ -181,8 +214,8 @@ pub fn mark_external_pipes(tree: &[i32], tables: &mut [FdTable]) {
 }
 
 /// Makes the tree's pipes in crust, refilled, before anything forks; every
-/// restored task inherits them and dups the ends it held.
-pub fn create_pipes<'a>(
+/// restored task inherits them and opens the ends it held.
+fn create_pipes<'a>(
     tables: impl Iterator<Item = (i32, &'a FdTable)> + Clone,
     inherited: &[(RawFd, String)],
 ) -> Result<HashMap<u64, (RawFd, RawFd)>> {

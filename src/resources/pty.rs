@@ -14,16 +14,22 @@
 //! leader takes its controlling terminal with TIOCSCTTY right after setsid.
 //! Bytes queued in the pair are not carried (reading them would take them).
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{Context, Result, bail};
 use tracing::warn;
 
-use super::files::{FdProbe, FileKind, RestoreCtx, info_get, new_fd};
+use super::files::{
+    FdProbe, FileKind, ObjKey, RestoreCtx, TreeImages, TreeObjects, info_get, new_fd,
+};
+use crate::images::pb::PtyEnd;
 use crate::images::pb::fd_entry::File as FdFile;
-use crate::images::pb::{FdTable, PtyEnd};
+
+/// The tree object of a pty master crust made.
+fn master_key(index: u32) -> ObjKey {
+    ("pty", index as u64, 0)
+}
 
 /// The kernel's struct termios (TCGETS/TCSETS) is 36 bytes on x86-64.
 const TERMIOS_LEN: usize = 36;
@@ -88,7 +94,7 @@ impl FileKind for PtyKind {
         if !p.meta.file_type().is_char_device() {
             return Ok(None);
         }
-        let flags = p.flags & !(libc::O_CLOEXEC as u32);
+        let flags = p.open_flags();
         if is_ptmx(p.link) {
             let index = info_get(p.info, "tty-index")
                 .and_then(|v| v.parse().ok())
@@ -132,7 +138,7 @@ impl FileKind for PtyKind {
         let Some(index) = pts_index(p.meta.rdev()) else {
             return Ok(None);
         };
-        if !master_in_tree(p.tree, index) {
+        if !master_in_tree(p.ctx.tree, index) {
             // The shell's terminal: TtyKind's, with --shell-job.
             return Ok(None);
         }
@@ -144,14 +150,37 @@ impl FileKind for PtyKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Pty(p) = f else { return None };
+        Some(if p.master {
+            format!(
+                "pty master of /dev/pts/{} flags {:#o} winsize {:?} packet {} locked {}",
+                p.index, p.flags, p.winsize, p.packet_mode, p.locked
+            )
+        } else {
+            format!("pty /dev/pts/{} flags {:#o}", p.index, p.flags)
+        })
+    }
+
+    fn prepare(&self, t: &TreeImages, objects: &mut TreeObjects) -> Result<()> {
+        for (_, _, file) in t.files() {
+            let FdFile::Pty(p) = file else { continue };
+            if p.master && !objects.contains(master_key(p.index)) {
+                objects.insert(master_key(p.index), create_pty(p)?);
+            }
+        }
+        Ok(())
+    }
+
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Pty(e) = f else { return Ok(None) };
         let keep = (libc::O_NONBLOCK | libc::O_APPEND) as u32;
         let fd = if e.master {
-            let &m = ctx
-                .ptys
-                .get(&e.index)
-                .with_context(|| format!("pty {} was not made before the fork", e.index))?;
+            // A dup: opening the master again through /proc would make a
+            // new pair.
+            let m = ctx
+                .objects
+                .need(master_key(e.index), &format!("pty {}", e.index))?;
             // SAFETY: duplicating the master crust made before the fork.
             new_fd(
                 unsafe { libc::fcntl(m, libc::F_DUPFD_CLOEXEC, 0) } as i64,
@@ -187,17 +216,10 @@ fn open_slave(index: u32, access: i32) -> Result<OwnedFd> {
     new_fd(fd as i64, &format!("opening /dev/pts/{index}"))
 }
 
-/// Makes every pty pair whose master the tree holds, with its dumped index,
+/// Makes a pty pair whose master the tree holds, with its dumped index,
 /// termios, window size and packet mode, before anything forks.
-pub fn create_ptys<'a>(tables: impl Iterator<Item = &'a FdTable>) -> Result<HashMap<u32, RawFd>> {
-    let mut out = HashMap::new();
-    for e in tables.flat_map(|t| &t.fds) {
-        let Some(FdFile::Pty(p)) = &e.file else {
-            continue;
-        };
-        if !p.master || out.contains_key(&p.index) {
-            continue;
-        }
+fn create_pty(p: &PtyEnd) -> Result<OwnedFd> {
+    {
         let m = open_master_with_index(p.index)?;
         let fd = m.as_raw_fd();
         let zero: libc::c_int = 0;
@@ -226,9 +248,8 @@ pub fn create_ptys<'a>(tables: impl Iterator<Item = &'a FdTable>) -> Result<Hash
             let pkt: libc::c_int = p.packet_mode as libc::c_int;
             libc::ioctl(fd, libc::TIOCPKT, &pkt);
         }
-        out.insert(p.index, m.into_raw_fd());
+        Ok(m)
     }
-    Ok(out)
 }
 
 /// Opens /dev/ptmx until the kernel hands out `index` (it gives the lowest

@@ -68,6 +68,11 @@ impl FileKind for SignalFdKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Signalfd(x) = f else { return None };
+        Some(format!("signalfd mask {:#x} flags {:#o}", x.mask, x.flags))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Signalfd(s) = f else {
             return Ok(None);

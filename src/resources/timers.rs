@@ -225,6 +225,14 @@ impl FileKind for TimerFdKind {
         })))
     }
 
+    fn describe(&self, f: &FdFile) -> Option<String> {
+        let FdFile::Timerfd(x) = f else { return None };
+        Some(format!(
+            "timerfd clock {} next in {} ns every {} ns, {} unread",
+            x.clockid, x.value_ns, x.interval_ns, x.ticks
+        ))
+    }
+
     fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Timerfd(t) = f else {
             return Ok(None);

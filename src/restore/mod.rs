@@ -35,6 +35,9 @@ pub struct RestoreOpts {
     /// `--inherit-fd fd[N]:KEY`: crust's fd N stands in for the resource
     /// KEY outside the tree (a pipe's other end: "pipe:[INO]").
     pub inherit_fds: Vec<(std::os::fd::RawFd, String)>,
+    /// `--link-remap`: the images may hold files linked back at the dump;
+    /// the restore opens them and removes those links.
+    pub link_remap: bool,
 }
 
 impl RestoreOpts {
@@ -48,6 +51,7 @@ impl RestoreOpts {
             pidfile: None,
             pid_ns: false,
             inherit_fds: Vec::new(),
+            link_remap: false,
         }
     }
 }
@@ -118,14 +122,11 @@ pub struct RestoreSet {
     /// by crust before the tree is forked, so every task that maps it maps
     /// the same object.
     pub shared: HashMap<(u64, u64), (u64, u64)>,
-    /// The tree's pipes by inode, made by crust before anything forks.
-    pub pipes: HashMap<u64, (std::os::fd::RawFd, std::os::fd::RawFd)>,
+    /// What the tree's files share, made by crust before anything forks
+    /// (pipes, pty pairs, files without a name...: `FileKind::prepare`).
+    pub objects: files::TreeObjects,
     /// Open file descriptions several processes share, by description id.
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
-    /// Files made or opened per dumped inode (see `files::RestoreCtx`).
-    pub inodes: HashMap<(u64, u64), std::os::fd::RawFd>,
-    /// The tree's pty masters by index (see `files::RestoreCtx`).
-    pub ptys: HashMap<u32, std::os::fd::RawFd>,
 }
 
 impl RestoreSet {
@@ -298,6 +299,16 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     if inv.shell_job && !opts.shell_job {
         bail!("the images were dumped with --shell-job; restore with --shell-job");
     }
+    let ghosts = crate::resources::ghost::load(&dir)?;
+    if !opts.link_remap
+        && let Some(g) = ghosts.iter().find(|g| !g.link_remap.is_empty())
+    {
+        bail!(
+            "the images hold {} (--link-remap at the dump of {}); restore with --link-remap, which removes that link once the restore is done",
+            g.link_remap,
+            g.path
+        );
+    }
     let mut tasks = HashMap::new();
     for t in inv.tasks.iter().filter(|t| !t.zombie) {
         let img = load_task(&dir, t.pid)?;
@@ -327,37 +338,31 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         }
     }
     let shared = create_shared_anon(&tasks)?;
-    let pipes = crate::resources::pipes::create_pipes(
-        tasks.iter().map(|(p, t)| (*p, &t.files)),
-        &opts.inherit_fds,
-    )?;
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
-    let mut inodes = crate::resources::ghost::create_tree_ghosts(
-        tasks.values().map(|t| &t.mm),
-        tasks.values().map(|t| &t.files),
-    )?;
-    inodes.extend(crate::resources::fifo::open_fifo_keepers(
-        tasks.values().map(|t| &t.files),
-    )?);
-    let ptys = crate::resources::pty::create_ptys(tasks.values().map(|t| &t.files))?;
+    let mut objects = files::prepare_tree(&files::TreeImages {
+        tables: tasks.iter().map(|(p, t)| (*p, &t.files)).collect(),
+        ghosts: &ghosts,
+        dir: &dir,
+        inherit_fds: &opts.inherit_fds,
+    })?;
     // Held until the tree has attached its SysV segments itself; what it
     // made again goes away again if the restore fails.
     let mut sysv = crate::resources::sysv::prepare(
         tasks.values().map(|t| &t.mm),
         &inv.sysv_sems,
         &inv.sysv_msgs,
-    )?;
+    )
+    .inspect_err(|_| objects.close_all())?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
-        pipes: &pipes,
         shared: &no_shared,
-        inodes: &inodes,
-        ptys: &ptys,
+        objects: &objects,
     };
-    let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)?;
+    let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)
+        .inspect_err(|_| objects.close_all())?;
     let mut plans = HashMap::new();
     let mut holes = Vec::new();
     for (pid, img) in &tasks {
@@ -365,15 +370,13 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         holes.push((plan.hole_start, plan.hole_end));
         plans.insert(*pid, plan);
     }
-    let set = RestoreSet {
+    let mut set = RestoreSet {
         inv,
         tasks,
         plans,
         shared,
-        pipes,
+        objects,
         shared_files,
-        inodes,
-        ptys,
     };
     let pid = set.inv.root_pid;
 
@@ -398,19 +401,10 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     };
     drop(status_wr);
     drop(sync_rd);
-    // The tree holds its pipes now; crust's copies would keep them open
-    // (a reader would never see EOF).
-    for &(r, w) in set.pipes.values() {
-        for fd in [r, w].into_iter().filter(|&fd| fd >= 0) {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-    for &fd in set
-        .shared_files
-        .values()
-        .chain(set.inodes.values())
-        .chain(set.ptys.values())
-    {
+    // The tree holds its files now; crust's copies would keep them open
+    // (a pipe's reader would never see EOF).
+    set.objects.close_all();
+    for &fd in set.shared_files.values() {
         let _ = nix::unistd::close(fd);
     }
     let child = Pid::from_raw(child);
@@ -428,6 +422,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         return Err(e);
     }
     sysv.keep();
+    crate::resources::ghost::remove_link_remaps(&ghosts);
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
 }

@@ -84,6 +84,7 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
             pidfile: None,
             pid_ns: false,
             inherit_fds: opts.inherit_fds.clone(),
+            link_remap: opts.link_remap,
         })
     }) {
         Ok(root) => root,

@@ -88,7 +88,7 @@ fn rebuild_memory<'a>(
     };
     let plan = &set.plans[&pid];
     reserve_hole(plan)?;
-    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, &set.inodes, parent)?;
+    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, &set.objects, parent)?;
     memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
     Ok(Some(mem))
 }
@@ -259,10 +259,11 @@ fn build_task(
 ) -> Result<std::convert::Infallible> {
     let moves = &mem.moves;
 
-    let exe = memory::open_exe(&img.mm, &set.inodes)?;
+    let exe = memory::open_exe(&img.mm, &set.objects)?;
     let top_fd = top_fd(img);
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
-    let mut keep = vec![exe_fd, status_fd];
+    let log_fd = crate::log::relocate_above(top_fd);
+    let mut keep = vec![exe_fd, status_fd, log_fd];
     let holds_tty = img
         .files
         .fds
@@ -283,18 +284,16 @@ fn build_task(
         None
     };
 
-    load_restorer(img, plan, moves, exe_fd, status_fd)?;
-    let dirs = files::FsDirs::open(&img.files, &set.inodes, top_fd)?;
+    load_restorer(img, plan, moves, exe_fd, status_fd, log_fd)?;
+    let dirs = crate::resources::fs::FsDirs::open(&img.files, &set.objects, top_fd)?;
     keep.extend(dirs.fds());
 
     files::restore_fd_table(
         &img.files,
         &files::RestoreCtx {
             tty,
-            pipes: &set.pipes,
             shared: &set.shared_files,
-            inodes: &set.inodes,
-            ptys: &set.ptys,
+            objects: &set.objects,
         },
         &keep,
     )?;
@@ -302,7 +301,6 @@ fn build_task(
         // SAFETY: closing our extra copy of the terminal.
         unsafe { libc::close(t) };
     }
-    dirs.apply()?;
     let me = set.task_ref(img.core.pid);
     if me.ctty_pty > 0 && me.tty_fg_pgrp > 0 && me.tty_fg_pgrp != me.pgid {
         crate::resources::pty::set_foreground(me.ctty_pty as u32 - 1, me.tty_fg_pgrp);
@@ -314,6 +312,9 @@ fn build_task(
     creds::restore_loginuid(&img.core)?;
     membarrier::restore_membarrier(&img.core)?;
     prctl::restore_oom_score_adj(&img.core)?;
+    // Last of what reads paths in crust's view (/proc above): the task
+    // may live chrooted.
+    dirs.apply()?;
     // The stand-in group leaders this task made are no children of the
     // dumped task: reap them before its own code runs.
     for &s in standins {
@@ -434,6 +435,7 @@ fn load_restorer(
     moves: &[VmaMove],
     exe_fd: RawFd,
     status_fd: RawFd,
+    log_fd: RawFd,
 ) -> Result<()> {
     let len = (plan.hole_end - plan.restorer_at) as usize;
     // SAFETY: MAP_FIXED over the part of our reserved hole kept for the restorer.
@@ -485,6 +487,7 @@ fn load_restorer(
     };
     args.auxv[..mm.auxv.len()].copy_from_slice(&mm.auxv);
     args.status_fd = status_fd;
+    args.log_fd = log_fd;
     signals::restore_signals(core, &mut args);
     timers::restore_itimers(core, &mut args);
     timers::restore_posix_timers(core, &mut args);

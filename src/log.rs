@@ -1,0 +1,74 @@
+//! crust's log (`-o FILE`, or stderr) and `-v`. Every line goes through one
+//! fd held in `LOG_FD`, so that a restored task, whose fd table is rebuilt
+//! over crust's, can move the log out of the way first
+//! (`relocate_above`): its own fds are never written to, and what it logs
+//! before it becomes the task still reaches the log.
+
+use std::io;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static LOG_FD: AtomicI32 = AtomicI32::new(2);
+
+/// Writes to whatever fd the log lives on now.
+pub struct LogWriter;
+
+impl io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let fd = LOG_FD.load(Ordering::Relaxed);
+        if fd < 0 {
+            return Ok(buf.len());
+        }
+        // SAFETY: write(2) from our buffer to the log fd.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets up logging at `verbosity` (0 errors .. 4 trace) into `file`, or
+/// stderr when there is none.
+pub fn init(verbosity: u8, file: Option<std::fs::File>) {
+    let level = match verbosity {
+        0 => tracing::Level::ERROR,
+        1 => tracing::Level::WARN,
+        2 => tracing::Level::INFO,
+        3 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let ansi = file.is_none() && io::IsTerminal::is_terminal(&io::stderr());
+    if let Some(f) = file {
+        LOG_FD.store(f.into_raw_fd(), Ordering::Relaxed);
+    }
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(|| LogWriter)
+        .init();
+}
+
+/// In a restored task, before its fd table is rebuilt: moves the log to an
+/// fd at or above `min` (a log file's old fd is closed; stderr, fd 2, is
+/// left to the table). Returns the new fd, which the restorer closes, or
+/// -1 when there is no log.
+pub fn relocate_above(min: RawFd) -> RawFd {
+    let old = LOG_FD.load(Ordering::Relaxed);
+    if old < 0 {
+        return -1;
+    }
+    // SAFETY: duplicating the log fd above the task's fds.
+    let new = unsafe { libc::fcntl(old, libc::F_DUPFD_CLOEXEC, min) };
+    LOG_FD.store(new, Ordering::Relaxed);
+    if old > 2 {
+        // SAFETY: the old log fd, replaced by `new`.
+        unsafe { libc::close(old) };
+    }
+    new
+}
