@@ -240,6 +240,22 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         })
         .collect();
     pipes::mark_external_pipes(&live, &mut tables);
+    // A session leader's terminal opened by path, by the leader's PID.
+    let ctty_paths: std::collections::HashMap<i32, String> = live
+        .iter()
+        .zip(&tables)
+        .filter_map(|(&pid, t)| {
+            let rdev = crate::resources::devices::ctty_rdev(pid);
+            t.fds.iter().find_map(|e| match &e.file {
+                Some(crate::images::pb::fd_entry::File::Chardev(c))
+                    if rdev != 0 && c.rdev == rdev =>
+                {
+                    Some((pid, c.path.clone()))
+                }
+                _ => None,
+            })
+        })
+        .collect();
     // Parents first (tree order): a child's private pages still shared with
     // its parent are left to the parent's image.
     let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
@@ -270,6 +286,10 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             exit_status: n.exit_status,
             ctty_pty: ctty.map_or(0, |(i, _)| i as i32 + 1),
             tty_fg_pgrp: ctty.map_or(0, |(_, g)| g),
+            ctty_path: (n.sid == n.pid)
+                .then(|| ctty_paths.get(&n.pid).cloned())
+                .flatten()
+                .unwrap_or_default(),
         });
     }
     let inv = Inventory {
@@ -296,6 +316,10 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // survives the power cut that follows.
     dir.sync()?;
     ghosts.keep();
+    if !opts.leave_running {
+        fctx.tree_ends();
+    }
+    drop(fctx);
     let mut killed = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();

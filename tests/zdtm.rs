@@ -171,6 +171,12 @@ fn pty_pair_in_tree() {
 }
 
 #[test]
+fn pty_queued_bytes_owner_dev_tty_and_hangup() {
+    let _ptys = pty_lock();
+    cycle("pty_queued", &[]);
+}
+
+#[test]
 fn file_owners_and_sigio() {
     cycle("fown", &[]);
 }
@@ -998,6 +1004,42 @@ fn interactive_python_in_tmux_shell_job() {
     assert!(
         screen.lines().any(|l| l == "restore-exit=0"),
         "crust restore did not exit with python's status 0:\n{screen}"
+    );
+}
+
+/// A program that put its terminal in raw mode, dumped with --shell-job and
+/// restored into another pane: the new terminal gets the raw mode, so a
+/// single key typed without Enter reaches the program at once, unechoed.
+#[test]
+fn raw_mode_terminal_program_shell_job() {
+    let _ptys = pty_lock();
+    let mut tmux = Tmux::new();
+    let work = WorkDir::new("tmux-raw");
+    let script = root().join("zdtm/rawkey.py");
+    let pid = tmux.new_session("orig", &format!("python3 {}", script.display()));
+    tmux.pid = Some(pid);
+    tmux.wait_for("orig", "raw mode", |l| l.starts_with("raw and ready"));
+    tmux.run(&["send-keys", "-t", "orig", "a"]);
+    tmux.wait_for("orig", "the first key", |l| l == "key a");
+    dump_shell_job(pid, &work);
+    let restore = format!(
+        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
+        work.images().display()
+    );
+    tmux.new_session("back", &restore);
+    wait_restored(pid);
+    // No Enter: a terminal in cooked mode would hold the key back.
+    tmux.run(&["send-keys", "-t", "back", "b"]);
+    let screen = tmux.wait_for("back", "the key typed after restore", |l| l == "key b");
+    assert!(
+        !screen.lines().any(|l| l.starts_with('b')),
+        "the terminal echoed the key:\n{screen}"
+    );
+    tmux.run(&["send-keys", "-t", "back", "q"]);
+    let screen = tmux.wait_for("back", "exit status 0", |l| l.starts_with("restore-exit="));
+    assert!(
+        screen.lines().any(|l| l == "restore-exit=0"),
+        "the program did not end well:\n{screen}"
     );
 }
 

@@ -37,6 +37,23 @@ pub struct DumpCtx<'a> {
     /// once per inode (`ghost`).
     pub ghosts: &'a super::ghost::GhostStore,
     descriptions: Descriptions,
+    /// What the dump took out of the live tree (bytes read out of a pty
+    /// pair): given back when the tree runs on, that is unless the dump
+    /// succeeded and kills it (`tree_ends`).
+    put_backs: RefCell<Vec<PutBack>>,
+}
+
+/// Gives back to the live tree something the dump took from it.
+pub type PutBack = Box<dyn FnOnce() -> Result<()>>;
+
+impl Drop for DumpCtx<'_> {
+    fn drop(&mut self) {
+        for f in self.put_backs.take() {
+            if let Err(e) = f() {
+                tracing::warn!("giving back what the dump took: {e:#}");
+            }
+        }
+    }
 }
 
 impl<'a> DumpCtx<'a> {
@@ -54,7 +71,19 @@ impl<'a> DumpCtx<'a> {
             new_pipes: RefCell::new(Vec::new()),
             ghosts,
             descriptions: Descriptions::default(),
+            put_backs: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Registers what gives back something taken from the live tree, should
+    /// it run on.
+    pub fn on_resume(&self, f: PutBack) {
+        self.put_backs.borrow_mut().push(f);
+    }
+
+    /// The dump is done and the tree is killed: nothing is given back.
+    pub fn tree_ends(&self) {
+        self.put_backs.borrow_mut().clear();
     }
 
     /// Records `key` as dumped; false when it was already.
@@ -161,6 +190,8 @@ pub struct TreeImages<'a> {
     pub dir: &'a ImageDir,
     /// `--inherit-fd`: crust's fd N stands in for KEY.
     pub inherit_fds: &'a [(RawFd, String)],
+    /// crust's own terminal, for `--shell-job`.
+    pub tty: Option<RawFd>,
 }
 
 impl TreeImages<'_> {
@@ -247,11 +278,14 @@ pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
 const OPEN_ONLY: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
 
 /// Opens `path` with dumped open(2) flags (those that only matter at open
-/// time dropped), close-on-exec.
+/// time dropped), close-on-exec, and O_NOCTTY: a terminal reopened in a
+/// restored session leader must not become its controlling terminal by
+/// accident (that is `pty::take_ctty`'s, explicitly).
 pub fn open_fd(path: &str, flags: u32) -> Result<OwnedFd> {
     let c = std::ffi::CString::new(path)?;
+    let flags = (flags & !OPEN_ONLY) | O_CLOEXEC | libc::O_NOCTTY as u32;
     // SAFETY: a plain open(2) of a NUL-terminated path.
-    let fd = unsafe { libc::open(c.as_ptr(), ((flags & !OPEN_ONLY) | O_CLOEXEC) as i32) };
+    let fd = unsafe { libc::open(c.as_ptr(), flags as i32) };
     if fd < 0 {
         bail!("opening {path}: {}", std::io::Error::last_os_error());
     }

@@ -1,8 +1,10 @@
 //! Pseudo-terminal pairs whose master the tree holds (a terminal emulator,
 //! tmux, an expect script), with the slave's termios and window size, packet
-//! mode and lock state, and the sessions they are the controlling terminal
-//! of. A terminal whose master is outside the tree is the shell's
-//! (`--shell-job`, `files::TtyKind`).
+//! mode and lock state, the slave node's owner and mode, the bytes queued in
+//! both directions, and the sessions they are the controlling terminal of.
+//! A slave whose master was closed (hung up) comes back hung up. A terminal
+//! whose master is outside the tree is the shell's (`--shell-job`,
+//! `devices::TtyKind`).
 //!
 //! Dump: the master fd is duplicated into crust with pidfd_getfd (reopening
 //! /dev/ptmx would make a new pair) for its ioctls; a slave is claimed when
@@ -12,7 +14,11 @@
 //! pairs are closed again), and sets termios, window size and packet mode.
 //! Tasks dup the master and open the slave by path (O_NOCTTY); a session
 //! leader takes its controlling terminal with TIOCSCTTY right after setsid.
-//! Bytes queued in the pair are not carried (reading them would take them).
+//! Queued bytes: the kernel only hands them out by taking them, so the dump
+//! reads them (the slave side with the line discipline briefly
+//! non-canonical, so a partial line comes too) and writes them back if the
+//! tree runs on; the restore writes them into the new pair with echo,
+//! signals and output processing off, then sets the termios.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -38,7 +44,7 @@ const PTS_MAJORS: std::ops::RangeInclusive<u32> = 136..=143;
 
 pub struct PtyKind;
 
-fn pts_index(rdev: u64) -> Option<u32> {
+pub fn pts_index(rdev: u64) -> Option<u32> {
     let major = libc::major(rdev);
     PTS_MAJORS
         .contains(&major)
@@ -101,51 +107,63 @@ impl FileKind for PtyKind {
                 .ok_or_else(|| p.unreadable("tty-index"))?;
             let m = steal_fd(p.pid, p.fd)?;
             let fd = m.as_raw_fd();
-            let mut termios = [0u8; 64];
-            // SAFETY: TCGETS writes a kernel struct termios (36 bytes).
-            if unsafe { libc::ioctl(fd, libc::TCGETS, termios.as_mut_ptr()) } < 0 {
-                bail!(
-                    "PID {} fd {}: reading the termios of /dev/pts/{index}: {}",
-                    p.pid,
-                    p.fd,
-                    std::io::Error::last_os_error()
-                );
-            }
-            // SAFETY: winsize is plain data for which all-zero is valid.
-            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-            // SAFETY: TIOCGWINSZ writes one struct winsize.
-            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } < 0 {
-                bail!(
-                    "reading the window size of /dev/pts/{index}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            let (termios, winsize) = tty_settings(fd).with_context(|| {
+                format!(
+                    "PID {} fd {}: the settings of /dev/pts/{index}",
+                    p.pid, p.fd
+                )
+            })?;
+            let (uid, gid, mode) = std::fs::metadata(format!("/dev/pts/{index}"))
+                .map(|m| (m.uid(), m.gid(), m.mode() & 0o7777))
+                .unwrap_or((0, 0, 0o620));
+            let (slave_input, master_input) = if p.ctx.first_time(("pty-data", index as u64, 0)) {
+                let (s, m_in) = take_queued(&m, index, &termios).with_context(|| {
+                    format!(
+                        "PID {} fd {}: the bytes queued in /dev/pts/{index}",
+                        p.pid, p.fd
+                    )
+                })?;
+                if !s.is_empty() || !m_in.is_empty() {
+                    let (s2, m2, t2) = (s.clone(), m_in.clone(), termios.clone());
+                    p.ctx
+                        .on_resume(Box::new(move || refill(&m, index, &t2, &s2, &m2)));
+                }
+                (s, m_in)
+            } else {
+                (Vec::new(), Vec::new())
+            };
             return Ok(Some(FdFile::Pty(PtyEnd {
                 index,
                 master: true,
                 flags,
-                termios: termios[..TERMIOS_LEN].to_vec(),
-                winsize: vec![
-                    ws.ws_row.into(),
-                    ws.ws_col.into(),
-                    ws.ws_xpixel.into(),
-                    ws.ws_ypixel.into(),
-                ],
+                termios,
+                winsize,
                 packet_mode: ioctl_int(fd, libc::TIOCGPKT, "TIOCGPKT")? != 0,
                 locked: ioctl_int(fd, libc::TIOCGPTLCK, "TIOCGPTLCK")? != 0,
+                uid,
+                gid,
+                mode,
+                slave_input,
+                master_input,
+                orphan: false,
             })));
         }
         let Some(index) = pts_index(p.meta.rdev()) else {
             return Ok(None);
         };
-        if !master_in_tree(p.ctx.tree, index) {
-            // The shell's terminal: TtyKind's, with --shell-job.
+        // The slave's node goes away with its master: a slave of a closed
+        // master, hung up.
+        let orphan = p.link.ends_with(" (deleted)");
+        if !orphan && !master_in_tree(p.ctx.tree, index) {
+            // The shell's terminal (TtyKind's, with --shell-job), or a
+            // terminal opened by path (CharDeviceKind's).
             return Ok(None);
         }
         Ok(Some(FdFile::Pty(PtyEnd {
             index,
             master: false,
             flags,
+            orphan,
             ..Default::default()
         })))
     }
@@ -167,6 +185,19 @@ impl FileKind for PtyKind {
             let FdFile::Pty(p) = file else { continue };
             if p.master && !objects.contains(master_key(p.index)) {
                 objects.insert(master_key(p.index), create_pty(p)?);
+            }
+        }
+        // A hung-up slave: a pair with its index (crust and the tasks hold
+        // the master until their fds are in place; when the last copy goes,
+        // the slaves are hung up again).
+        for (_, _, file) in t.files() {
+            let FdFile::Pty(p) = file else { continue };
+            if p.orphan && !objects.contains(orphan_key(p.index)) {
+                let m = open_master_with_index(p.index)?;
+                let zero: libc::c_int = 0;
+                // SAFETY: TIOCSPTLCK reads one int; on our own master.
+                unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSPTLCK, &zero) };
+                objects.insert(orphan_key(p.index), m);
             }
         }
         Ok(())
@@ -216,33 +247,226 @@ fn open_slave(index: u32, access: i32) -> Result<OwnedFd> {
     new_fd(fd as i64, &format!("opening /dev/pts/{index}"))
 }
 
+/// The tree object of a hung-up slave's (temporary) master.
+fn orphan_key(index: u32) -> ObjKey {
+    ("pty-orphan", index as u64, 0)
+}
+
+/// The dumped termios with echo, signals, flow control and output
+/// processing off: queued bytes written back in this state are queued as
+/// they are, and nothing is echoed or turned into a signal.
+fn quiet_termios(t: &[u8]) -> [u8; 64] {
+    let mut q = [0u8; 64];
+    let n = t.len().min(TERMIOS_LEN);
+    q[..n].copy_from_slice(&t[..n]);
+    let word = |q: &[u8; 64], at: usize| u32::from_ne_bytes(q[at..at + 4].try_into().unwrap());
+    let iflag = word(&q, 0) & !libc::IXON;
+    let oflag = word(&q, 4) & !libc::OPOST;
+    let lflag = word(&q, 12)
+        & !(libc::ECHO
+            | libc::ECHOE
+            | libc::ECHOK
+            | libc::ECHONL
+            | libc::ECHOCTL
+            | libc::ECHOKE
+            | libc::ISIG);
+    q[0..4].copy_from_slice(&iflag.to_ne_bytes());
+    q[4..8].copy_from_slice(&oflag.to_ne_bytes());
+    q[12..16].copy_from_slice(&lflag.to_ne_bytes());
+    q
+}
+
+/// Sets a terminal's termios (on a pty master: its slave's) to the dumped
+/// kernel struct termios `t`; `what` names it in errors.
+pub fn set_termios(fd: RawFd, t: &[u8], what: &str) -> Result<()> {
+    let mut buf = [0u8; 64];
+    let n = t.len().min(TERMIOS_LEN);
+    buf[..n].copy_from_slice(&t[..n]);
+    // SAFETY: TCSETS reads a kernel termios; on a master it sets the slave's.
+    if unsafe { libc::ioctl(fd, libc::TCSETS, buf.as_ptr()) } < 0 {
+        bail!(
+            "setting the termios of {what}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// A terminal's termios (kernel struct) and window size, for the images.
+pub fn tty_settings(fd: RawFd) -> Result<(Vec<u8>, Vec<u32>)> {
+    let mut termios = [0u8; 64];
+    // SAFETY: TCGETS writes a kernel struct termios (36 bytes).
+    if unsafe { libc::ioctl(fd, libc::TCGETS, termios.as_mut_ptr()) } < 0 {
+        bail!("TCGETS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: winsize is plain data for which all-zero is valid.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one struct winsize.
+    if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } < 0 {
+        bail!("TIOCGWINSZ: {}", std::io::Error::last_os_error());
+    }
+    Ok((
+        termios[..TERMIOS_LEN].to_vec(),
+        vec![
+            ws.ws_row.into(),
+            ws.ws_col.into(),
+            ws.ws_xpixel.into(),
+            ws.ws_ypixel.into(),
+        ],
+    ))
+}
+
+/// The struct winsize of a dumped (rows, cols, xpixel, ypixel).
+pub fn winsize_of(w: &[u32]) -> Option<libc::winsize> {
+    match *w {
+        [row, col, x, y] => Some(libc::winsize {
+            ws_row: row as u16,
+            ws_col: col as u16,
+            ws_xpixel: x as u16,
+            ws_ypixel: y as u16,
+        }),
+        _ => None,
+    }
+}
+
+/// Reads out what is queued in pair `index` (through a copy of its master):
+/// (what the slave would read, what the master would read). The slave side
+/// is read with the line discipline briefly non-canonical, so that a line
+/// not finished yet comes too; the termios goes back to `termios` after.
+fn take_queued(master: &OwnedFd, index: u32, termios: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    let m = master.as_raw_fd();
+    let master_input = read_available(m)?;
+    // A slave that cannot be opened (locked, or no one ever opened it)
+    // holds nothing to read.
+    let Ok(slave) = open_slave(index, libc::O_RDONLY | libc::O_NONBLOCK) else {
+        return Ok((Vec::new(), master_input));
+    };
+    let mut raw = quiet_termios(termios);
+    let lflag = u32::from_ne_bytes(raw[12..16].try_into().unwrap()) & !libc::ICANON;
+    raw[12..16].copy_from_slice(&lflag.to_ne_bytes());
+    set_termios(m, &raw, &format!("/dev/pts/{index}"))?;
+    let slave_input = read_available(slave.as_raw_fd());
+    set_termios(m, termios, &format!("/dev/pts/{index}"))?;
+    Ok((slave_input?, master_input))
+}
+
+/// Reads what the tty fd has queued now (FIONREAD says how much, so a
+/// blocking description is never blocked on).
+fn read_available(fd: RawFd) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let n = ioctl_int(fd, libc::FIONREAD, "FIONREAD")?;
+        if n <= 0 {
+            return Ok(out);
+        }
+        let at = out.len();
+        out.resize(at + n as usize, 0);
+        // SAFETY: read(2) into the part of our buffer just grown.
+        let r = unsafe { libc::read(fd, out[at..].as_mut_ptr().cast(), n as usize) };
+        if r <= 0 {
+            out.truncate(at);
+            return Ok(out);
+        }
+        out.truncate(at + r as usize);
+    }
+}
+
+/// Queues bytes in pair `index` again: `slave_input` for the slave's
+/// readers (written into the master), `master_input` for the master's
+/// (written into the slave), with the line discipline quiet; then the
+/// termios is set to `termios`.
+fn refill(
+    master: &OwnedFd,
+    index: u32,
+    termios: &[u8],
+    slave_input: &[u8],
+    master_input: &[u8],
+) -> Result<()> {
+    let m = master.as_raw_fd();
+    if !slave_input.is_empty() || !master_input.is_empty() {
+        set_termios(m, &quiet_termios(termios), &format!("/dev/pts/{index}"))?;
+        let slave = open_slave(index, libc::O_RDWR | libc::O_NONBLOCK)?;
+        for (fd, data, side) in [
+            (m, slave_input, "slave"),
+            (slave.as_raw_fd(), master_input, "master"),
+        ] {
+            let n = nix::unistd::write(
+                // SAFETY: fds we hold for the duration of this call.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                data,
+            )
+            .with_context(|| format!("queueing bytes for the {side} of /dev/pts/{index}"))?;
+            if n != data.len() {
+                bail!(
+                    "queueing bytes for the {side} of /dev/pts/{index}: {n} of {} fit",
+                    data.len()
+                );
+            }
+        }
+        // The line discipline takes written bytes in later, from a kernel
+        // worker: wait until it has, before echo comes back on.
+        let lines = complete_lines_len(termios, slave_input);
+        let t0 = std::time::Instant::now();
+        while (ioctl_int(slave.as_raw_fd(), libc::FIONREAD, "FIONREAD")? as usize) < lines
+            || (ioctl_int(m, libc::FIONREAD, "FIONREAD")? as usize) < master_input.len()
+        {
+            if t0.elapsed() > std::time::Duration::from_secs(2) {
+                bail!("the bytes queued again in /dev/pts/{index} were not taken in within 2 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if lines < slave_input.len() {
+            // A partial line counts nowhere; it went in with the lines
+            // before it, or alone: give the worker a moment.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    set_termios(m, termios, &format!("/dev/pts/{index}"))
+}
+
+/// How many of the bytes queued for a slave reader FIONREAD will count once
+/// taken in: all of them in non-canonical mode; in canonical mode those up
+/// to the end of the last whole line.
+fn complete_lines_len(termios: &[u8], data: &[u8]) -> usize {
+    let lflag = termios
+        .get(12..16)
+        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    if lflag & libc::ICANON == 0 {
+        return data.len();
+    }
+    // c_cc starts at byte 17 of the kernel struct termios.
+    let cc = |i: usize| termios.get(17 + i).copied().unwrap_or(0);
+    let ends = [b'\n', cc(libc::VEOL), cc(libc::VEOL2), cc(libc::VEOF)];
+    data.iter()
+        .rposition(|b| *b != 0 && ends.contains(b))
+        .map_or(0, |i| i + 1)
+}
+
 /// Makes a pty pair whose master the tree holds, with its dumped index,
-/// termios, window size and packet mode, before anything forks.
+/// termios, window size, packet mode, queued bytes and slave node owner,
+/// before anything forks.
 fn create_pty(p: &PtyEnd) -> Result<OwnedFd> {
     {
         let m = open_master_with_index(p.index)?;
         let fd = m.as_raw_fd();
         let zero: libc::c_int = 0;
+        // SAFETY: TIOCSPTLCK reads one int; on our own master.
+        unsafe { libc::ioctl(fd, libc::TIOCSPTLCK, &zero) };
+        refill(&m, p.index, &p.termios, &p.slave_input, &p.master_input)?;
+        let node = format!("/dev/pts/{}", p.index);
+        if p.mode != 0 {
+            std::os::unix::fs::chown(&node, Some(p.uid), Some(p.gid))
+                .and_then(|_| {
+                    std::fs::set_permissions(
+                        &node,
+                        std::os::unix::fs::PermissionsExt::from_mode(p.mode),
+                    )
+                })
+                .with_context(|| format!("giving {node} its owner and mode"))?;
+        }
         // SAFETY: each ioctl reads the value passed; on our own master.
         unsafe {
-            libc::ioctl(fd, libc::TIOCSPTLCK, &zero);
-            let mut t = [0u8; 64];
-            let n = p.termios.len().min(TERMIOS_LEN);
-            t[..n].copy_from_slice(&p.termios[..n]);
-            if libc::ioctl(fd, libc::TCSETS, t.as_ptr()) < 0 {
-                bail!(
-                    "setting the termios of /dev/pts/{}: {}",
-                    p.index,
-                    std::io::Error::last_os_error()
-                );
-            }
-            if let [row, col, x, y] = p.winsize[..] {
-                let ws = libc::winsize {
-                    ws_row: row as u16,
-                    ws_col: col as u16,
-                    ws_xpixel: x as u16,
-                    ws_ypixel: y as u16,
-                };
+            if let Some(ws) = winsize_of(&p.winsize) {
                 libc::ioctl(fd, libc::TIOCSWINSZ, &ws);
             }
             let pkt: libc::c_int = p.packet_mode as libc::c_int;
@@ -317,4 +541,34 @@ pub fn set_foreground(index: u32, pgrp: i32) {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     warn!("could not make group {pgrp} the foreground of /dev/pts/{index}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn termios(lflag: u32) -> Vec<u8> {
+        let mut t = vec![0u8; TERMIOS_LEN];
+        t[12..16].copy_from_slice(&lflag.to_ne_bytes());
+        t[17 + libc::VEOF] = 4;
+        t
+    }
+
+    #[test]
+    fn lines_counted_as_fionread_will() {
+        let canon = termios(libc::ICANON);
+        assert_eq!(complete_lines_len(&canon, b"one\ntwo\npart"), 8);
+        assert_eq!(complete_lines_len(&canon, b"partial"), 0);
+        assert_eq!(complete_lines_len(&canon, b"eof\x04"), 4);
+        assert_eq!(complete_lines_len(&termios(0), b"raw\nbytes"), 9);
+    }
+
+    #[test]
+    fn quiet_termios_keeps_canonical_mode() {
+        let t = termios(libc::ICANON | libc::ECHO | libc::ISIG);
+        let q = quiet_termios(&t);
+        let lflag = u32::from_ne_bytes(q[12..16].try_into().unwrap());
+        assert_eq!(lflag, libc::ICANON);
+        assert_eq!(q[17 + libc::VEOF], 4);
+    }
 }

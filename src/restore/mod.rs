@@ -346,6 +346,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         ghosts: &ghosts,
         dir: &dir,
         inherit_fds: &opts.inherit_fds,
+        tty,
     })?;
     // Held until the tree has attached its SysV segments itself; what it
     // made again goes away again if the restore fails.
@@ -423,6 +424,9 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     }
     sysv.keep();
     crate::resources::ghost::remove_link_remaps(&ghosts);
+    if let Some(tty) = tty {
+        winch_if_resized(&set, tty);
+    }
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
 }
@@ -472,6 +476,33 @@ fn stop_signal(set: &RestoreSet, img: &TaskImages) -> Signal {
         sig
     } else {
         Signal::SIGSTOP
+    }
+}
+
+/// A shell job restored onto a terminal of another size than the one it was
+/// dumped from gets SIGWINCH (its group), as on any resize: a full-screen
+/// program redraws for the new size.
+fn winch_if_resized(set: &RestoreSet, tty: std::os::fd::RawFd) {
+    let dumped = set
+        .tasks
+        .values()
+        .flat_map(|t| &t.files.fds)
+        .find_map(|e| match &e.file {
+            Some(crate::images::pb::fd_entry::File::Tty(t)) if !t.winsize.is_empty() => {
+                crate::resources::pty::winsize_of(&t.winsize)
+            }
+            _ => None,
+        });
+    let Some(dumped) = dumped else { return };
+    // SAFETY: winsize is plain data for which all-zero is valid.
+    let mut now: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize.
+    if unsafe { libc::ioctl(tty, libc::TIOCGWINSZ, &mut now) } < 0 {
+        return;
+    }
+    if (now.ws_row, now.ws_col) != (dumped.ws_row, dumped.ws_col) {
+        let root = set.task_ref(set.inv.root_pid);
+        let _ = kill(Pid::from_raw(-root.pgid), Signal::SIGWINCH);
     }
 }
 

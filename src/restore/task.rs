@@ -188,6 +188,9 @@ fn join_session(set: &RestoreSet, pid: i32) -> Result<()> {
         if me.ctty_pty > 0 {
             crate::resources::pty::take_ctty(me.ctty_pty as u32 - 1)
                 .with_context(|| format!("task {pid}"))?;
+        } else if !me.ctty_path.is_empty() {
+            crate::resources::devices::take_ctty(&me.ctty_path)
+                .with_context(|| format!("task {pid}"))?;
         }
     } else if me.pgid == pid {
         nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
@@ -264,11 +267,10 @@ fn build_task(
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
     let log_fd = crate::log::relocate_above(top_fd);
     let mut keep = vec![exe_fd, status_fd, log_fd];
-    let holds_tty = img
-        .files
-        .fds
-        .iter()
-        .any(|e| matches!(e.file, Some(crate::images::pb::fd_entry::File::Tty(_))));
+    let holds_tty =
+        img.files.fds.iter().any(
+            |e| matches!(&e.file, Some(crate::images::pb::fd_entry::File::Tty(t)) if !t.current),
+        );
     let tty = if opts.shell_job && holds_tty {
         let src = [0, 1, 2]
             .into_iter()
