@@ -64,7 +64,7 @@ enum Cmd {
         /// Let the process run on after the dump.
         #[arg(short = 'R', long)]
         leave_running: bool,
-        /// Take file locks (flock, POSIX, OFD) along; without it a tree
+        /// Take file locks (flock, POSIX, OFD) and leases along; without it a tree
         /// holding one is refused.
         #[arg(short = 'l', long)]
         file_locks: bool,

@@ -683,6 +683,24 @@ fn file_locks() {
     t.pass();
 }
 
+/// Leases, held and being broken by openers of the tree: refused without
+/// --file-locks (the task keeps running), held again with it, the broken
+/// ones still breaking, with no second break signal.
+#[test]
+fn file_leases() {
+    let mut t = Spawn::new("leases").start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--file-locks") && err.contains("lease"),
+        "{err}"
+    );
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    t.dump(&["--file-locks"]);
+    t.restore(&[]);
+    t.pass();
+}
+
 /// A copy restored with `--pid-ns`: its crust, and its PID outside the
 /// namespace. Dropping it kills the namespace's init (and with it the copy).
 struct NsCopy {

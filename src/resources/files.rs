@@ -466,14 +466,29 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
             .files
             .borrow_mut()
             .insert(description_id, file.clone());
+        let mut locks = super::locks::dump_locks(pid, fd, &link, flags, &info, ctx.file_locks)?;
+        // What belongs to the description (its owner, its flock, OFD locks
+        // and leases) is given back once, by the first process of the tree
+        // that holds it: a lease taken again in a second process would make
+        // that one its holder, and a lease's break signal could reach a
+        // process that is not the one waiting for it.
+        let first_holder = same.is_none();
+        if !first_holder {
+            locks.retain(super::locks::per_process);
+        }
+        let owner = if first_holder {
+            super::fown::dump_owner(&pidfd, pid, fd, flags)?
+        } else {
+            None
+        };
         table.fds.push(FdEntry {
             fd,
             cloexec: flags & O_CLOEXEC != 0,
             file: Some(file),
             dup_of: None,
             description_id,
-            locks: super::locks::dump_locks(pid, fd, &link, &info, ctx.file_locks)?,
-            owner: super::fown::dump_owner(&pidfd, pid, fd, flags)?,
+            locks,
+            owner,
         });
     }
     table.pipes = ctx.new_pipes.take();
@@ -601,6 +616,9 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         unsafe { libc::close(fd) };
     }
     for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
+        // Locks before the owner: a lease taken again makes this process
+        // the description's owner only while it has none
+        // (`locks::rebreak_lease`).
         super::locks::restore_locks(e)?;
         if let Some(o) = &e.owner {
             super::fown::restore_owner(e.fd, o)?;
