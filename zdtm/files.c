@@ -1,5 +1,6 @@
 /* Regular files: offsets, open flags, close-on-exec, fds sharing one open
- * file description (dup), /dev/null, cwd and umask. */
+ * file description (dup), /dev/null, a symlink held itself with
+ * O_PATH|O_NOFOLLOW, cwd and umask. */
 #include "zdtmlib.h"
 #include <sys/stat.h>
 
@@ -24,6 +25,13 @@ int main(void)
 	int hi = fcntl(r, F_DUPFD, 100);
 	lseek(hi, 2, SEEK_SET); /* moves r too: they share the description */
 	int devnull = open("/dev/null", O_WRONLY);
+	char lnk[4096];
+	snprintf(lnk, sizeof(lnk), "%s/files.link", dir);
+	if (symlink("files.a", lnk))
+		fail("symlink");
+	int l = open(lnk, O_PATH | O_NOFOLLOW);
+	if (l < 0)
+		fail("open the symlink itself");
 	mkdir(sub, 0700);
 	if (chdir(sub))
 		fail("chdir");
@@ -47,6 +55,11 @@ int main(void)
 		fail("append on b");
 	if (write(devnull, "x", 1) != 1)
 		fail("/dev/null");
+	struct stat ls;
+	char target[64] = { 0 };
+	if (fstatat(l, "", &ls, AT_EMPTY_PATH) || !S_ISLNK(ls.st_mode) ||
+	    readlinkat(l, "", target, sizeof(target)) < 0 || strcmp(target, "files.a"))
+		fail("the O_PATH fd is no longer the symlink itself (%s)", target);
 	char cwd[4096];
 	if (!getcwd(cwd, sizeof(cwd)) || strcmp(cwd, sub))
 		fail("cwd is %s", cwd);

@@ -1,6 +1,7 @@
-//! Regular files and directories opened by path: reopened at their path with
-//! their flags and offset. A file replaced at its path, or resized, since the
-//! dump is refused by name (the task would see other data).
+//! Regular files, directories, and symlinks held with O_PATH|O_NOFOLLOW,
+//! opened by path: reopened at their path with their flags and offset. A
+//! file replaced at its path, or resized, since the dump is refused by name
+//! (the task would see other data).
 
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -24,7 +25,8 @@ pub fn replaced(now: &fs::Metadata, dev: u64, ino: u64) -> bool {
 
 impl FileKind for RegularFileKind {
     fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>> {
-        if !p.meta.file_type().is_file() && !p.meta.file_type().is_dir() {
+        let ft = p.meta.file_type();
+        if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) || !p.link.starts_with('/') {
             return Ok(None);
         }
         Ok(Some(FdFile::Regular(RegularFile {
@@ -47,7 +49,14 @@ impl FileKind for RegularFileKind {
 
     fn check(&self, f: &FdFile) -> Result<()> {
         let FdFile::Regular(r) = f else { return Ok(()) };
-        let md = fs::metadata(&r.path).map_err(|err| {
+        // A symlink held itself (O_PATH|O_NOFOLLOW) is checked as the link.
+        let nofollow = r.flags & libc::O_NOFOLLOW as u32 != 0 && r.flags & libc::O_PATH as u32 != 0;
+        let md = if nofollow {
+            fs::symlink_metadata(&r.path)
+        } else {
+            fs::metadata(&r.path)
+        }
+        .map_err(|err| {
             anyhow::anyhow!("file {} is gone ({err}); put it back to restore", r.path)
         })?;
         if replaced(&md, r.dev, r.ino) {
