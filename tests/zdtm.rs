@@ -125,6 +125,11 @@ fn deleted_file_linked_elsewhere_needs_link_remap() {
 }
 
 #[test]
+fn shared_memory_seen_through_fd_and_private_map() {
+    cycle("shmem_views", &[]);
+}
+
+#[test]
 fn madvise_and_mlock() {
     cycle("madvise", &[]);
 }

@@ -216,8 +216,14 @@ pub fn dead_groups(inv: &Inventory) -> Vec<(i32, i32)> {
     out
 }
 
-/// Creates one shared anonymous object per shmem inode the tree maps.
-fn create_shared_anon(tasks: &HashMap<i32, TaskImages>) -> Result<HashMap<(u64, u64), (u64, u64)>> {
+/// Creates one shared anonymous object per shmem inode the tree maps. An
+/// object the tree also holds another way (an fd or a private mapping of
+/// its /proc/PID/map_files, "/dev/zero (deleted)") is the file crust made
+/// again for those (`ghost`), mapped shared: all of them see one object.
+fn create_shared_anon(
+    tasks: &HashMap<i32, TaskImages>,
+    objects: &files::TreeObjects,
+) -> Result<HashMap<(u64, u64), (u64, u64)>> {
     let mut sizes: HashMap<(u64, u64), u64> = HashMap::new();
     for img in tasks.values() {
         for v in img
@@ -232,15 +238,30 @@ fn create_shared_anon(tasks: &HashMap<i32, TaskImages>) -> Result<HashMap<(u64, 
     }
     let mut out = HashMap::new();
     for (key, size) in sizes {
-        // SAFETY: a new shared anonymous mapping of crust's; the forked
-        // tasks inherit it and drop it with the rest of crust's memory.
+        let file = match objects.get(crate::resources::ghost::ghost_key(key.0, key.1)) {
+            Some(made) => {
+                let rw = files::reopen(made, libc::O_RDWR, "a shared memory object")?;
+                let f = File::from(rw);
+                if f.metadata()?.len() < size {
+                    f.set_len(size)?;
+                }
+                Some(f)
+            }
+            None => None,
+        };
+        let (flags, fd) = match &file {
+            Some(f) => (libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(f)),
+            None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a new shared mapping of crust's; the forked tasks inherit
+        // it and drop it with the rest of crust's memory.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
@@ -337,7 +358,6 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
             );
         }
     }
-    let shared = create_shared_anon(&tasks)?;
     let tty = [0, 1, 2]
         .into_iter()
         .find(|&fd| opts.shell_job && nix::unistd::isatty(fd).unwrap_or(false));
@@ -356,6 +376,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         &inv.sysv_msgs,
     )
     .inspect_err(|_| objects.close_all())?;
+    let shared = create_shared_anon(&tasks, &objects).inspect_err(|_| objects.close_all())?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
         tty,
