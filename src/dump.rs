@@ -28,6 +28,10 @@ pub struct DumpOpts {
     pub ghost_limit: u64,
     /// Link files deleted but linked elsewhere back (`--link-remap`).
     pub link_remap: bool,
+    /// `--force-irmap`, `--irmap-scan-path`: find watched inodes whose file
+    /// handles do not open by scanning these directories.
+    pub force_irmap: bool,
+    pub irmap_scan_paths: Vec<PathBuf>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -224,7 +228,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // marked external.
     let live: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
-    let fctx = files::DumpCtx::new(&live, opts.shell_job, opts.file_locks, &ghosts);
+    let fctx = files::DumpCtx::new(&live, opts, &ghosts);
     let mut tables = Vec::new();
     for &pid in &live {
         tables.push(files::dump_fd_table(pid, &fctx)?);

@@ -78,6 +78,14 @@ enum Cmd {
         /// refused.
         #[arg(long)]
         link_remap: bool,
+        /// An inotify or fanotify watch whose file handle does not open is
+        /// found by scanning the --irmap-scan-path directories for its inode.
+        #[arg(long)]
+        force_irmap: bool,
+        /// A directory to scan for watched inodes (with --force-irmap);
+        /// repeatable.
+        #[arg(long, value_name = "DIR")]
+        irmap_scan_path: Vec<PathBuf>,
     },
     /// Bring a checkpointed process back.
     Restore {
@@ -107,6 +115,12 @@ enum Cmd {
         /// opened, and their links removed once the restore is done.
         #[arg(long)]
         link_remap: bool,
+        /// A dump option, taken here for scripts that give dump and restore
+        /// one set of options: the restore says it has no effect.
+        #[arg(long, hide = true)]
+        force_irmap: bool,
+        #[arg(long, value_name = "DIR", hide = true)]
+        irmap_scan_path: Vec<PathBuf>,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -178,6 +192,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             file_locks,
             ghost_limit,
             link_remap,
+            force_irmap,
+            irmap_scan_path,
         } => {
             dump::dump(&dump::DumpOpts {
                 pid,
@@ -187,6 +203,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 file_locks,
                 ghost_limit,
                 link_remap,
+                force_irmap,
+                irmap_scan_paths: irmap_scan_path,
             })?;
             Ok(0)
         }
@@ -199,15 +217,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             pid_ns,
             inherit_fd,
             link_remap,
-        } => restore::restore(&restore::RestoreOpts {
-            dir,
-            detach: restore_detached,
-            shell_job,
-            pidfile,
-            pid_ns,
-            inherit_fds: inherit_fd,
-            link_remap,
-        }),
+            force_irmap,
+            irmap_scan_path,
+        } => {
+            if force_irmap || !irmap_scan_path.is_empty() {
+                tracing::warn!(
+                    "--force-irmap and --irmap-scan-path find watched files at the dump; the restore opens them by the paths in the images"
+                );
+            }
+            restore::restore(&restore::RestoreOpts {
+                dir,
+                detach: restore_detached,
+                shell_job,
+                pidfile,
+                pid_ns,
+                inherit_fds: inherit_fd,
+                link_remap,
+            })
+        }
         Cmd::Show { path, json } => {
             show::show(&path, json)?;
             Ok(0)

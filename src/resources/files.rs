@@ -28,6 +28,10 @@ pub struct DumpCtx<'a> {
     pub tree: &'a [i32],
     pub shell_job: bool,
     pub file_locks: bool,
+    /// `--force-irmap`: a watched inode whose file handle does not open is
+    /// looked for in `irmap_scan_paths`.
+    pub force_irmap: bool,
+    pub irmap_scan_paths: Vec<std::path::PathBuf>,
     /// Objects dumped once for the whole tree (a pipe's buffer...), by a
     /// kind's tag and numbers.
     pub seen: RefCell<HashSet<ObjKey>>,
@@ -59,14 +63,15 @@ impl Drop for DumpCtx<'_> {
 impl<'a> DumpCtx<'a> {
     pub fn new(
         tree: &'a [i32],
-        shell_job: bool,
-        file_locks: bool,
+        opts: &crate::dump::DumpOpts,
         ghosts: &'a super::ghost::GhostStore,
     ) -> Self {
         DumpCtx {
             tree,
-            shell_job,
-            file_locks,
+            shell_job: opts.shell_job,
+            file_locks: opts.file_locks,
+            force_irmap: opts.force_irmap,
+            irmap_scan_paths: opts.irmap_scan_paths.clone(),
             seen: RefCell::new(HashSet::new()),
             new_pipes: RefCell::new(Vec::new()),
             ghosts,

@@ -22,6 +22,7 @@ pub struct InotifyKind;
 /// One `inotify wd:..` line of fdinfo, all fields hexadecimal.
 struct WatchLine {
     wd: i32,
+    ino: u64,
     sdev: u32,
     mask: u32,
     handle_type: i32,
@@ -55,6 +56,7 @@ fn parse_watch(line: &str) -> Option<WatchLine> {
     let (handle_type, handle) = mark_handle(rest)?;
     Some(WatchLine {
         wd: mark_field(rest, "wd")? as i32,
+        ino: mark_field(rest, "ino")?,
         sdev: mark_field(rest, "sdev")? as u32,
         mask: mark_field(rest, "mask")? as u32,
         handle_type,
@@ -91,13 +93,58 @@ pub(super) fn mountinfo_find(pick: impl Fn(&[&str]) -> bool) -> Option<(u32, Str
         .and_then(|f| Some((f[0].parse().ok()?, f[4].to_string())))
 }
 
-/// The path of the inode a watch is on.
-fn watched_path(w: &WatchLine) -> Result<String> {
-    inode_path(w.sdev, w.handle_type, &w.handle)
-}
-
 /// The path of the inode a file handle on device `sdev` names.
 pub(super) fn inode_path(sdev: u32, handle_type: i32, handle: &[u8]) -> Result<String> {
+    let fd = open_handle(sdev, handle_type, handle)?;
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+        .to_string_lossy()
+        .into_owned();
+    Ok(path)
+}
+
+/// The kernel's device number (major << 20 | minor) in st_dev's encoding.
+pub(super) fn sdev_to_dev(sdev: u32) -> u64 {
+    libc::makedev(sdev >> 20, sdev & 0xfffff)
+}
+
+/// `--force-irmap`: finds a path to inode `ino` of device `sdev` by
+/// walking the `roots` (directories first met first), for a watch whose
+/// file handle does not open.
+fn irmap_scan(sdev: u32, ino: u64, roots: &[std::path::PathBuf]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = sdev_to_dev(sdev);
+    let mut todo: std::collections::VecDeque<std::path::PathBuf> = roots.iter().cloned().collect();
+    let mut seen = 0usize;
+    while let Some(dir) = todo.pop_front() {
+        if let Ok(m) = std::fs::symlink_metadata(&dir)
+            && m.dev() == dev
+            && m.ino() == ino
+        {
+            return Some(dir.to_string_lossy().into_owned());
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            seen += 1;
+            // A bound on the walk: a scan root is a directory, not a disk.
+            if seen > 1 << 20 {
+                return None;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if m.dev() == dev && m.ino() == ino {
+                return Some(e.path().to_string_lossy().into_owned());
+            }
+            if m.is_dir() {
+                todo.push_back(e.path());
+            }
+        }
+    }
+    None
+}
+
+/// Opens (O_PATH) the inode a file handle on device `sdev` names.
+fn open_handle(sdev: u32, handle_type: i32, handle: &[u8]) -> Result<OwnedFd> {
     let mnt = mount_of(sdev)?;
     // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
     let mut fh = Vec::with_capacity(8 + handle.len());
@@ -113,11 +160,7 @@ pub(super) fn inode_path(sdev: u32, handle_type: i32, handle: &[u8]) -> Result<S
             libc::O_PATH | libc::O_CLOEXEC,
         )
     };
-    let fd = new_fd(fd, "a handle to a watched inode")?;
-    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
-        .to_string_lossy()
-        .into_owned();
-    Ok(path)
+    new_fd(fd, "a handle to a watched inode")
 }
 
 impl FileKind for InotifyKind {
@@ -129,20 +172,8 @@ impl FileKind for InotifyKind {
         let mut watches = Vec::new();
         for line in info.lines().filter(|l| l.starts_with("inotify ")) {
             let w = parse_watch(line).ok_or_else(|| p.unreadable("inotify watch"))?;
-            let path = watched_path(&w)
-                .with_context(|| format!("PID {} fd {}: inotify watch {}", p.pid, p.fd, w.wd))?;
-            if path.ends_with(" (deleted)") || !path.starts_with('/') {
-                bail!(
-                    "PID {} fd {} watches {path} with inotify, which has no path any more; crust cannot restore the watch",
-                    p.pid,
-                    p.fd
-                );
-            }
-            watches.push(InotifyWatch {
-                wd: w.wd,
-                mask: w.mask,
-                path,
-            });
+            let whose = format!("PID {} fd {}: inotify watch {}", p.pid, p.fd, w.wd);
+            watches.push(dump_watch(&w, p, &whose).with_context(|| whose.clone())?);
         }
         watches.sort_by_key(|w| w.wd);
         Ok(Some(FdFile::Inotify(Inotify {
@@ -161,7 +192,7 @@ impl FileKind for InotifyKind {
         Some(format!("inotify flags {:#o} [{}]", n.flags, w.join(", ")))
     }
 
-    fn restore(&self, f: &FdFile, _: &RestoreCtx) -> Result<Option<OwnedFd>> {
+    fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Inotify(n) = f else {
             return Ok(None);
         };
@@ -169,7 +200,17 @@ impl FileKind for InotifyKind {
         let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
         let fd = new_fd(fd as i64, "an inotify instance")?;
         for w in &n.watches {
-            add_watch_as(fd.as_raw_fd(), w)?;
+            // A deleted file is watched through the file crust made again.
+            let path = if w.ghost {
+                let made = ctx.objects.need(
+                    super::ghost::ghost_key(w.dev, w.ino),
+                    &format!("the deleted file {} that inotify watches", w.path),
+                )?;
+                format!("/proc/self/fd/{made}")
+            } else {
+                w.path.clone()
+            };
+            add_watch_as(fd.as_raw_fd(), w, &path)?;
         }
         drain(fd.as_raw_fd());
         let flags = n.flags as i32 & libc::O_NONBLOCK;
@@ -179,9 +220,50 @@ impl FileKind for InotifyKind {
     }
 }
 
-/// Adds the watch until the kernel gives it the dumped wd.
-fn add_watch_as(fd: RawFd, w: &InotifyWatch) -> Result<()> {
-    let path = std::ffi::CString::new(w.path.as_str())?;
+/// One watch: the path of its inode, from its file handle; a deleted file
+/// stored as a file without a name; with `--force-irmap`, a handle that does
+/// not open found by scanning the `--irmap-scan-path` directories.
+fn dump_watch(w: &WatchLine, p: &FdProbe, whose: &str) -> Result<InotifyWatch> {
+    let opened = open_handle(w.sdev, w.handle_type, &w.handle);
+    let path = match &opened {
+        Ok(fd) => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+            .to_string_lossy()
+            .into_owned(),
+        Err(e) if p.ctx.force_irmap => irmap_scan(w.sdev, w.ino, &p.ctx.irmap_scan_paths)
+            .with_context(|| {
+                format!(
+                    "its file handle does not open ({e:#}) and no --irmap-scan-path holds inode {}",
+                    w.ino
+                )
+            })?,
+        Err(e) => bail!(
+            "its file handle does not open ({e:#}); dump with --force-irmap and --irmap-scan-path DIR to find the file by scanning DIR"
+        ),
+    };
+    let mut watch = InotifyWatch {
+        wd: w.wd,
+        mask: w.mask,
+        path: path.trim_end_matches(" (deleted)").to_string(),
+        ..Default::default()
+    };
+    if path.ends_with(" (deleted)") {
+        let fd = opened.context("a deleted file opened by handle")?;
+        let (dev, ino, _) = p.ctx.ghosts.add(
+            &format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            &path,
+            whose,
+            None,
+        )?;
+        (watch.ghost, watch.dev, watch.ino) = (true, dev, ino);
+    } else if !path.starts_with('/') {
+        bail!("it watches {path}, which has no path crust can open again");
+    }
+    Ok(watch)
+}
+
+/// Adds the watch on `path` until the kernel gives it the dumped wd.
+fn add_watch_as(fd: RawFd, w: &InotifyWatch, path: &str) -> Result<()> {
+    let path = std::ffi::CString::new(path)?;
     for _ in 0..1 << 20 {
         // SAFETY: inotify_add_watch with a NUL-terminated path.
         let got = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), w.mask) };
@@ -213,4 +295,28 @@ fn drain(fd: RawFd) {
     let mut buf = [0u8; 4096];
     // SAFETY: reading into our buffer from a non-blocking fd we own.
     while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn irmap_scan_finds_an_inode_below_its_roots() {
+        let root = std::env::temp_dir().join(format!("crust-irmap-{}", std::process::id()));
+        let deep = root.join("a/b/c");
+        std::fs::create_dir_all(&deep).unwrap();
+        let file = deep.join("watched");
+        std::fs::write(&file, b"x").unwrap();
+        let m = std::fs::metadata(&file).unwrap();
+        let sdev = (libc::major(m.dev()) << 20) | libc::minor(m.dev());
+        assert_eq!(sdev_to_dev(sdev), m.dev());
+        assert_eq!(
+            irmap_scan(sdev, m.ino(), std::slice::from_ref(&root)),
+            Some(file.to_string_lossy().into_owned())
+        );
+        assert_eq!(irmap_scan(sdev, m.ino(), &[root.join("a/b/nothing")]), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
