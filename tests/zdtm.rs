@@ -309,6 +309,64 @@ fn python_periodic_itimer() {
     t.pass();
 }
 
+/// sqlite3 in WAL mode, dumped while it builds an index (its sort runs
+/// through deleted temporary files opened with O_NOFOLLOW) and restored:
+/// the integrity check passes and the result is the uninterrupted run's.
+#[test]
+fn sqlite_wal_index_across_dump() {
+    let script = root().join("zdtm/sqlite_index.sql");
+    let run = |dir: &std::path::Path| {
+        format!(
+            "cd {} && SQLITE_TMPDIR={} exec sqlite3 test.db < {}",
+            dir.display(),
+            dir.display(),
+            script.display()
+        )
+    };
+    // The uninterrupted run, for the expected result.
+    let reference = WorkDir::new("sqlite-reference");
+    let out = std::process::Command::new("sh")
+        .args(["-c", &run(&reference.0)])
+        .env("ZDTM_READY", reference.0.join("ready"))
+        .output()
+        .expect("running sqlite3 (the README's setup installs it)");
+    let want = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(want.contains("ok\n"), "sqlite3 itself failed: {want}");
+    let mut s = Spawn::new("sqlite");
+    s.program = Some("sh".into());
+    let work_dir = std::env::temp_dir().join(format!("crust-sqlite-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir).unwrap();
+    s.args = vec!["-c".into(), run(&work_dir)];
+    let mut t = s.start();
+    let t0 = std::time::Instant::now();
+    while !t.log_text().contains("indexing") {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "sqlite3 never started its index"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // sqlite holds POSIX locks on its database and WAL.
+    t.dump(&["--file-locks"]);
+    assert!(
+        !t.log_text().contains("indexed"),
+        "the dump came after the index was built; the test proves nothing"
+    );
+    assert!(
+        t.work.images().join("ghosts.img").exists(),
+        "sqlite3 held no deleted temporary file at the dump; the test proves nothing"
+    );
+    t.restore(&[]);
+    let (st, log) = t.wait_exit();
+    let _ = std::fs::remove_dir_all(&work_dir);
+    assert!(st.success(), "sqlite3 exited with {st}: {log}");
+    assert_eq!(
+        log, want,
+        "the restored run's output differs from an uninterrupted run"
+    );
+}
+
 #[test]
 fn leave_running() {
     // Quiet: the log file must keep the size it had at the dump, so the
