@@ -243,6 +243,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn main() {
+    // Before any thread starts: every wait for a child or tracee is taken
+    // through a signalfd with a deadline.
+    sys::block_sigchld();
     let cli = Cli::parse();
     // A task may hold as many fds as its hard limit allows; crust, and the
     // restored tasks it forks before they get their own limits, need as many.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, warn};
 
@@ -36,13 +36,29 @@ pub struct SeizedTask {
     released: bool,
 }
 
-/// Waits for the next stop or exit of a traced task.
+/// How long a traced task may take to reach its next stop: every step crust
+/// drives (a remote syscall, a parasite command, a detach) takes far less.
+pub const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits for the next stop or exit of a traced task, for `STEP_TIMEOUT` at
+/// most; past it, an error names the task (the caller's guards clean up as
+/// on any failure).
 pub fn wait_task(pid: Pid) -> Result<WaitStatus> {
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Err(Errno::EINTR) => continue,
-            r => return r.with_context(|| format!("waiting for task {pid}")),
-        }
+    wait_task_for(pid, STEP_TIMEOUT)
+}
+
+/// `wait_task` with a deadline of the caller's.
+pub fn wait_task_for(pid: Pid, timeout: std::time::Duration) -> Result<WaitStatus> {
+    match sys::wait_child(Some(pid), WaitPidFlag::__WALL, timeout) {
+        Ok(Some(st)) => Ok(st),
+        Ok(None) => bail!(
+            "task {pid} did not stop within {} s; its state: {}",
+            timeout.as_secs(),
+            proc::status(pid.as_raw())
+                .map(|s| s.state.to_string())
+                .unwrap_or_else(|_| "gone".into())
+        ),
+        Err(e) => Err(e).with_context(|| format!("waiting for task {pid}")),
     }
 }
 

@@ -388,3 +388,63 @@ pub fn peek_pending(tid: Pid, shared: bool) -> io::Result<Vec<Vec<u8>>> {
         }
     }
 }
+
+/// Blocks SIGCHLD for the whole of crust (call before any thread starts):
+/// child and tracee events are taken through a signalfd (`wait_child`), so
+/// that every wait can have a deadline.
+pub fn block_sigchld() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGCHLD);
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&set),
+        None,
+    );
+}
+
+/// A signalfd of SIGCHLD, made once; the process's (a forked copy of crust
+/// reads its own children's through the inherited fd).
+fn sigchld_fd() -> RawFd {
+    static FD: std::sync::OnceLock<RawFd> = std::sync::OnceLock::new();
+    *FD.get_or_init(|| {
+        block_sigchld();
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGCHLD);
+        // SAFETY: signalfd with a valid set; the fd lives as long as crust.
+        unsafe { libc::signalfd(-1, set.as_ref(), libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) }
+    })
+}
+
+/// waitpid(`pid`, `flags` | WNOHANG) until it reports something, sleeping
+/// on SIGCHLD in between; None when `timeout` passes first.
+pub fn wait_child(
+    pid: Option<Pid>,
+    flags: nix::sys::wait::WaitPidFlag,
+    timeout: std::time::Duration,
+) -> nix::Result<Option<nix::sys::wait::WaitStatus>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let sfd = sigchld_fd();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match waitpid(pid, Some(flags | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map(Some),
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut pfd = libc::pollfd {
+            fd: sfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd of ours.
+        unsafe { libc::poll(&mut pfd, 1, if sfd < 0 { ms.min(1) } else { ms }) };
+        let mut buf = [0u8; 128 * 16];
+        // SAFETY: draining the non-blocking signalfd into our buffer.
+        while sfd >= 0 && unsafe { libc::read(sfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}

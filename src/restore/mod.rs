@@ -452,6 +452,11 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     Ok(child)
 }
 
+/// How long the restored tree may go without a single event (a thread's
+/// final trap, a fork): a task filling gigabytes of memory sends none
+/// meanwhile.
+const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Where a restored thread is after the restorer's final trap: between
 /// system calls, inside one (the SIGTRAP action put back), inside
 /// rt_sigreturn, or parked at its exit, back in the task's own code.
@@ -602,12 +607,15 @@ fn finish_tree(
         stage.values().filter(|&&s| s == Finishing::Parked).count()
     };
     while parked(&stage) < expected {
-        let st = loop {
-            match waitpid(None, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                r => break r.context("waiting for the restored tree")?,
-            }
-        };
+        let st = crate::sys::wait_child(None, nix::sys::wait::WaitPidFlag::__WALL, BUILD_TIMEOUT)
+            .context("waiting for the restored tree")?
+            .with_context(|| {
+                format!(
+                    "the restored tree made no progress for {} s ({} of {expected} threads done); a task is stuck rebuilding itself",
+                    BUILD_TIMEOUT.as_secs(),
+                    parked(&stage)
+                )
+            })?;
         match st {
             WaitStatus::Stopped(tid, Signal::SIGTRAP) => {
                 stage.insert(tid, Finishing::Between);
