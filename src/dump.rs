@@ -228,7 +228,8 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // marked external.
     let live: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
-    let fctx = files::DumpCtx::new(&live, opts, &ghosts);
+    let zombies: Vec<i32> = tree.iter().filter(|n| n.zombie).map(|n| n.pid).collect();
+    let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts);
     let mut tables = Vec::new();
     for &pid in &live {
         tables.push(files::dump_fd_table(pid, &fctx)?);

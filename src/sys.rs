@@ -220,10 +220,30 @@ fn clone3(args: &CloneArgs) -> io::Result<i32> {
 
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    pidfd_open_flags(pid, 0)
+}
+
+/// pidfd_open with PIDFD_NONBLOCK / PIDFD_THREAD.
+pub fn pidfd_open_flags(pid: i32, flags: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open returns a new fd or -1.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
     // SAFETY: r is a new fd owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(check(r)? as RawFd) })
+}
+
+/// Sends `sig` to the process a pidfd refers to.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: no siginfo is passed; the kernel reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    check(r).map(drop)
 }
 
 /// The task's fd `fd`, duplicated into crust: the same open file

@@ -187,6 +187,11 @@ fn file_owners_and_sigio() {
 }
 
 #[test]
+fn pidfds_live_and_dead() {
+    cycle("pidfds", &[]);
+}
+
+#[test]
 fn zombie_without_second_sigchld() {
     cycle("zombie", &[]);
 }

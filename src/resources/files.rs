@@ -26,6 +26,8 @@ use crate::proc;
 pub struct DumpCtx<'a> {
     /// Every live process of the dumped tree.
     pub tree: &'a [i32],
+    /// The tree's zombies (restored as zombies with their PIDs).
+    pub zombies: &'a [i32],
     pub shell_job: bool,
     pub file_locks: bool,
     /// `--force-irmap`: a watched inode whose file handle does not open is
@@ -63,11 +65,13 @@ impl Drop for DumpCtx<'_> {
 impl<'a> DumpCtx<'a> {
     pub fn new(
         tree: &'a [i32],
+        zombies: &'a [i32],
         opts: &crate::dump::DumpOpts,
         ghosts: &'a super::ghost::GhostStore,
     ) -> Self {
         DumpCtx {
             tree,
+            zombies,
             shell_job: opts.shell_job,
             file_locks: opts.file_locks,
             force_irmap: opts.force_irmap,
@@ -224,6 +228,12 @@ pub struct RestoreCtx<'a> {
 pub trait FileKind: Sync {
     /// Claims the fd, returning its image entry, or None when it is not of this kind.
     fn dump(&self, p: &FdProbe) -> Result<Option<FdFile>>;
+    /// The description of `f`, which this kind dumped from another process
+    /// of the tree, is held by `pid` as `fd` too: refuses it when it cannot
+    /// be opened by crust before the tree forks, as shared descriptions are.
+    fn check_shared(&self, _f: &FdFile, _pid: i32, _fd: RawFd) -> Result<()> {
+        Ok(())
+    }
     /// One line for `crust show`, or None when the entry is not of this kind.
     fn describe(&self, f: &FdFile) -> Option<String>;
     /// Before anything is made: refuses a restore that cannot work (a file
@@ -248,6 +258,7 @@ pub trait FileKind: Sync {
 /// Every kind of file crust knows; the first to claim an fd dumps it.
 static KINDS: &[&dyn FileKind] = &[
     &super::eventfd::EventFdKind,
+    &super::pidfd::PidFdKind,
     &super::signals::SignalFdKind,
     &super::timers::TimerFdKind,
     &super::epoll::EpollKind,
@@ -456,6 +467,11 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
             ctx,
         };
         let mut entry = descriptions.files.borrow().get(&description_id).cloned();
+        if let Some(f) = &entry {
+            for k in KINDS {
+                k.check_shared(f, pid, fd)?;
+            }
+        }
         for k in KINDS.iter().filter(|_| entry.is_none()) {
             if let Some(f) = k.dump(&probe)? {
                 entry = Some(f);
