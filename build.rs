@@ -41,6 +41,7 @@ fn build_protos() {
         "proto/core.proto",
         "proto/mm.proto",
         "proto/files.proto",
+        "proto/sockets.proto",
     ];
     let fds = protox::compile(files, ["proto"]).expect("compiling proto/ with protox");
     let mut cfg = prost_build::Config::new();
