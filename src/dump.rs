@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use tracing::info;
 
+use crate::actions::Action;
+pub use crate::actions::Actions;
 use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
@@ -16,6 +18,7 @@ use crate::resources::{
     creds, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
 };
 use crate::seize::{SeizedTask, seize_threads};
+use crate::stats::Stats;
 use crate::{abi, sys};
 
 pub struct DumpOpts {
@@ -23,6 +26,8 @@ pub struct DumpOpts {
     pub dir: PathBuf,
     pub shell_job: bool,
     pub leave_running: bool,
+    /// Leave the tree stopped (SIGSTOP) instead of killing it.
+    pub leave_stopped: bool,
     pub file_locks: bool,
     /// Most data carried per file without a name (`--ghost-limit`).
     pub ghost_limit: u64,
@@ -32,6 +37,10 @@ pub struct DumpOpts {
     /// handles do not open by scanning these directories.
     pub force_irmap: bool,
     pub irmap_scan_paths: Vec<PathBuf>,
+    /// How long freezing the whole tree may take (`--timeout`).
+    pub freeze_timeout: std::time::Duration,
+    /// `--action-script`s.
+    pub actions: Actions,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -182,17 +191,47 @@ fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
     Ok(out)
 }
 
-pub fn dump(opts: &DumpOpts) -> Result<()> {
+/// Refuses to dump crust itself or a process crust runs under (the shell
+/// that started it): the dump would have to freeze crust too.
+fn check_not_ancestor(pid: i32) -> Result<()> {
+    let mut p = std::process::id() as i32;
+    while p > 1 {
+        if p == pid {
+            let what = if p == std::process::id() as i32 {
+                "crust itself"
+            } else {
+                "a process crust runs under (its parent or an ancestor, such as the shell that started it)"
+            };
+            crate::refuse!(
+                "PID {pid} is {what}; the tree to dump must not hold crust: start the program from another shell, or dump a child of this one"
+            );
+        }
+        p = proc::status(p).map(|s| s.ppid).unwrap_or(0);
+    }
+    Ok(())
+}
+
+pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let t0 = Instant::now();
     // A PID that is no process is refused before anything is written.
+    check_not_ancestor(opts.pid)?;
     let mut tree = collect_tree(opts.pid)?;
     check_tree(&tree)?;
+    opts.actions.set_init_pid(opts.pid);
+    opts.actions.run(Action::PreDump)?;
     let dir = ImageDir::create(&opts.dir)?;
     // Seize until the tree stands still: a task may fork or exit while
     // its parent is being seized. One entry per live process: its threads,
     // the leader first.
     let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
-    for _ in 0..100 {
+    loop {
+        if t0.elapsed() > opts.freeze_timeout {
+            crate::refuse!(
+                "the tree of PID {} did not stand still within {} s (it forks or exits faster than crust freezes it); dump again, or raise --timeout",
+                opts.pid,
+                opts.freeze_timeout.as_secs()
+            );
+        }
         for n in tree.iter().filter(|n| !n.zombie) {
             if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
                 match seize_threads(n.pid) {
@@ -222,6 +261,12 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
     fault_point("seized");
     info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
+    crate::progress::add_tasks(seized.len() as u64);
+    if let Some(s) = stats.as_mut() {
+        s.stage("freezing");
+        s.count("tasks", seized.len() as u64);
+        s.count("threads", seized.iter().map(|t| t.len() as u64).sum());
+    }
     let mut refs = Vec::new();
     // The fd tables first, for the whole tree, before any task is touched:
     // a pipe is dumped once, and one whose other end is outside the tree is
@@ -245,6 +290,9 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         })
         .collect();
     pipes::mark_external_pipes(&live, &mut tables);
+    if let Some(s) = stats.as_mut() {
+        s.stage("fd tables");
+    }
     // A session leader's terminal opened by path, by the leader's PID.
     let ctty_paths: std::collections::HashMap<i32, String> = live
         .iter()
@@ -271,6 +319,10 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
         let vmas = dump_task(threads, fds, &dir, &ghosts, parent)?;
         vmas_of.insert(pid, vmas);
+        crate::progress::task_done();
+    }
+    if let Some(s) = stats.as_mut() {
+        s.stage("memory and task state");
     }
     let job_stops: std::collections::HashMap<i32, i32> = seized
         .iter()
@@ -320,8 +372,14 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // Durable before the tree is killed: a dump from a shutdown hook
     // survives the power cut that follows.
     dir.sync()?;
+    if let Some(s) = stats.as_mut() {
+        s.stage("writing images");
+    }
+    // The images are whole: a post-dump script may copy them away, or say
+    // that the tree is to run on (by failing), which undoes the dump.
+    opts.actions.run(Action::PostDump)?;
     ghosts.keep();
-    if !opts.leave_running {
+    if !(opts.leave_running || opts.leave_stopped) {
         fctx.tree_ends();
     }
     drop(fctx);
@@ -330,7 +388,12 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         let mut threads = threads.into_iter();
         let leader = threads.next().expect("a process has a leader");
         killed.push(leader.pid.as_raw());
-        if opts.leave_running {
+        if opts.leave_running || opts.leave_stopped {
+            if opts.leave_stopped {
+                // Queued while the task is held: it stops before it runs
+                // an instruction.
+                nix::sys::signal::kill(leader.pid, nix::sys::signal::Signal::SIGSTOP)?;
+            }
             for t in threads {
                 t.release()?;
             }
@@ -343,8 +406,19 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             }
         }
     }
-    if !opts.leave_running {
+    if !(opts.leave_running || opts.leave_stopped) {
         wait_dead(&killed);
+    }
+    if let Some(s) = stats.as_mut() {
+        s.stage("ending the tree");
+        for (name, c) in [
+            ("pages scanned", &crate::stats::PAGES_SCANNED),
+            ("pages written", &crate::stats::PAGES_WRITTEN),
+            ("pages skipped as zero", &crate::stats::PAGES_ZERO),
+            ("pages shared with parent", &crate::stats::PAGES_PARENT),
+        ] {
+            s.count(name, c.load(std::sync::atomic::Ordering::Relaxed));
+        }
     }
     info!("dump of {} done in {:?}", opts.pid, t0.elapsed());
     Ok(())

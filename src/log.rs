@@ -32,26 +32,61 @@ impl io::Write for LogWriter {
     }
 }
 
-/// Sets up logging at `verbosity` (0 errors .. 4 trace) into `file`, or
-/// stderr when there is none.
-pub fn init(verbosity: u8, file: Option<std::fs::File>) {
-    let level = match verbosity {
-        0 => tracing::Level::ERROR,
-        1 => tracing::Level::WARN,
-        2 => tracing::Level::INFO,
-        3 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
+/// The log file's name before ".PID" (`--log-pid`), when there is one.
+static PER_PID_BASE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// `path` with ".PID" appended (`--log-pid`).
+pub fn with_pid(path: &std::path::Path, pid: i32) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{pid}"));
+    s.into()
+}
+
+/// Sets up logging at `level` on CRIU's scale (0 nothing, 1 errors, 2
+/// warnings, 3 information, 4 debug, 5 and up everything) into `file`, or
+/// stderr when there is none. With `--log-pid` the file comes with its
+/// base name, for the processes a restore forks.
+pub fn init(level: u8, file: Option<(std::fs::File, Option<std::path::PathBuf>)>) {
+    let filter = match level {
+        0 => tracing::level_filters::LevelFilter::OFF,
+        1 => tracing::level_filters::LevelFilter::ERROR,
+        2 => tracing::level_filters::LevelFilter::WARN,
+        3 => tracing::level_filters::LevelFilter::INFO,
+        4 => tracing::level_filters::LevelFilter::DEBUG,
+        _ => tracing::level_filters::LevelFilter::TRACE,
     };
     let ansi = file.is_none() && io::IsTerminal::is_terminal(&io::stderr());
-    if let Some(f) = file {
+    if let Some((f, base)) = file {
         LOG_FD.store(f.into_raw_fd(), Ordering::Relaxed);
+        if let Some(b) = base {
+            let _ = PER_PID_BASE.set(b);
+        }
     }
     tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(filter)
         .with_target(false)
         .with_ansi(ansi)
         .with_writer(|| LogWriter)
         .init();
+}
+
+/// In a process a restore forked (which becomes task `pid`): with
+/// `--log-pid`, its log goes to a file of its own.
+pub fn own_file_for(pid: i32) {
+    let Some(base) = PER_PID_BASE.get() else {
+        return;
+    };
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(with_pid(base, pid))
+    {
+        let old = LOG_FD.swap(f.into_raw_fd(), Ordering::Relaxed);
+        if old > 2 {
+            // SAFETY: the log fd this process inherited, replaced.
+            unsafe { libc::close(old) };
+        }
+    }
 }
 
 /// In a restored task, before its fd table is rebuilt: moves the log to an

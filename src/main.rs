@@ -7,246 +7,176 @@
 
 #[path = "../parasite/abi.rs"]
 pub mod abi;
+mod actions;
 mod blobs;
 mod check;
+mod cli;
 mod dump;
+mod error;
 mod images;
 mod log;
 mod parasite_ctl;
 mod proc;
+mod progress;
 mod resources;
 mod restore;
 mod seize;
 mod show;
+mod stats;
 mod sys;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::Parser;
 
-#[derive(Parser)]
-#[command(
-    name = "crust",
-    version,
-    about = "Checkpoint/restore for Linux processes"
-)]
-struct Cli {
-    /// Write the log to this file (relative paths go into the images directory).
-    #[arg(short = 'o', long = "log-file", global = true)]
-    log_file: Option<PathBuf>,
-    /// Verbosity: 0 errors, 1 warnings, 2 info, 3 debug, 4 trace.
-    #[arg(short = 'v', long = "verbosity", global = true, default_value_t = 1, num_args = 0..=1, default_missing_value = "2")]
-    verbosity: u8,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
+use cli::{Cli, Cmd};
 
-#[derive(Subcommand)]
-enum Cmd {
-    /// Check that the kernel has what crust needs.
-    Check {
-        /// List every probe with its result and what it enables.
-        #[arg(long)]
-        all: bool,
-        /// Check one feature by name.
-        #[arg(long)]
-        feature: Option<String>,
-    },
-    /// Checkpoint a process into an images directory.
-    Dump {
-        #[arg(short = 't', long = "tree")]
-        pid: i32,
-        #[arg(short = 'D', long = "images-dir", default_value = ".")]
-        dir: PathBuf,
-        /// The process was started from a shell: its terminal is crust's.
-        #[arg(long)]
-        shell_job: bool,
-        /// Let the process run on after the dump.
-        #[arg(short = 'R', long)]
-        leave_running: bool,
-        /// Take file locks (flock, POSIX, OFD) and leases along; without it a tree
-        /// holding one is refused.
-        #[arg(short = 'l', long)]
-        file_locks: bool,
-        /// Most data carried in the images per file deleted while open
-        /// (holes do not count): bytes, or with a K, M or G suffix.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
-        ghost_limit: u64,
-        /// A file deleted while open but still linked under another name is
-        /// linked back beside its old name until the restore (which opens
-        /// that same file and removes the link); without it such a tree is
-        /// refused.
-        #[arg(long)]
-        link_remap: bool,
-        /// An inotify or fanotify watch whose file handle does not open is
-        /// found by scanning the --irmap-scan-path directories for its inode.
-        #[arg(long)]
-        force_irmap: bool,
-        /// A directory to scan for watched inodes (with --force-irmap);
-        /// repeatable.
-        #[arg(long, value_name = "DIR")]
-        irmap_scan_path: Vec<PathBuf>,
-    },
-    /// Bring a checkpointed process back.
-    Restore {
-        #[arg(short = 'D', long = "images-dir", default_value = ".")]
-        dir: PathBuf,
-        /// Return once the process runs instead of waiting for it.
-        #[arg(short = 'd', long)]
-        restore_detached: bool,
-        #[arg(long)]
-        shell_job: bool,
-        /// Write the restored root PID to this file.
-        #[arg(long)]
-        pidfile: Option<PathBuf>,
-        /// Accepted for CRIU compatibility: locks in the images are always taken again.
-        #[arg(short = 'l', long)]
-        file_locks: bool,
-        /// Restore into a new PID namespace, where the tree's PIDs are always
-        /// free (crust's init is its PID 1): a snapshot can then be restored
-        /// while the original runs, or several times at once.
-        #[arg(short = 'n', long, visible_alias = "namespaces")]
-        pid_ns: bool,
-        /// fd[N]:KEY: crust's fd N stands in for KEY, a resource the tree
-        /// shared with the outside (a pipe's other end: pipe:[INO]).
-        #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
-        inherit_fd: Vec<(i32, String)>,
-        /// Allow the files the dump linked back with --link-remap: they are
-        /// opened, and their links removed once the restore is done.
-        #[arg(long)]
-        link_remap: bool,
-        /// A dump option, taken here for scripts that give dump and restore
-        /// one set of options: the restore says it has no effect.
-        #[arg(long, hide = true)]
-        force_irmap: bool,
-        #[arg(long, value_name = "DIR", hide = true)]
-        irmap_scan_path: Vec<PathBuf>,
-    },
-    /// Decode images for people (or scripts, with --json).
-    Show {
-        /// An images directory or one image file.
-        path: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// A size in bytes, with an optional K, M or G suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?}: expected a size such as 1048576, 512K, 64M or 2G");
-    let (num, shift) = match s.trim().chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
+/// The directory logs, the pidfile and statistics go in: -W, else the
+/// images directory, else the current one.
+fn work_dir(cli: &Cli) -> PathBuf {
+    let images = match &cli.cmd {
+        Cmd::Dump(d) => Some(&d.dir),
+        Cmd::Restore(r) => Some(&r.dir),
+        _ => None,
     };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    cli.work_dir
+        .clone()
+        .or_else(|| images.cloned())
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Parses CRIU's `fd[N]:KEY` spelling of --inherit-fd.
-fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
-    let bad = || format!("{s:?}: expected fd[N]:KEY, e.g. fd[3]:pipe:[12345]");
-    let rest = s.strip_prefix("fd[").ok_or_else(bad)?;
-    let (n, key) = rest.split_once("]:").ok_or_else(bad)?;
-    let n: i32 = n.parse().map_err(|_| bad())?;
-    if key.is_empty() {
-        return Err(bad());
+/// `path` as given, or in the work directory when relative.
+fn in_work_dir(work: &Path, path: &Path) -> PathBuf {
+    if path.is_relative() {
+        work.join(path)
+    } else {
+        path.to_owned()
     }
-    Ok((n, key.to_string()))
 }
 
-fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+fn init_logging(cli: &Cli, work: &Path) -> anyhow::Result<()> {
     let file = match &cli.log_file {
         Some(path) => {
-            let path = match (&cli.cmd, path.is_relative()) {
-                (Cmd::Dump { dir, .. } | Cmd::Restore { dir, .. }, true) => {
-                    std::fs::create_dir_all(dir).ok();
-                    dir.join(path)
-                }
-                _ => path.clone(),
+            match &cli.cmd {
+                // A dump makes its directories; a restore must not make
+                // anything (a -D that does not exist is bad input).
+                Cmd::Dump(_) => std::fs::create_dir_all(work).ok(),
+                _ if !work.is_dir() => crate::refuse!(
+                    "work directory {} does not exist; pass the -D used for the dump (or an existing -W)",
+                    work.display()
+                ),
+                _ => None,
             };
-            Some(
+            let mut path = in_work_dir(work, path);
+            if cli.log_pid {
+                path = log::with_pid(&path, std::process::id() as i32);
+            }
+            Some((
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
-                    .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?,
-            )
+                    .with_context(|| format!("opening log file {}", path.display()))?,
+                cli.log_pid
+                    .then(|| in_work_dir(work, cli.log_file.as_ref().unwrap())),
+            ))
         }
         None => None,
     };
-    log::init(cli.verbosity, file);
+    log::init(cli.log_level(), file);
     Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    init_logging(&cli)?;
-    match cli.cmd {
-        Cmd::Check { all, feature } => check::run(all, feature.as_deref()),
-        Cmd::Dump {
-            pid,
-            dir,
-            shell_job,
-            leave_running,
-            file_locks,
-            ghost_limit,
-            link_remap,
-            force_irmap,
-            irmap_scan_path,
-        } => {
-            dump::dump(&dump::DumpOpts {
-                pid,
-                dir,
-                shell_job,
-                leave_running,
-                file_locks,
-                ghost_limit,
-                link_remap,
-                force_irmap,
-                irmap_scan_paths: irmap_scan_path,
-            })?;
-            Ok(0)
+    let work = work_dir(&cli);
+    init_logging(&cli, &work)?;
+    let mut stats = cli.display_stats.then(stats::Stats::start);
+    let code = match &cli.cmd {
+        Cmd::Check { all, feature } => check::run(*all, feature.as_deref())?,
+        Cmd::Dump(d) => {
+            let actions = actions::Actions::new(&cli.action_scripts, &d.dir);
+            let _progress = progress::start("dumping");
+            dump::dump(
+                &dump::DumpOpts {
+                    pid: d.pid,
+                    dir: d.dir.clone(),
+                    shell_job: d.shell_job,
+                    leave_running: d.leave_running,
+                    leave_stopped: d.leave_stopped,
+                    file_locks: d.file_locks,
+                    ghost_limit: d.ghost_limit,
+                    link_remap: d.link_remap,
+                    force_irmap: d.force_irmap,
+                    irmap_scan_paths: d.irmap_scan_path.clone(),
+                    freeze_timeout: std::time::Duration::from_secs(d.timeout),
+                    actions,
+                },
+                stats.as_mut(),
+            )?;
+            0
         }
-        Cmd::Restore {
-            dir,
-            restore_detached,
-            shell_job,
-            pidfile,
-            file_locks: _,
-            pid_ns,
-            inherit_fd,
-            link_remap,
-            force_irmap,
-            irmap_scan_path,
-        } => {
-            if force_irmap || !irmap_scan_path.is_empty() {
+        Cmd::Restore(r) => {
+            if r.force_irmap || !r.irmap_scan_path.is_empty() {
                 tracing::warn!(
                     "--force-irmap and --irmap-scan-path find watched files at the dump; the restore opens them by the paths in the images"
                 );
             }
-            restore::restore(&restore::RestoreOpts {
-                dir,
-                detach: restore_detached,
-                shell_job,
-                pidfile,
-                pid_ns,
-                inherit_fds: inherit_fd,
-                link_remap,
-            })
+            let actions = actions::Actions::new(&cli.action_scripts, &r.dir);
+            let progress = progress::start("restoring");
+            restore::restore(
+                &restore::RestoreOpts {
+                    dir: r.dir.clone(),
+                    detach: r.restore_detached,
+                    sibling: r.restore_sibling,
+                    shell_job: r.shell_job,
+                    leave_stopped: r.leave_stopped,
+                    pidfile: r.pidfile.as_ref().map(|p| in_work_dir(&work, p)),
+                    pid_ns: r.pid_ns,
+                    inherit_fds: r.inherit_fd.clone(),
+                    link_remap: r.link_remap,
+                    file_locks: r.file_locks,
+                    actions,
+                },
+                stats.as_mut(),
+                progress,
+            )?
         }
         Cmd::Show { path, json } => {
-            show::show(&path, json)?;
-            Ok(0)
+            show::show(path, *json)?;
+            0
         }
+    };
+    if let Some(s) = &stats {
+        let title = match &cli.cmd {
+            Cmd::Dump(_) => "Dump",
+            _ => "Restore",
+        };
+        print!("{}", s.table(title));
     }
+    Ok(code)
 }
 
 fn main() {
     // Before any thread starts: every wait for a child or tracee is taken
     // through a signalfd with a deadline.
     sys::block_sigchld();
-    let cli = Cli::parse();
+    let args = match cli::expand_args(
+        std::env::args_os().collect(),
+        std::env::var_os("CRUST_CONFIG_FILE"),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::exit(error::Class::Refused as i32);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        // Usage errors (exit 2, bad input) and --help/--version (0) print
+        // the way clap does.
+        Err(e) => e.exit(),
+    };
     // A task may hold as many fds as its hard limit allows; crust, and the
     // restored tasks it forks before they get their own limits, need as many.
     if let Ok((_, hard)) =
@@ -266,69 +196,7 @@ fn main() {
                 tracing::error!("{msg}");
             }
             eprintln!("Error: {msg}");
-            std::process::exit(1);
+            std::process::exit(error::class_of(&e) as i32);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512K"), Ok(512 << 10));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        for bad in ["", "M", "12X", "-1", "99999999999999999999G"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn inherit_fd_spelling() {
-        assert_eq!(
-            parse_inherit_fd("fd[3]:pipe:[12345]").unwrap(),
-            (3, "pipe:[12345]".to_string())
-        );
-        for bad in ["3:pipe:[1]", "fd[x]:pipe:[1]", "fd[3]:", "fd[3]pipe"] {
-            assert!(parse_inherit_fd(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn dump_options() {
-        let cli = Cli::try_parse_from([
-            "crust",
-            "dump",
-            "-t",
-            "42",
-            "-D",
-            "/tmp/x",
-            "--shell-job",
-            "-R",
-            "-l",
-            "-v4",
-        ])
-        .unwrap();
-        assert_eq!(cli.verbosity, 4);
-        match cli.cmd {
-            Cmd::Dump {
-                pid,
-                dir,
-                shell_job,
-                leave_running,
-                file_locks,
-                ..
-            } => {
-                assert_eq!(pid, 42);
-                assert_eq!(dir, PathBuf::from("/tmp/x"));
-                assert!(shell_job && leave_running && file_locks);
-            }
-            _ => panic!("not a dump"),
-        }
-        assert!(Cli::try_parse_from(["crust", "dump", "-D", "x"]).is_err());
-        assert!(Cli::try_parse_from(["crust", "dump", "-t", "x"]).is_err());
     }
 }

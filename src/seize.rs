@@ -62,24 +62,69 @@ pub fn wait_task_for(pid: Pid, timeout: std::time::Duration) -> Result<WaitStatu
     }
 }
 
+/// Why a task cannot be seized.
+#[derive(Debug)]
+pub enum SeizeError {
+    NoProcess(i32),
+    /// (pid, name, tracer)
+    Traced(i32, String, i32),
+    Zombie(i32, String),
+    /// (pid, name, error): the task may not be traced.
+    Denied(i32, String, String),
+    /// (pid, name): under seccomp, without the right to suspend its filters.
+    Seccomp(i32, String),
+}
+
+impl std::fmt::Display for SeizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Self::NoProcess(pid) => {
+                write!(f, "no process with PID {pid}; check the PID (ps -p {pid})")
+            }
+            Self::Traced(pid, name, by) => write!(
+                f,
+                "PID {pid} ({name}) is already traced by PID {by}; detach that tracer (gdb, strace) and dump again"
+            ),
+            Self::Zombie(pid, name) => {
+                write!(
+                    f,
+                    "PID {pid} ({name}) is a zombie; there is nothing to dump"
+                )
+            }
+            Self::Denied(pid, name, e) if nix::unistd::geteuid().is_root() => write!(
+                f,
+                "cannot trace PID {pid} ({name}): {e}; crust runs as root, so something denies it (a Yama ptrace_scope, an LSM, or a user namespace without CAP_SYS_PTRACE)"
+            ),
+            Self::Denied(pid, name, e) => write!(
+                f,
+                "cannot trace PID {pid} ({name}): {e}; run crust as root or with CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE"
+            ),
+            Self::Seccomp(pid, name) => write!(
+                f,
+                "PID {pid} ({name}) runs under seccomp; suspending its filters for the dump needs CAP_SYS_ADMIN: run crust as root"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SeizeError {}
+
+impl SeizeError {
+    pub fn class(&self) -> crate::error::Class {
+        crate::error::Class::Refused
+    }
+}
+
 /// Seizes and stops one task. The dump's tree walk calls this for each task.
 pub fn seize_task(pid: i32) -> Result<SeizedTask> {
-    let st = match proc::status(pid) {
-        Ok(st) => st,
-        Err(_) => bail!("no process with PID {pid}; check the PID (ps -p {pid})"),
+    let Ok(st) = proc::status(pid) else {
+        return Err(SeizeError::NoProcess(pid).into());
     };
     if st.tracer_pid != 0 {
-        bail!(
-            "PID {pid} ({}) is already traced by PID {}; detach that tracer (gdb, strace) and dump again",
-            st.name,
-            st.tracer_pid
-        );
+        return Err(SeizeError::Traced(pid, st.name, st.tracer_pid).into());
     }
     if st.state == 'Z' || st.state == 'X' {
-        bail!(
-            "PID {pid} ({}) is a zombie; there is nothing to dump",
-            st.name
-        );
+        return Err(SeizeError::Zombie(pid, st.name).into());
     }
     let p = Pid::from_raw(pid);
     let mut opts = ptrace::Options::PTRACE_O_TRACESYSGOOD;
@@ -90,15 +135,11 @@ pub fn seize_task(pid: i32) -> Result<SeizedTask> {
     }
     match ptrace::seize(p, opts) {
         Ok(()) => {}
-        Err(Errno::ESRCH) => bail!("no process with PID {pid}; check the PID (ps -p {pid})"),
-        Err(Errno::EPERM) if st.seccomp != 0 => bail!(
-            "PID {pid} ({}) runs under seccomp; suspending its filters for the dump needs CAP_SYS_ADMIN: run crust as root",
-            st.name
-        ),
-        Err(e) => bail!(
-            "cannot trace PID {pid} ({}): {e}; run crust as root or with CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE",
-            st.name
-        ),
+        Err(Errno::ESRCH) => return Err(SeizeError::NoProcess(pid).into()),
+        Err(Errno::EPERM) if st.seccomp != 0 => {
+            return Err(SeizeError::Seccomp(pid, st.name).into());
+        }
+        Err(e) => return Err(SeizeError::Denied(pid, st.name, e.to_string()).into()),
     }
     // From here on, a failure must detach again.
     let detach_on_err = |e: anyhow::Error| {

@@ -204,6 +204,21 @@ fn clone3_with_pid(pid: i32) -> io::Result<i32> {
     clone3(&args)
 }
 
+/// Like `fork_with_pid`, but the child is crust's sibling: a child of
+/// crust's parent (CLONE_PARENT), for `restore --restore-sibling`.
+pub fn fork_sibling_with_pid(pid: i32) -> io::Result<i32> {
+    let tids = [pid];
+    let args = CloneArgs {
+        flags: libc::CLONE_PARENT as u64,
+        // A CLONE_PARENT child's exit is signalled to its parent, crust's.
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    clone3(&args)
+}
+
 /// fork(2) through clone3 with `args` (no CLONE_VM). 0 in the child.
 fn clone3(args: &CloneArgs) -> io::Result<i32> {
     debug_assert_eq!(args.flags & libc::CLONE_VM as u64, 0);
@@ -460,9 +475,12 @@ pub fn wait_child(
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // Short polls: a SIGCHLD taken by another thread that does not
+        // block it (crust blocks it before any thread starts; a test
+        // harness does not) must not leave the wait asleep to its deadline.
+        let ms = left.as_millis().clamp(1, 50) as i32;
         // SAFETY: poll on one pollfd of ours.
-        unsafe { libc::poll(&mut pfd, 1, if sfd < 0 { ms.min(1) } else { ms }) };
+        unsafe { libc::poll(&mut pfd, 1, if sfd < 0 { 1 } else { ms }) };
         let mut buf = [0u8; 128 * 16];
         // SAFETY: draining the non-blocking signalfd into our buffer.
         while sfd >= 0 && unsafe { libc::read(sfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}

@@ -362,7 +362,7 @@ fn sqlite_wal_index_across_dump() {
         t.work.images().join("ghosts.img").exists(),
         "sqlite3 held no deleted temporary file at the dump; the test proves nothing"
     );
-    t.restore(&[]);
+    t.restore(&["--file-locks"]);
     let (st, log) = t.wait_exit();
     let _ = std::fs::remove_dir_all(&work_dir);
     assert!(st.success(), "sqlite3 exited with {st}: {log}");
@@ -747,7 +747,19 @@ fn file_locks() {
     );
     assert_eq!(status_field(t.pid, "TracerPid"), "0");
     t.dump(&["--file-locks"]);
-    t.restore(&[]);
+    // The restore takes locks only when told to, as criu does.
+    let out = t.restore_cmd(&[]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a restore without -l was not refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--file-locks"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.restore(&["--file-locks"]);
     t.pass();
 }
 
@@ -765,7 +777,7 @@ fn file_leases() {
     );
     assert_eq!(status_field(t.pid, "TracerPid"), "0");
     t.dump(&["--file-locks"]);
-    t.restore(&[]);
+    t.restore(&["--file-locks"]);
     t.pass();
 }
 
@@ -785,7 +797,7 @@ impl NsCopy {
             .arg("-n")
             .arg("-D")
             .arg(t.work.images())
-            .args(["-o", &format!("{name}.log"), "-v", "3", "--pidfile"])
+            .args(["-o", &format!("{name}.log"), "-v4", "--pidfile"])
             .arg(&pidfile)
             .args(extra)
             .stdin(Stdio::null())
@@ -1044,7 +1056,7 @@ fn dump_shell_job(pid: i32, work: &WorkDir) {
     let out = std::process::Command::new(CRUST)
         .args(["dump", "-t", &pid.to_string(), "--shell-job", "-D"])
         .arg(work.images())
-        .args(["-o", "dump.log", "-v", "3"])
+        .args(["-o", "dump.log", "-v4"])
         .output()
         .unwrap();
     assert!(
@@ -1078,7 +1090,7 @@ fn interactive_python_in_tmux_shell_job() {
     dump_shell_job(pid, &work);
     // Restored into another terminal, which answers the next line typed.
     let restore = format!(
-        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
+        "{CRUST} restore --shell-job -D {} -o restore.log -v4; echo restore-exit=$?; sleep 60",
         work.images().display()
     );
     tmux.new_session("back", &restore);
@@ -1109,7 +1121,7 @@ fn raw_mode_terminal_program_shell_job() {
     tmux.wait_for("orig", "the first key", |l| l == "key a");
     dump_shell_job(pid, &work);
     let restore = format!(
-        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?; sleep 60",
+        "{CRUST} restore --shell-job -D {} -o restore.log -v4; echo restore-exit=$?; sleep 60",
         work.images().display()
     );
     tmux.new_session("back", &restore);
@@ -1166,7 +1178,7 @@ fn shell_job_of_two_processes_in_interactive_bash() {
         l.contains('#') || l.contains('$')
     });
     let restore = format!(
-        "{CRUST} restore --shell-job -D {} -o restore.log -v 3; echo restore-exit=$?",
+        "{CRUST} restore --shell-job -D {} -o restore.log -v4; echo restore-exit=$?",
         work.images().display()
     );
     tmux.type_line("back", &restore);

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use prost::Message;
 
 #[allow(clippy::all)]
@@ -87,6 +87,80 @@ fn header(kind: ImageKind, len: u64, crc: u32) -> [u8; HEADER_LEN] {
     h
 }
 
+/// What is wrong with an image or an images directory.
+#[derive(Debug)]
+pub enum ImageError {
+    /// -D names no directory (bad input, not a bad image).
+    NoDirectory(PathBuf),
+    /// The directory holds no finished dump.
+    Unfinished(PathBuf),
+    /// The file is no crust image at all.
+    NotAnImage(PathBuf),
+    Truncated(PathBuf, String),
+    Version(PathBuf, u32),
+    WrongKind(PathBuf, ImageKind, ImageKind),
+    Checksum(PathBuf),
+    Undecodable(PathBuf, String),
+}
+
+impl std::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Self::NoDirectory(p) => write!(
+                f,
+                "images directory {} does not exist; pass the -D used for the dump",
+                p.display()
+            ),
+            Self::Unfinished(p) => write!(
+                f,
+                "{} has no inventory.img: it is empty or holds an unfinished dump; dump again",
+                p.display()
+            ),
+            Self::NotAnImage(p) => write!(
+                f,
+                "{} is not a crust image; point -D at a crust images directory",
+                p.display()
+            ),
+            Self::Truncated(p, why) => {
+                write!(
+                    f,
+                    "{}: {why}; the dump is incomplete, take it again",
+                    p.display()
+                )
+            }
+            Self::Version(p, v) => write!(
+                f,
+                "{}: image format version {v}, this crust reads version {FORMAT_VERSION}; restore with the crust that dumped it",
+                p.display()
+            ),
+            Self::WrongKind(p, found, want) => write!(
+                f,
+                "{}: holds a {found:?} image, expected {want:?}",
+                p.display()
+            ),
+            Self::Checksum(p) => write!(
+                f,
+                "{}: checksum mismatch, the image is corrupt; dump again",
+                p.display()
+            ),
+            Self::Undecodable(p, why) => {
+                write!(f, "{}: corrupt image, cannot decode ({why})", p.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+impl ImageError {
+    pub fn class(&self) -> crate::error::Class {
+        match self {
+            Self::NoDirectory(_) => crate::error::Class::Refused,
+            _ => crate::error::Class::Images,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Header {
     pub kind: ImageKind,
@@ -96,25 +170,20 @@ pub struct Header {
 
 /// Checks the framing of a file's first bytes; errors name the file.
 pub fn parse_header(path: &Path, h: &[u8]) -> Result<Header> {
-    if h.len() < HEADER_LEN {
-        bail!(
-            "{}: truncated image (no header); the dump is incomplete, take it again",
-            path.display()
-        );
-    }
-    let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
-    let version = u32::from_le_bytes(h[4..8].try_into().unwrap());
-    let Some(kind) = ImageKind::from_magic(magic) else {
-        bail!(
-            "{}: not a crust image (bad magic {magic:#x}); point -D at a crust images directory",
-            path.display()
-        );
+    // The magic first: a file that is no image at all says so, whatever
+    // its length.
+    let magic = h
+        .get(0..4)
+        .map(|m| u32::from_le_bytes(m.try_into().unwrap()));
+    let Some(kind) = magic.and_then(ImageKind::from_magic) else {
+        return Err(ImageError::NotAnImage(path.to_owned()).into());
     };
+    if h.len() < HEADER_LEN {
+        return Err(ImageError::Truncated(path.to_owned(), "no whole header".into()).into());
+    }
+    let version = u32::from_le_bytes(h[4..8].try_into().unwrap());
     if version != FORMAT_VERSION {
-        bail!(
-            "{}: image format version {version}, this crust reads version {FORMAT_VERSION}; restore with the crust that dumped it",
-            path.display()
-        );
+        return Err(ImageError::Version(path.to_owned(), version).into());
     }
     Ok(Header {
         kind,
@@ -151,17 +220,11 @@ impl ImageDir {
     /// Opens a directory holding a finished dump.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_dir() {
-            bail!(
-                "images directory {} does not exist; pass the -D used for the dump",
-                path.display()
-            );
+            return Err(ImageError::NoDirectory(path.to_owned()).into());
         }
         let inv = path.join(ImageKind::Inventory.file_name(0));
         if !inv.exists() {
-            bail!(
-                "{} has no inventory.img: it is empty or holds an unfinished dump; dump again",
-                path.display()
-            );
+            return Err(ImageError::Unfinished(path.to_owned()).into());
         }
         Ok(Self {
             path: path.to_owned(),
@@ -217,38 +280,25 @@ pub fn read_msg_file<M: Message + Default>(path: &Path, want: Option<ImageKind>)
     let mut buf = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut buf))
-        .with_context(|| {
-            format!(
-                "{}: cannot read image; the dump is incomplete",
-                path.display()
-            )
-        })?;
+        .map_err(|e| ImageError::Truncated(path.to_owned(), format!("cannot read it ({e})")))?;
     let h = parse_header(path, &buf)?;
     if let Some(k) = want
         && h.kind != k
     {
-        bail!(
-            "{}: holds a {:?} image, expected {k:?}",
-            path.display(),
-            h.kind
-        );
+        return Err(ImageError::WrongKind(path.to_owned(), h.kind, k).into());
     }
     let payload = &buf[HEADER_LEN..];
     if payload.len() as u64 != h.len {
-        bail!(
-            "{}: truncated or padded image ({} payload bytes, header says {}); dump again",
-            path.display(),
-            payload.len(),
-            h.len
-        );
+        return Err(ImageError::Truncated(
+            path.to_owned(),
+            format!("{} payload bytes, the header says {}", payload.len(), h.len),
+        )
+        .into());
     }
     if crc32fast::hash(payload) != h.crc {
-        bail!(
-            "{}: checksum mismatch, the image is corrupt; dump again",
-            path.display()
-        );
+        return Err(ImageError::Checksum(path.to_owned()).into());
     }
-    M::decode(payload).with_context(|| format!("{}: corrupt image, cannot decode", path.display()))
+    M::decode(payload).map_err(|e| ImageError::Undecodable(path.to_owned(), e.to_string()).into())
 }
 
 /// The raw page store of one task, written by splicing from the parasite's
@@ -389,10 +439,10 @@ impl RawReader {
             .with_context(|| format!("{}: cannot open; the dump is incomplete", path.display()))?;
         let mut h = [0u8; HEADER_LEN];
         file.read_exact_at(&mut h, 0)
-            .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+            .map_err(|_| ImageError::Truncated(path.clone(), "no whole header".into()))?;
         let hdr = parse_header(&path, &h)?;
         if hdr.kind != kind || file.metadata()?.len() != HEADER_LEN as u64 + hdr.len {
-            bail!("{}: not a whole {kind:?} image; dump again", path.display());
+            return Err(ImageError::Truncated(path, format!("not a whole {kind:?} image")).into());
         }
         Ok(RawReader {
             path,
@@ -416,10 +466,7 @@ impl RawReader {
     /// Checks that everything was read and matches the checksum.
     pub fn finish(self) -> Result<()> {
         if self.at != self.hdr.len || self.crc.finalize() != self.hdr.crc {
-            bail!(
-                "{}: checksum mismatch, the image is corrupt; dump again",
-                self.path.display()
-            );
+            return Err(ImageError::Checksum(self.path).into());
         }
         Ok(())
     }
@@ -446,16 +493,18 @@ pub fn open_pages(dir: &ImageDir, pid: i32) -> Result<(File, Header)> {
         .with_context(|| format!("{}: cannot open; the dump is incomplete", p.display()))?;
     let mut h = [0u8; HEADER_LEN];
     f.read_exact_at(&mut h, 0)
-        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", p.display()))?;
+        .map_err(|_| ImageError::Truncated(p.clone(), "no whole header".into()))?;
     let hdr = parse_header(&p, &h)?;
     let size = f.metadata()?.len();
     if size != PAGES_HEADER_LEN + hdr.len {
-        bail!(
-            "{}: truncated or padded ({} bytes, header says {}); dump again",
-            p.display(),
-            size,
-            PAGES_HEADER_LEN + hdr.len
-        );
+        return Err(ImageError::Truncated(
+            p,
+            format!(
+                "{size} bytes, the header says {}",
+                PAGES_HEADER_LEN + hdr.len
+            ),
+        )
+        .into());
     }
     Ok((f, hdr))
 }
@@ -465,16 +514,13 @@ pub fn verify_raw_file(path: &Path, kind: ImageKind) -> Result<Header> {
     let f = File::open(path)?;
     let mut h = [0u8; HEADER_LEN];
     f.read_exact_at(&mut h, 0)
-        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+        .map_err(|_| ImageError::Truncated(path.to_owned(), "no whole header".into()))?;
     let hdr = parse_header(path, &h)?;
     if hdr.kind != kind || f.metadata()?.len() != HEADER_LEN as u64 + hdr.len {
-        bail!("{}: truncated or padded image; dump again", path.display());
+        return Err(ImageError::Truncated(path.to_owned(), "truncated or padded".into()).into());
     }
     if crc_of_file_range(&f, HEADER_LEN as u64, hdr.len)? != hdr.crc {
-        bail!(
-            "{}: checksum mismatch, the image is corrupt; dump again",
-            path.display()
-        );
+        return Err(ImageError::Checksum(path.to_owned()).into());
     }
     Ok(hdr)
 }
@@ -484,19 +530,13 @@ pub fn verify_pages_file(path: &Path) -> Result<Header> {
     let f = File::open(path)?;
     let mut h = [0u8; HEADER_LEN];
     f.read_exact_at(&mut h, 0)
-        .map_err(|_| anyhow::anyhow!("{}: truncated image (no header)", path.display()))?;
+        .map_err(|_| ImageError::Truncated(path.to_owned(), "no whole header".into()))?;
     let hdr = parse_header(path, &h)?;
     if f.metadata()?.len() != PAGES_HEADER_LEN + hdr.len {
-        bail!(
-            "{}: truncated or padded pages image; dump again",
-            path.display()
-        );
+        return Err(ImageError::Truncated(path.to_owned(), "truncated or padded".into()).into());
     }
     if crc_of_file_range(&f, PAGES_HEADER_LEN, hdr.len)? != hdr.crc {
-        bail!(
-            "{}: checksum mismatch, the image is corrupt; dump again",
-            path.display()
-        );
+        return Err(ImageError::Checksum(path.to_owned()).into());
     }
     Ok(hdr)
 }
@@ -542,11 +582,16 @@ mod tests {
     #[test]
     fn header_refusals_name_the_file() {
         let p = Path::new("/x/core-5.img");
+        // A text file is no image, whatever its length.
         let e = parse_header(p, b"short").unwrap_err().to_string();
         assert!(
-            e.contains("/x/core-5.img") && e.contains("truncated"),
+            e.contains("/x/core-5.img") && e.contains("not a crust image"),
             "{e}"
         );
+        let e = parse_header(p, &header(ImageKind::Core, 0, 0)[..10])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("incomplete"), "{e}");
         let mut h = header(ImageKind::Core, 0, 0);
         h[0] ^= 0xff;
         let e = parse_header(p, &h).unwrap_err().to_string();
@@ -597,7 +642,8 @@ mod tests {
         let e = d
             .read_msg::<Inventory>(ImageKind::Inventory, 0)
             .unwrap_err();
-        assert!(e.to_string().contains("truncated"), "{e}");
+        assert!(e.to_string().contains("incomplete"), "{e}");
+        assert_eq!(crate::error::class_of(&e), crate::error::Class::Images);
         fs::remove_dir_all(&d.path).unwrap();
     }
 

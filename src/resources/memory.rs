@@ -258,6 +258,7 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     let mut runs = Vec::new();
     let mut shared_runs = Vec::new();
     let mut guards = Vec::new();
+    let mut zeros = 0u64;
     for v in &mm.vmas {
         // The kernel may drop the pages of a MAP_DROPPABLE mapping at any
         // time: they are not stored, and read as zeros after the restore.
@@ -301,6 +302,9 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
             }
             let zero =
                 kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn;
+            if zero {
+                zeros += 1;
+            }
             if !page_needed(kind, e) || zero {
                 continue;
             }
@@ -315,6 +319,15 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
             );
         }
     }
+    let pages = |r: &[PagemapEntry]| r.iter().map(|r| r.nr_pages).sum::<u64>();
+    crate::stats::count(&crate::stats::PAGES_ZERO, zeros);
+    crate::stats::count(&crate::stats::PAGES_PARENT, pages(&shared_runs));
+    crate::stats::count(
+        &crate::stats::PAGES_SCANNED,
+        zeros + pages(&shared_runs) + pages(&runs),
+    );
+    crate::stats::count(&crate::stats::PAGES_WRITTEN, pages(&runs));
+    crate::progress::add_bytes(pages(&runs) * PAGE);
     mm.pagemap = runs;
     mm.parent_pages = shared_runs;
     mm.guard_pages = guards;
@@ -356,6 +369,7 @@ pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) 
         crate::sys::splice_all(pipe_fd, out.file.as_raw_fd(), *batch_len as usize)
             .context("splicing pages to the image")?;
         out.advance(*batch_len);
+        crate::progress::bytes_done(*batch_len);
         batch.clear();
         *batch_len = 0;
         Ok(())
@@ -686,6 +700,7 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
                 .context("pages image is truncated")?;
             crc.update(buf);
             off += len;
+            crate::progress::bytes_done(len);
             continue;
         }
         for chunk in buf.chunks_mut(256 * PAGE as usize) {

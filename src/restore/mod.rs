@@ -20,15 +20,21 @@ use nix::unistd::Pid;
 use tracing::info;
 
 use crate::abi;
+use crate::actions::{Action, Actions};
 use crate::images::pb::{FdTable, Inventory, MmEntry, TaskCore, TaskRef, VmaKind};
 use crate::images::{self, ImageDir, ImageKind};
 use crate::resources::{files, memory};
 use crate::seize::SeizedTask;
+use crate::stats::Stats;
 
 pub struct RestoreOpts {
     pub dir: PathBuf,
     pub detach: bool,
+    /// `--restore-sibling`: the root is made a child of crust's parent.
+    pub sibling: bool,
     pub shell_job: bool,
+    /// `--leave-stopped`: the tree is left stopped (SIGSTOP).
+    pub leave_stopped: bool,
     pub pidfile: Option<PathBuf>,
     /// Restore into a new PID namespace (`--pid-ns`), under a crust init.
     pub pid_ns: bool,
@@ -38,6 +44,10 @@ pub struct RestoreOpts {
     /// `--link-remap`: the images may hold files linked back at the dump;
     /// the restore opens them and removes those links.
     pub link_remap: bool,
+    /// `--file-locks`: the images may hold file locks and leases.
+    pub file_locks: bool,
+    /// `--action-script`s.
+    pub actions: Actions,
 }
 
 impl RestoreOpts {
@@ -52,6 +62,10 @@ impl RestoreOpts {
             pid_ns: false,
             inherit_fds: Vec::new(),
             link_remap: false,
+            sibling: false,
+            leave_stopped: false,
+            file_locks: false,
+            actions: Actions::none(),
         }
     }
 }
@@ -276,12 +290,19 @@ fn create_shared_anon(
     Ok(out)
 }
 
-/// Restores the dump in `opts.dir`; returns the exit code crust should exit with.
-pub fn restore(opts: &RestoreOpts) -> Result<i32> {
+/// Restores the dump in `opts.dir`; returns the exit code crust should
+/// exit with. The progress line ends once the tree runs.
+pub fn restore(
+    opts: &RestoreOpts,
+    stats: Option<&mut Stats>,
+    progress: crate::progress::Progress,
+) -> Result<i32> {
     if opts.pid_ns {
+        drop(progress);
         return pidns::restore_in_new_pid_ns(opts);
     }
-    let root = restore_tree(opts)?;
+    let root = restore_tree(opts, stats)?;
+    drop(progress);
     if let Some(p) = &opts.pidfile {
         write_pidfile(p, root.as_raw())?;
     }
@@ -299,27 +320,66 @@ fn write_pidfile(p: &std::path::Path, pid: i32) -> Result<()> {
         .with_context(|| format!("writing pidfile {}", p.display()))
 }
 
+/// The signals crust passes on to the restored tree while it waits for it
+/// (Ctrl-C on crust must reach the program, not orphan it).
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
 /// Waits for a child of crust's; its exit code as a shell would give it.
-fn wait_exit_code(child: Pid) -> Result<i32> {
+/// Meanwhile SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to crust are passed
+/// on to the child, and crust keeps waiting: a terminal's Ctrl-C reaches
+/// the child itself when it is in crust's process group, and is not sent
+/// twice then.
+pub(crate) fn wait_exit_code(child: Pid) -> Result<i32> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.thread_block()?;
+    let sfd = nix::sys::signalfd::SignalFd::with_flags(
+        &set,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )?;
+    let same_group = nix::unistd::getpgid(Some(child)).ok() == Some(nix::unistd::getpgrp());
     loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
+        // The child's whole life: no deadline but its own end.
+        match crate::sys::wait_child(
+            Some(child),
+            nix::sys::wait::WaitPidFlag::empty(),
+            std::time::Duration::from_millis(200),
+        ) {
+            Ok(Some(WaitStatus::Exited(_, code))) => return Ok(code),
+            Ok(Some(WaitStatus::Signaled(_, sig, _))) => return Ok(128 + sig as i32),
+            Ok(_) => {}
             Err(e) => bail!("waiting for restored task {child}: {e}"),
+        }
+        while let Ok(Some(info)) = sfd.read_signal() {
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            // SI_KERNEL: from the terminal, to the whole foreground group.
+            let from_terminal = info.ssi_code == libc::SI_KERNEL;
+            if !(same_group && from_terminal) {
+                let _ = kill(child, sig);
+            }
         }
     }
 }
 
 /// Rebuilds the tree as a child of crust and lets it run; returns its root.
-fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
+fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid> {
     let dir = ImageDir::open(&opts.dir)?;
     let inv: Inventory = dir.read_msg(ImageKind::Inventory, 0)?;
     check_tree(&inv)?;
     if inv.shell_job && !opts.shell_job {
-        bail!("the images were dumped with --shell-job; restore with --shell-job");
+        crate::refuse!("the images were dumped with --shell-job; restore with --shell-job");
     }
+    opts.actions.set_init_pid(inv.root_pid);
+    opts.actions.run(Action::PreRestore)?;
     let ghosts = crate::resources::ghost::load(&dir)?;
     if !opts.link_remap
         && let Some(g) = ghosts.iter().find(|g| !g.link_remap.is_empty())
@@ -376,6 +436,17 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         &inv.sysv_msgs,
     )
     .inspect_err(|_| objects.close_all())?;
+    if !opts.file_locks
+        && let Some((pid, e)) = tasks
+            .iter()
+            .find_map(|(p, t)| Some((p, t.files.fds.iter().find(|e| !e.locks.is_empty())?)))
+    {
+        objects.close_all();
+        crate::refuse!(
+            "PID {pid} fd {} holds a file lock or lease in the images; restore with --file-locks",
+            e.fd
+        );
+    }
     let shared = create_shared_anon(&tasks, &objects).inspect_err(|_| objects.close_all())?;
     let no_shared = HashMap::new();
     let ctx = files::RestoreCtx {
@@ -404,7 +475,29 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
 
     let (status_rd, status_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (sync_rd, sync_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let child = match crate::sys::fork_with_pid(pid) {
+    crate::progress::add_tasks(set.tasks.len() as u64);
+    crate::progress::add_bytes(set.tasks.values().map(|t| t.pages_len).sum());
+    if let Some(s) = stats.as_mut() {
+        s.stage("reading images, shared objects");
+        s.count("tasks", set.tasks.len() as u64);
+        s.count(
+            "threads",
+            set.tasks
+                .values()
+                .map(|t| t.core.threads.len() as u64)
+                .sum(),
+        );
+        s.count(
+            "pages restored",
+            set.tasks.values().map(|t| t.pages_len / 4096).sum(),
+        );
+    }
+    let forked = if opts.sibling {
+        crate::sys::fork_sibling_with_pid(pid)
+    } else {
+        crate::sys::fork_with_pid(pid)
+    };
+    let child = match forked {
         Ok(0) => {
             drop(status_rd);
             drop(sync_wr);
@@ -436,17 +529,27 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let foreground = tty
         .filter(|_| set.inv.shell_job_foreground && root_ref.pgid == pid && root_ref.sid != pid)
         .map(|fd| (fd, Pid::from_raw(pid)));
-    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground) {
+    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground, opts) {
         // Nothing lost: what this restore created goes away again (the rest
         // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
         let _ = kill(child, Signal::SIGKILL);
-        let _ = waitpid(child, None);
+        if !opts.sibling {
+            let _ = waitpid(child, None);
+        }
         return Err(e);
     }
     sysv.keep();
     crate::resources::ghost::remove_link_remaps(&ghosts);
     if let Some(tty) = tty {
         winch_if_resized(&set, tty);
+    }
+    if let Some(s) = stats.as_mut() {
+        s.stage("forking and rebuilding");
+    }
+    // The tree runs: a failing post-resume script is reported, and undoes
+    // nothing.
+    if let Err(e) = opts.actions.run(Action::PostResume) {
+        tracing::error!("{e:#}");
     }
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
@@ -573,19 +676,20 @@ fn finish_tree(
     sync_wr: OwnedFd,
     status_rd: OwnedFd,
     foreground: Option<(std::os::fd::RawFd, Pid)>,
+    opts: &RestoreOpts,
 ) -> Result<()> {
     // SAFETY: status_rd is an fd we own; File takes it over.
     let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
-    let mut opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
+    let mut popts = ptrace::Options::PTRACE_O_TRACESYSGOOD
         | ptrace::Options::PTRACE_O_EXITKILL
         | ptrace::Options::PTRACE_O_TRACECLONE
         | ptrace::Options::PTRACE_O_TRACEFORK;
     // Filters the restorer installs must not bite before the task is let go
     // (the restorer's later steps, the remote munmap of the hole).
     if crate::resources::seccomp::any_seccomp(set.tasks.values().map(|t| &t.core)) {
-        opts |= crate::resources::seccomp::SUSPEND_SECCOMP;
+        popts |= crate::resources::seccomp::SUSPEND_SECCOMP;
     }
-    ptrace::seize(root, opts).context("seizing the restored task")?;
+    ptrace::seize(root, popts).context("seizing the restored task")?;
     nix::unistd::write(&sync_wr, b"g")?;
     drop(sync_wr);
     // Zombies die again at once, stand-in group leaders once their group is
@@ -637,6 +741,8 @@ fn finish_tree(
                 };
                 if *s != Finishing::Parked {
                     ptrace::syscall(tid, None)?;
+                } else if set.tasks.contains_key(&tid.as_raw()) {
+                    crate::progress::task_done();
                 }
             }
             // A zombie of the tree died as it should; its parent reaps it.
@@ -664,6 +770,28 @@ fn finish_tree(
             other => bail!("the restored tree stopped with {other:?}"),
         }
     }
+    for pid in set.tasks.keys() {
+        let plan = &set.plans[pid];
+        let leader = SeizedTask::from_stopped(Pid::from_raw(*pid))?;
+        let r = crate::parasite_ctl::remote_syscall(
+            &leader,
+            libc::SYS_munmap,
+            [plan.hole_start, plan.hole_end - plan.hole_start, 0, 0, 0, 0],
+        )?;
+        leader.forget();
+        if r < 0 {
+            bail!(
+                "unmapping the restorer from restored task {pid}: errno {}",
+                -r
+            );
+        }
+    }
+    // The tree is whole and held: a post-restore script may still refuse
+    // it (the restore then fails and kills it); pre-resume must not fail.
+    opts.actions.run(Action::PostRestore)?;
+    if let Err(e) = opts.actions.run(Action::PreResume) {
+        tracing::error!("{e:#}");
+    }
     if let Some((tty, pgrp)) = foreground {
         // SAFETY: the fd is crust's own terminal, borrowed for this call.
         let tty = unsafe { std::os::fd::BorrowedFd::borrow_raw(tty) };
@@ -672,23 +800,14 @@ fn finish_tree(
         }
     }
     for (pid, img) in &set.tasks {
-        let plan = &set.plans[pid];
         let mut leader = SeizedTask::from_stopped(Pid::from_raw(*pid))?;
-        let r = crate::parasite_ctl::remote_syscall(
-            &leader,
-            libc::SYS_munmap,
-            [plan.hole_start, plan.hole_end - plan.hole_start, 0, 0, 0, 0],
-        )?;
-        if r < 0 {
-            bail!(
-                "unmapping the restorer from restored task {pid}: errno {}",
-                -r
-            );
-        }
         // A task stopped by job control gets its stop signal while still
-        // held, so it stops again before it runs a single instruction.
+        // held, so it stops again before it runs a single instruction;
+        // with --leave-stopped every task does.
         if set.task_ref(*pid).stopped {
             kill(Pid::from_raw(*pid), stop_signal(set, img))?;
+        } else if opts.leave_stopped {
+            kill(Pid::from_raw(*pid), Signal::SIGSTOP)?;
         }
         // A thread stopped in an interruptible syscall goes back into the
         // kernel's signal code with its orig_rax, as the freeze found it:

@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 use tracing::info;
 
 use super::{RestoreOpts, restore_tree, wait_exit_code, write_pidfile};
+use crate::actions::Actions;
 use crate::sys;
 
 /// What the init reports: `R<root's PID inside>` or `E<error>`, in one write.
@@ -77,15 +78,22 @@ pub fn restore_in_new_pid_ns(opts: &RestoreOpts) -> Result<i32> {
 fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
     let mut report = File::from(report);
     let root = match setup_mounts().and_then(|_| {
-        restore_tree(&RestoreOpts {
-            dir: opts.dir.clone(),
-            detach: true,
-            shell_job: opts.shell_job,
-            pidfile: None,
-            pid_ns: false,
-            inherit_fds: opts.inherit_fds.clone(),
-            link_remap: opts.link_remap,
-        })
+        restore_tree(
+            &RestoreOpts {
+                dir: opts.dir.clone(),
+                detach: true,
+                sibling: false,
+                shell_job: opts.shell_job,
+                leave_stopped: opts.leave_stopped,
+                pidfile: None,
+                pid_ns: false,
+                inherit_fds: opts.inherit_fds.clone(),
+                link_remap: opts.link_remap,
+                file_locks: opts.file_locks,
+                actions: Actions::none(),
+            },
+            None,
+        )
     }) {
         Ok(root) => root,
         Err(e) => {

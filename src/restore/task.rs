@@ -33,6 +33,7 @@ pub fn run_child(
     sync: Option<OwnedFd>,
     parent: Option<&memory::Premapped>,
 ) -> ! {
+    crate::log::own_file_for(pid);
     // Above every fd the task will have, so that rebuilding its fd table
     // leaves the pipe in place and a failure at any step can be reported.
     let status_fd = match set.tasks.get(&pid) {

@@ -255,7 +255,7 @@ impl Task {
             .arg(self.pid.to_string())
             .arg("-D")
             .arg(self.work.images());
-        cmd.args(["-o", "dump.log", "-v", "3"]).args(extra);
+        cmd.args(["-o", "dump.log", "-v4"]).args(extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -291,7 +291,7 @@ impl Task {
     pub fn restore_cmd(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(CRUST);
         cmd.arg("restore").arg("-D").arg(self.work.images());
-        cmd.args(["-o", "restore.log", "-v", "3", "--pidfile"])
+        cmd.args(["-o", "restore.log", "-v4", "--pidfile"])
             .arg(self.work.0.join("restored.pid"));
         cmd.args(extra);
         cmd
