@@ -230,9 +230,37 @@ pub fn auxv(pid: i32) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// (N, the rest) of a path under a task's directory of /proc as a link
+/// shows it: "/proc/N" or "/proc/N/REST" (without a " (deleted)" mark).
+pub fn split_pid_path(path: &str) -> Option<(i32, &str)> {
+    let tail = path.strip_prefix("/proc/")?;
+    let (n, rest) = tail.split_once('/').unwrap_or((tail, ""));
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((n.parse().ok()?, rest))
+}
+
+/// Whether the file at `path` (a /proc/PID/fd link, followed) lives on a
+/// filesystem with magic `magic`.
+pub fn on_fs(path: &str, magic: nix::sys::statfs::FsType) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == magic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid_paths() {
+        assert_eq!(split_pid_path("/proc/17/stat"), Some((17, "stat")));
+        assert_eq!(split_pid_path("/proc/17/fdinfo/4"), Some((17, "fdinfo/4")));
+        assert_eq!(split_pid_path("/proc/17"), Some((17, "")));
+        assert_eq!(split_pid_path("/proc/self/stat"), None);
+        assert_eq!(split_pid_path("/proc/meminfo"), None);
+        assert_eq!(split_pid_path("/proc/"), None);
+        assert_eq!(split_pid_path("/tmp/proc/17/stat"), None);
+    }
 
     const SMAPS: &str = "\
 55d0c0a00000-55d0c0a21000 r-xp 00001000 fe:01 1835 /usr/bin/my prog (deleted)

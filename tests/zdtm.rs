@@ -164,6 +164,61 @@ fn fanotify_marks() {
     cycle("fanotify", &[]);
 }
 
+/// epoll targets added as fd numbers since closed or reused (by another
+/// file, a locked one, or the set itself), a set shared with a child.
+#[test]
+fn epoll_targets_moved() {
+    let mut t = Spawn::new("epoll_moved").start();
+    t.dump(&["--file-locks"]);
+    t.restore(&[]);
+    t.pass();
+}
+
+/// A target held by no fd of the process that dumps the set: refused in
+/// one line, the task left running.
+#[test]
+fn epoll_target_held_nowhere_is_refused() {
+    let mut t = Spawn::new("epoll_moved").args(&["lost"]).start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dumped a set whose target has no fd");
+    assert!(
+        err.contains(&format!("PID {} epoll fd", t.pid)) && err.contains("held by no fd"),
+        "{err}"
+    );
+    assert!(pid_alive(t.pid), "a refused dump killed the task");
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+}
+
+/// /proc files of the tree's own tasks (stat, maps, an fdinfo, a thread's
+/// comm, the net namespace) and a cwd in /proc of a task that died.
+#[test]
+fn proc_files_of_the_tree() {
+    cycle("proc_files", &[]);
+}
+
+/// /proc files crust cannot reopen are refused at the dump in one line,
+/// the task left running: one shared by two processes, one of the
+/// holder's own thread.
+#[test]
+fn proc_files_refused() {
+    for (mode, says) in [
+        ("shared", "cannot share it between processes"),
+        ("thread", "a file of its own thread"),
+    ] {
+        let mut t = Spawn::new("proc_files").args(&[mode]).start();
+        let out = t.dump_with(&[], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode}: dumped");
+        assert!(
+            err.contains(says) && err.contains("/proc/"),
+            "{mode}: {err}"
+        );
+        assert!(pid_alive(t.pid), "{mode}: a refused dump killed the task");
+        assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    }
+}
+
 #[test]
 fn inotify_watches() {
     cycle("inotify", &[]);

@@ -1,12 +1,14 @@
 /* fanotify: a notification group with an inode mark (FAN_MODIFY, and an
  * ignored FAN_OPEN that survives modification) and a mount mark. After
  * restore fdinfo shows the same marks and a write to the marked file is
- * reported with an fd of that file. */
+ * reported with an fd of that file. The group's init flags are the same
+ * (fdinfo shows them as given). */
 #define _GNU_SOURCE
 #include "zdtmlib.h"
 #include <sys/fanotify.h>
 
-/* The fanotify mark lines of fdinfo without the inode and handle. */
+/* The group flags line and the mark lines (without the inode and handle)
+ * of fdinfo. */
 static void marks(int fd, char *out, size_t n)
 {
 	char p[64], line[512];
@@ -15,7 +17,11 @@ static void marks(int fd, char *out, size_t n)
 	out[0] = 0;
 	while (f && fgets(line, sizeof(line), f)) {
 		char *m = strstr(line, "mflags:");
-		if (!strncmp(line, "fanotify", 8) && m) {
+		if (!strncmp(line, "fanotify flags:", 15)) {
+			/* The group's init flags, as given (no FAN_CLOEXEC). */
+			size_t l = strlen(out);
+			snprintf(out + l, n - l, "%s", line);
+		} else if (!strncmp(line, "fanotify", 8) && m) {
 			char *end = strstr(m, " fhandle");
 			if (end)
 				*end = 0;

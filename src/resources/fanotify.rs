@@ -12,15 +12,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
 
-use super::files::{FdProbe, FileKind, RestoreCtx, new_fd};
+use super::files::{FdProbe, FileKind, RestoreCtx, new_fd, set_status_flags};
 use super::inotify::{inode_path, mark_field, mark_handle, mount_point_of_dev, mountinfo_find};
 use crate::images::pb::fd_entry::File as FdFile;
 use crate::images::pb::{Fanotify, FanotifyMark};
 
 pub struct FanotifyKind;
 
-const FAN_CLOEXEC: u32 = 0x1;
-const FAN_NONBLOCK: u32 = 0x2;
 const FAN_MARK_ADD: u32 = 0x1;
 const FAN_MARK_MOUNT: u32 = 0x10;
 const FAN_MARK_IGNORED_MASK: u32 = 0x20;
@@ -77,7 +75,9 @@ impl FileKind for FanotifyKind {
             };
             if rest.starts_with("flags:") {
                 let f = mark_field(rest, "flags").ok_or_else(|| p.unreadable("fanotify flags"))?;
-                group.init_flags = f as u32 & !(FAN_CLOEXEC | FAN_NONBLOCK);
+                // As given to fanotify_init: fdinfo shows them, and the
+                // fd's own close-on-exec and O_NONBLOCK are set apart.
+                group.init_flags = f as u32;
                 group.event_flags = mark_field(rest, "event-flags")
                     .ok_or_else(|| p.unreadable("fanotify event flags"))?
                     as u32;
@@ -111,13 +111,12 @@ impl FileKind for FanotifyKind {
         let FdFile::Fanotify(g) = f else {
             return Ok(None);
         };
-        let mut flags = g.init_flags | FAN_CLOEXEC;
-        if g.flags & libc::O_NONBLOCK as u32 != 0 {
-            flags |= FAN_NONBLOCK;
-        }
         // SAFETY: fanotify_init returns a new fd or -1.
-        let fd = unsafe { libc::fanotify_init(flags, g.event_flags) };
+        let fd = unsafe { libc::fanotify_init(g.init_flags, g.event_flags) };
         let fd = new_fd(fd as i64, "a fanotify group")?;
+        // The fd's O_NONBLOCK may differ from FAN_NONBLOCK since (fcntl);
+        // close-on-exec is set per fd with the table.
+        set_status_flags(fd.as_raw_fd(), g.flags, "a fanotify group")?;
         // fdinfo lists the newest mark first: add them oldest first.
         for m in g.marks.iter().rev() {
             let path = std::ffi::CString::new(m.path.as_str())?;

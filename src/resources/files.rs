@@ -248,6 +248,13 @@ pub trait FileKind: Sync {
     }
     /// Opens a new file description for the entry.
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>>;
+    /// Whether the entry is opened only once every other fd of the task is
+    /// in place (a /proc file of the task's own fd needs that fd). Such a
+    /// file cannot be opened by crust before the tree forks: its
+    /// description is never shared by processes.
+    fn opens_late(&self, _f: &FdFile) -> bool {
+        false
+    }
     /// Runs once every fd of the task is in place (an epoll set adds its
     /// targets here, by their fd numbers).
     fn finish(&self, _f: &FdFile, _fd: RawFd) -> Result<()> {
@@ -266,6 +273,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::fanotify::FanotifyKind,
     &super::ghost::GhostFileKind,
     &super::ghost::GhostDirKind,
+    &super::nsfile::NsFileKind,
     &super::regular::RegularFileKind,
     &super::pty::PtyKind,
     &super::devices::TtyKind,
@@ -298,12 +306,17 @@ const OPEN_ONLY: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_N
 /// restored session leader must not become its controlling terminal by
 /// accident (that is `pty::take_ctty`'s, explicitly).
 pub fn open_fd(path: &str, flags: u32) -> Result<OwnedFd> {
+    try_open(path, flags).with_context(|| format!("opening {path}"))
+}
+
+/// `open_fd` with the bare error, for callers that look at the errno.
+pub fn try_open(path: &str, flags: u32) -> std::io::Result<OwnedFd> {
     let c = std::ffi::CString::new(path)?;
     let flags = (flags & !OPEN_ONLY) | O_CLOEXEC | libc::O_NOCTTY as u32;
     // SAFETY: a plain open(2) of a NUL-terminated path.
     let fd = unsafe { libc::open(c.as_ptr(), flags as i32) };
     if fd < 0 {
-        bail!("opening {path}: {}", std::io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by open and is owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -472,6 +485,13 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
                 k.check_shared(f, pid, fd)?;
             }
         }
+        if let (Some(f), Some((other, other_fd, _))) = (&entry, same)
+            && KINDS.iter().any(|k| k.opens_late(f))
+        {
+            bail!(
+                "PID {pid} fd {fd} ({link}) is the same open file as fd {other_fd} of PID {other}; crust opens such a file in each task after its other fds and cannot share it between processes; close it in one of them"
+            );
+        }
         for k in KINDS.iter().filter(|_| entry.is_none()) {
             if let Some(f) = k.dump(&probe)? {
                 entry = Some(f);
@@ -604,11 +624,13 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         }
     }
     // In ascending order, each new file lands at or below its number (every
-    // lower number of the table is taken already), so placing it with dup2
-    // never overwrites one still to come, and no fd is held twice: a task
-    // with as many fds as its limit allows restores within that limit.
+    // lower number of the table is taken already, or left for the late
+    // pass), so placing it with dup2 never overwrites one still to come, and
+    // no fd is held twice: a task with as many fds as its limit allows
+    // restores within that limit. Files a kind opens late (a /proc file of
+    // one of the task's fds needs that fd) come after all the others.
     let mut order: Vec<&FdEntry> = table.fds.iter().collect();
-    order.sort_by_key(|e| e.fd);
+    order.sort_by_key(|e| (opens_late(e), e.fd));
     for e in order {
         let fd = if let Some(of) = e.dup_of {
             dup_fd(of)?
@@ -637,13 +659,6 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
         unsafe { libc::close(fd) };
     }
     for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
-        // Locks before the owner: a lease taken again makes this process
-        // the description's owner only while it has none
-        // (`locks::rebreak_lease`).
-        super::locks::restore_locks(e)?;
-        if let Some(o) = &e.owner {
-            super::fown::restore_owner(e.fd, o)?;
-        }
         if let Some(file) = &e.file {
             for k in KINDS {
                 k.finish(file, e.fd)
@@ -651,7 +666,23 @@ pub fn restore_fd_table(table: &FdTable, ctx: &RestoreCtx, keep: &[RawFd]) -> Re
             }
         }
     }
+    // After every `finish`: one may move fds about (an epoll target put
+    // back at its old number), and closing any fd of a file drops the
+    // process's POSIX locks on it.
+    for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
+        super::locks::restore_locks(e)?;
+        if let Some(o) = &e.owner {
+            super::fown::restore_owner(e.fd, o)?;
+        }
+    }
     Ok(())
+}
+
+/// Whether an entry (or the fd it is a dup of) is opened in the late pass.
+fn opens_late(e: &FdEntry) -> bool {
+    e.file
+        .as_ref()
+        .is_some_and(|f| KINDS.iter().any(|k| k.opens_late(f)))
 }
 
 /// Opens a new file description for an fd entry, by the kind that knows it.
@@ -690,6 +721,13 @@ pub fn open_shared<'a>(
             continue;
         }
         let file = e.file.as_ref().context("fd entry without a file")?;
+        if opens_late(e) {
+            bail!(
+                "fd {} ({}) is shared by several processes of the tree, but crust opens it in its task only and cannot share it (a dump refuses such a tree)",
+                e.fd,
+                describe_file(file)
+            );
+        }
         let fd = open_entry(file, ctx)
             .with_context(|| format!("opening the file of fd {} shared in the tree", e.fd))?;
         out.insert(id, fd.into_raw_fd());

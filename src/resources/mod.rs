@@ -14,6 +14,7 @@ pub mod inotify;
 pub mod locks;
 pub mod membarrier;
 pub mod memory;
+pub mod nsfile;
 pub mod pidfd;
 pub mod pipes;
 pub mod prctl;

@@ -409,6 +409,19 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
             );
         }
     }
+    for (pid, d) in tasks
+        .iter()
+        .filter_map(|(p, t)| Some((p, t.files.cwd_dead_proc.as_ref()?)))
+    {
+        if let Some(holder) = pid_holder(d.pid) {
+            bail!(
+                "PID {} is taken by a running process ({holder}); task {pid} needs it for a moment (its working directory is /proc/{} of a task that died); stop it (kill {}) and restore again",
+                d.pid,
+                d.pid,
+                d.pid
+            );
+        }
+    }
     for t in &inv.tasks {
         if let Some(holder) = pid_holder(t.pid) {
             bail!(
@@ -533,9 +546,8 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         // Nothing lost: what this restore created goes away again (the rest
         // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
         let _ = kill(child, Signal::SIGKILL);
-        if !opts.sibling {
-            let _ = waitpid(child, None);
-        }
+        // (A sibling's parent reaps it; its threads are crust's tracees.)
+        reap_killed_root(child);
         return Err(e);
     }
     sysv.keep();
@@ -559,6 +571,30 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
 /// final trap, a fork): a task filling gigabytes of memory sends none
 /// meanwhile.
 const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Reaps the killed root of a failed restore. Its threads are crust's
+/// tracees: each must be reaped (__WALL) before the root itself can be.
+fn reap_killed_root(root: Pid) {
+    use nix::sys::wait::WaitPidFlag;
+    let now = Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(10) {
+        match waitpid(root, now) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return,
+            Err(e) if e != nix::errno::Errno::EINTR => return,
+            _ => {}
+        }
+        let threads = std::fs::read_dir(format!("/proc/{root}/task"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&t| t != root.as_raw());
+        for t in threads {
+            let _ = waitpid(Pid::from_raw(t), now);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
 
 /// Where a restored thread is after the restorer's final trap: between
 /// system calls, inside one (the SIGTRAP action put back), inside
@@ -693,7 +729,8 @@ fn finish_tree(
     nix::unistd::write(&sync_wr, b"g")?;
     drop(sync_wr);
     // Zombies die again at once, stand-in group leaders once their group is
-    // whole: both exits are part of the restore.
+    // whole, the stand-in of a dead task's /proc directory once its task
+    // entered it: these exits are part of the restore.
     let zombies: Vec<Pid> = set
         .inv
         .tasks
@@ -701,6 +738,11 @@ fn finish_tree(
         .filter(|t| t.zombie)
         .map(|t| t.pid)
         .chain(dead_groups(&set.inv).into_iter().map(|(g, _)| g))
+        .chain(
+            set.tasks
+                .values()
+                .filter_map(|t| Some(t.files.cwd_dead_proc.as_ref()?.pid)),
+        )
         .map(Pid::from_raw)
         .collect();
     let expected: usize = set.tasks.values().map(|t| t.core.threads.len()).sum();

@@ -317,7 +317,7 @@ fn build_task(
     prctl::restore_oom_score_adj(&img.core)?;
     // Last of what reads paths in crust's view (/proc above): the task
     // may live chrooted.
-    dirs.apply()?;
+    let reaped_standin = dirs.apply()?;
     // The stand-in group leaders this task made are no children of the
     // dumped task: reap them before its own code runs.
     for &s in standins {
@@ -343,7 +343,7 @@ fn build_task(
             }
         }
     }
-    if !standins.is_empty() || !zombies.is_empty() {
+    if !standins.is_empty() || !zombies.is_empty() || reaped_standin {
         // Their SIGCHLD (blocked here) is not the task's: it had it when
         // they first died. A SIGCHLD the task had pending is queued again
         // from the images.
