@@ -327,7 +327,12 @@ pub struct RestorerArgs {
     pub dumpable: i32,
     pub child_subreaper: i32,
     pub thp_disable: i32,
-    pub _pad_log: i32,
+    /// The first `nr_seccomp_shared` seccomp filters of every thread's
+    /// chain are the same: the leader installs them (its own records)
+    /// before it creates the other threads, which inherit them as one
+    /// chain, as threads that shared it at the dump did; each thread then
+    /// installs the rest of its own chain.
+    pub nr_seccomp_shared: u32,
     pub sigactions: [KSigAction; NSIG],
     pub sigactions_ok: u64,
     pub itimers: [ITimerVal; 3],

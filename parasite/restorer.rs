@@ -339,6 +339,10 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
         check(args, RSTEP_SIGACTION, r);
     }
 
+    // The filters every thread's chain starts with, installed once and
+    // inherited by the threads created below: they share them again (a
+    // filter added later with SECCOMP_FILTER_FLAG_TSYNC needs that).
+    install_filters(args, &args.leader, 0, args.nr_seccomp_shared);
     // Threads are created while this one still holds crust's privileges
     // (set_tid needs them); each then drops to its own credentials.
     create_threads(args, base);
@@ -375,30 +379,45 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
     finish(args, args.leader.sigframe_uc)
 }
 
-/// Installs the thread's seccomp filters, oldest first, while it still has
-/// crust's privileges (a filter without no_new_privs needs CAP_SYS_ADMIN).
-/// crust traces the tree with PTRACE_O_SUSPEND_SECCOMP, so the rest of the
-/// restore is not filtered; the filters bite once crust lets the task go.
+/// Installs the thread's own seccomp filters (those after the ones the
+/// leader installed for all before creating the threads), oldest first,
+/// while it still has crust's privileges (a filter without no_new_privs
+/// needs CAP_SYS_ADMIN). crust traces the tree with
+/// PTRACE_O_SUSPEND_SECCOMP (which threads created under PTRACE_O_TRACECLONE
+/// inherit), so the rest of the restore is not filtered; the filters bite
+/// once crust lets the task go.
 fn restore_seccomp(args: &RestorerArgs, t: &ThreadArgs) {
     const SECCOMP_SET_MODE_STRICT: u64 = 0;
-    const SECCOMP_SET_MODE_FILTER: u64 = 1;
-    let base = args as *const RestorerArgs as u64;
-    let mut at = base + t.seccomp_off;
-    for _ in 0..t.nr_seccomp_filters {
-        // SAFETY: crust wrote the filter records at seccomp_off.
-        let hdr = unsafe { *(at as *const SeccompFilterHdr) };
-        let insns = at + core::mem::size_of::<SeccompFilterHdr>() as u64;
-        // struct sock_fprog: a u16 length, then the program's address.
-        let prog: [u64; 2] = [hdr.len as u64, insns];
-        // SAFETY: seccomp reads the sock_fprog and the program it points to.
-        let r = unsafe { syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, hdr.flags as u64, prog.as_ptr() as u64, 0) };
-        check(args, RSTEP_SECCOMP, r);
-        at = insns + hdr.len as u64 * 8;
+    if t.seccomp_mode == 2 {
+        install_filters(args, t, args.nr_seccomp_shared, t.nr_seccomp_filters);
     }
     if t.seccomp_mode == 1 {
         // SAFETY: strict mode takes no arguments.
         let r = unsafe { syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_STRICT, 0, 0, 0) };
         check(args, RSTEP_SECCOMP, r);
+    }
+}
+
+/// Installs filters `from..to` of the thread's chain (records at
+/// `seccomp_off`, oldest first).
+fn install_filters(args: &RestorerArgs, t: &ThreadArgs, from: u32, to: u32) {
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    let base = args as *const RestorerArgs as u64;
+    let mut at = base + t.seccomp_off;
+    for i in 0..to.min(t.nr_seccomp_filters) {
+        // SAFETY: crust wrote the filter records at seccomp_off.
+        let hdr = unsafe { *(at as *const SeccompFilterHdr) };
+        let insns = at + core::mem::size_of::<SeccompFilterHdr>() as u64;
+        if i >= from {
+            // struct sock_fprog: a u16 length, then the program's address.
+            let prog: [u64; 2] = [hdr.len as u64, insns];
+            // SAFETY: seccomp reads the sock_fprog and the program it points to.
+            let r = unsafe {
+                syscall4(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, hdr.flags as u64, prog.as_ptr() as u64, 0)
+            };
+            check(args, RSTEP_SECCOMP, r);
+        }
+        at = insns + hdr.len as u64 * 8;
     }
 }
 

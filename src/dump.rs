@@ -15,7 +15,7 @@ use crate::parasite_ctl::Parasite;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
-    creds, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
+    creds, fdt, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
 };
 use crate::seize::{SeizedTask, seize_threads};
 use crate::stats::Stats;
@@ -275,9 +275,20 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
     let zombies: Vec<i32> = tree.iter().filter(|n| n.zombie).map(|n| n.pid).collect();
     let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts);
+    // fd tables and fs contexts shared with a parent (CLONE_FILES,
+    // CLONE_FS): a shared table is dumped once, with its owner.
+    let with_parent: Vec<(i32, i32)> = tree
+        .iter()
+        .filter(|n| live.contains(&n.pid))
+        .map(|n| (n.pid, n.ppid))
+        .collect();
+    let owners = fdt::dump_sharing(&with_parent)?;
     let mut tables = Vec::new();
     for &pid in &live {
-        tables.push(files::dump_fd_table(pid, &fctx)?);
+        tables.push(match owners[&pid].0 {
+            0 => files::dump_fd_table(pid, &fctx)?,
+            _ => crate::resources::fs::dump_fs(pid)?,
+        });
     }
     // The tree's pty masters: a session leader whose controlling terminal
     // is one of them takes it again on restore.
@@ -294,10 +305,15 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         s.stage("fd tables");
     }
     // A session leader's terminal opened by path, by the leader's PID.
+    let table_of = |pid: i32| {
+        let of = owners[&pid].0;
+        let owner = if of != 0 { of } else { pid };
+        &tables[live.iter().position(|&p| p == owner).expect("a live PID")]
+    };
     let ctty_paths: std::collections::HashMap<i32, String> = live
         .iter()
-        .zip(&tables)
-        .filter_map(|(&pid, t)| {
+        .map(|&pid| (pid, table_of(pid)))
+        .filter_map(|(pid, t)| {
             let rdev = crate::resources::devices::ctty_rdev(pid);
             t.fds.iter().find_map(|e| match &e.file {
                 Some(crate::images::pb::fd_entry::File::Chardev(c))
@@ -347,6 +363,8 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 .then(|| ctty_paths.get(&n.pid).cloned())
                 .flatten()
                 .unwrap_or_default(),
+            files_of: owners.get(&n.pid).map_or(0, |o| o.0),
+            fs_of: owners.get(&n.pid).map_or(0, |o| o.1),
         });
     }
     let inv = Inventory {

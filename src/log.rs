@@ -90,10 +90,12 @@ pub fn own_file_for(pid: i32) {
 }
 
 /// In a restored task, before its fd table is rebuilt: moves the log to an
-/// fd at or above `min` (a log file's old fd is closed; stderr, fd 2, is
-/// left to the table). Returns the new fd, which the restorer closes, or
-/// -1 when there is no log.
-pub fn relocate_above(min: RawFd) -> RawFd {
+/// fd at or above `min` (a log file's old fd is closed unless `close_old`
+/// is false: in an fd table other processes share, they may still log
+/// through it, and the rebuild closes it; stderr, fd 2, is left to the
+/// table). Returns the new fd, which the restorer closes, or -1 when there
+/// is no log.
+pub fn relocate_above(min: RawFd, close_old: bool) -> RawFd {
     let old = LOG_FD.load(Ordering::Relaxed);
     if old < 0 {
         return -1;
@@ -101,7 +103,7 @@ pub fn relocate_above(min: RawFd) -> RawFd {
     // SAFETY: duplicating the log fd above the task's fds.
     let new = unsafe { libc::fcntl(old, libc::F_DUPFD_CLOEXEC, min) };
     LOG_FD.store(new, Ordering::Relaxed);
-    if old > 2 {
+    if old > 2 && close_old {
         // SAFETY: the old log fd, replaced by `new`.
         unsafe { libc::close(old) };
     }

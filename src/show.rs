@@ -42,7 +42,16 @@ impl Describe for Inventory {
         let tasks: Vec<String> = self
             .tasks
             .iter()
-            .map(|t| format!("{} (parent {})", t.pid, t.ppid))
+            .map(|t| {
+                let mut s = format!("{} (parent {}", t.pid, t.ppid);
+                if t.files_of != 0 {
+                    s += &format!(", fd table of {}", t.files_of);
+                }
+                if t.fs_of != 0 {
+                    s += &format!(", fs of {}", t.fs_of);
+                }
+                s + ")"
+            })
             .collect();
         format!(
             "format version {}, dumped by crust {} on kernel {} at unix time {}{}\nroot PID {}, tasks: {}\nSysV semaphore sets {:?}, message queues {:?}\n",

@@ -129,11 +129,18 @@ struct CloneArgs {
 /// kernel's clone3 lacks it (or `CRUST_NO_CLONE3` is set, which tests use to
 /// cover that path).
 pub fn fork_with_pid(pid: i32) -> io::Result<i32> {
+    fork_with_pid_sharing(pid, 0)
+}
+
+/// `fork_with_pid`, the child sharing with this process what `share`
+/// names: CLONE_FILES (the fd table), CLONE_FS (cwd, root, umask).
+pub fn fork_with_pid_sharing(pid: i32, share: u64) -> io::Result<i32> {
+    debug_assert_eq!(share & !((libc::CLONE_FILES | libc::CLONE_FS) as u64), 0);
     // A PID can stay taken for a moment after its process is gone: as the
     // group or session id of exiting processes that init has not reaped yet.
     let t = std::time::Instant::now();
     loop {
-        match fork_with_pid_once(pid) {
+        match fork_with_pid_once(pid, share) {
             Err(e)
                 if e.raw_os_error() == Some(libc::EEXIST)
                     && t.elapsed() < std::time::Duration::from_secs(5) =>
@@ -148,20 +155,20 @@ pub fn fork_with_pid(pid: i32) -> io::Result<i32> {
     }
 }
 
-fn fork_with_pid_once(pid: i32) -> io::Result<i32> {
+fn fork_with_pid_once(pid: i32, share: u64) -> io::Result<i32> {
     if std::env::var_os("CRUST_NO_CLONE3").is_none() {
-        match clone3_with_pid(pid) {
+        match clone3_with_pid(pid, share) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::E2BIG)) => {}
             r => return r,
         }
     }
-    fork_via_ns_last_pid(pid)
+    fork_via_ns_last_pid(pid, share)
 }
 
 /// The pre-clone3 way: write PID-1 to ns_last_pid and fork. Racy against
 /// any other fork on the system, so it is serialized with other users of
 /// the file by an flock and the result is checked.
-fn fork_via_ns_last_pid(pid: i32) -> io::Result<i32> {
+fn fork_via_ns_last_pid(pid: i32, share: u64) -> io::Result<i32> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     let mut f = std::fs::OpenOptions::new()
@@ -176,10 +183,25 @@ fn fork_via_ns_last_pid(pid: i32) -> io::Result<i32> {
         return Err(io::Error::from_raw_os_error(libc::EEXIST));
     }
     f.write_all(format!("{}", pid - 1).as_bytes())?;
-    // SAFETY: fork of a single-threaded process.
-    let got = unsafe { libc::fork() };
+    let got = if share == 0 {
+        // SAFETY: fork of a single-threaded process.
+        unsafe { libc::fork() }
+    } else {
+        // SAFETY: clone without CLONE_VM and without a new stack is a fork
+        // (the child runs on its copy of this stack); crust is single-threaded.
+        unsafe {
+            libc::syscall(libc::SYS_clone, share | libc::SIGCHLD as u64, 0, 0, 0, 0) as libc::pid_t
+        }
+    };
     if got < 0 {
         return Err(io::Error::last_os_error());
+    }
+    if got == 0 && share & libc::CLONE_FILES as u64 != 0 {
+        // The parent's fd, in the table they share: the parent closes it.
+        // Closed here too, its number could go to the child's next fd
+        // before the parent's close.
+        std::mem::forget(f);
+        return Ok(0);
     }
     if got != 0 && got != pid {
         // Someone else forked in between and took the PID.
@@ -193,9 +215,10 @@ fn fork_via_ns_last_pid(pid: i32) -> io::Result<i32> {
     Ok(got)
 }
 
-fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+fn clone3_with_pid(pid: i32, share: u64) -> io::Result<i32> {
     let tids = [pid];
     let args = CloneArgs {
+        flags: share,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: tids.as_ptr() as u64,
         set_tid_size: 1,
@@ -231,6 +254,32 @@ fn clone3(args: &CloneArgs) -> io::Result<i32> {
         )
     };
     Ok(check(r)? as i32)
+}
+
+/// Sleeps while the shared word `word` holds `val`, at most `timeout`
+/// (FUTEX_WAIT, not private: the word lies in memory processes share).
+/// Returns on a wake, a change, a signal or the timeout alike.
+pub fn futex_wait(word: &std::sync::atomic::AtomicU32, val: u32, timeout: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the kernel reads the word and the timespec, both live here.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            val,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes every process sleeping on the shared word `word`.
+pub fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the word's address.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
 }
 
 /// A pidfd for process `pid`.

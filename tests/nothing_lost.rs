@@ -452,6 +452,24 @@ fn dump_refuses_vfork_in_progress() {
     t.pass();
 }
 
+/// Children sharing an fd table their parent no longer has (it unshared
+/// after cloning them): refused, naming both, and the tree runs on.
+#[test]
+fn dump_refuses_fd_table_shared_by_siblings() {
+    let mut t = Spawn::new("fdt_shared").args(&["siblings"]).start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success());
+    one_line_error(&err);
+    assert!(
+        err.contains("fd table") && err.contains("neither is the other's parent"),
+        "{err}"
+    );
+    assert!(!t.work.images().join("inventory.img").exists());
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    t.pass();
+}
+
 /// A restore that fails after it made SysV objects again (a damaged pages
 /// image, found in the forked task) removes them; the images are untouched
 /// and restore once repaired.

@@ -139,6 +139,13 @@ fn seccomp_filters_and_strict_mode() {
     cycle("seccomp", &[]);
 }
 
+/// Filters threads share stay shared: a TSYNC filter added after restore
+/// reaches every thread.
+#[test]
+fn seccomp_tsync() {
+    cycle("seccomp_tsync", &[]);
+}
+
 #[test]
 fn mappings_of_memfds_and_deleted_files() {
     cycle("ghost_maps", &[]);
@@ -1248,4 +1255,11 @@ fn shell_job_of_two_processes_in_interactive_bash() {
         screen.lines().any(|l| l == "job-done") && screen.lines().any(|l| l == "restore-exit=0"),
         "the job did not finish through crust:\n{screen}"
     );
+}
+
+/// fd tables and fs contexts shared by parent and child (CLONE_FILES,
+/// CLONE_FS), two levels deep, beside a forked copy of a shared table.
+#[test]
+fn fdt_shared() {
+    cycle("fdt_shared", &[]);
 }

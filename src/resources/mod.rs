@@ -5,6 +5,7 @@ pub mod devices;
 pub mod epoll;
 pub mod eventfd;
 pub mod fanotify;
+pub mod fdt;
 pub mod fifo;
 pub mod files;
 pub mod fown;

@@ -1,17 +1,27 @@
 //! Seccomp: a thread's mode and filter chain.
 //!
 //! Dump: the mode comes from /proc/PID/task/TID/status, each filter's BPF
-//! program from PTRACE_SECCOMP_GET_FILTER (index 0 is the newest) and its
+//! program from PTRACE_SECCOMP_GET_FILTER (index 0 is the oldest: the kernel
+//! counts back from the newest to the N-th from the start) and its
 //! flags from PTRACE_GET_SECCOMP_METADATA. Tasks under seccomp are seized
 //! with PTRACE_O_SUSPEND_SECCOMP (`seize::seize_task`), so that the parasite
 //! and crust's remote syscalls are not filtered.
 //!
-//! Restore: every thread installs its own chain, oldest first, in the
-//! restorer (`restore_seccomp` in parasite/restorer.rs) from the records laid
-//! out here, before it drops crust's privileges. A chain threads shared
-//! (TSYNC, or inherited) comes back as one copy per thread, which filters
-//! the same. crust traces the tree with PTRACE_O_SUSPEND_SECCOMP until it
-//! lets it go, so the rest of the restore is not filtered.
+//! Restore: filters threads share must be one object again, or a filter
+//! added later with SECCOMP_FILTER_FLAG_TSYNC is refused (the kernel wants
+//! every other thread's chain to end in the caller's). The kernel tells no
+//! filter's identity, only its program and flags: the longest prefix of
+//! chains that is the same in every thread of a process
+//! (`shared_prefix`) is taken for filters they share, as threads inherit
+//! them from the thread that creates them. The restorer's leader installs
+//! that prefix before it creates the other threads, which inherit it; each
+//! thread then installs the rest of its own chain, oldest first
+//! (`restore_seccomp` in parasite/restorer.rs) from the records laid out
+//! here, before it drops crust's privileges. Threads that installed equal
+//! filters each on its own come back sharing them, which only a later TSYNC
+//! can tell (it then succeeds). crust traces the tree with
+//! PTRACE_O_SUSPEND_SECCOMP until it lets it go (threads created in the
+//! restorer inherit it), so the rest of the restore is not filtered.
 
 use anyhow::{Result, bail};
 use nix::unistd::Pid;
@@ -96,13 +106,33 @@ pub fn dump_thread_seccomp(tid: Pid, mode: u32) -> Result<Option<Seccomp>> {
             flags: flags as u32,
         });
     }
-    filters.reverse();
     Ok(Some(Seccomp { mode, filters }))
 }
 
 /// Whether the restored tree must be traced with PTRACE_O_SUSPEND_SECCOMP.
 pub fn any_seccomp<'a>(mut cores: impl Iterator<Item = &'a TaskCore>) -> bool {
     cores.any(|c| c.threads.iter().any(|t| t.seccomp.is_some()))
+}
+
+/// How many filters, from the oldest, every thread of the process has
+/// alike (same program, same flags): the filters they share.
+pub fn shared_prefix(core: &TaskCore) -> u32 {
+    let chains: Vec<&[SeccompFilter]> = core
+        .threads
+        .iter()
+        .map(|t| match &t.seccomp {
+            Some(s) if s.mode == 2 => s.filters.as_slice(),
+            _ => &[],
+        })
+        .collect();
+    let Some((first, rest)) = chains.split_first() else {
+        return 0;
+    };
+    first
+        .iter()
+        .enumerate()
+        .take_while(|&(i, f)| rest.iter().all(|c| c.get(i) == Some(f)))
+        .count() as u32
 }
 
 /// Bytes the thread's filter records take in the restorer's args.
@@ -149,4 +179,55 @@ pub fn restore_thread_seccomp(
         at += f.insns.len();
     }
     Ok(at - off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread(filters: &[(&[u8], u32)]) -> ThreadCore {
+        ThreadCore {
+            seccomp: Some(Seccomp {
+                mode: 2,
+                filters: filters
+                    .iter()
+                    .map(|&(insns, flags)| SeccompFilter {
+                        insns: insns.to_vec(),
+                        flags,
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn shared_prefix_is_what_every_thread_starts_with() {
+        let (a, b, c): (&[u8], &[u8], &[u8]) = (&[1; 8], &[2; 8], &[3; 8]);
+        let core = |threads| TaskCore {
+            threads,
+            ..Default::default()
+        };
+        // The leader added one after the thread was made; the thread too.
+        let t = core(vec![
+            thread(&[(a, 0), (b, 0), (c, 0)]),
+            thread(&[(a, 0), (b, 0)]),
+        ]);
+        assert_eq!(shared_prefix(&t), 2);
+        let t = core(vec![thread(&[(a, 0), (b, 0)]), thread(&[(a, 0), (c, 0)])]);
+        assert_eq!(shared_prefix(&t), 1);
+        // Other flags: another filter.
+        let t = core(vec![thread(&[(a, 0)]), thread(&[(a, 2)])]);
+        assert_eq!(shared_prefix(&t), 0);
+        // A thread without filters, or in strict mode, shares none.
+        let mut strict = thread(&[]);
+        strict.seccomp.as_mut().unwrap().mode = 1;
+        let t = core(vec![thread(&[(a, 0)]), strict]);
+        assert_eq!(shared_prefix(&t), 0);
+        let t = core(vec![thread(&[(a, 0)]), ThreadCore::default()]);
+        assert_eq!(shared_prefix(&t), 0);
+        // A process of one thread: its whole chain.
+        let t = core(vec![thread(&[(a, 0), (b, 0)])]);
+        assert_eq!(shared_prefix(&t), 2);
+    }
 }

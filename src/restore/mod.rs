@@ -141,6 +141,8 @@ pub struct RestoreSet {
     pub objects: files::TreeObjects,
     /// Open file descriptions several processes share, by description id.
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
+    /// Where processes sharing an fd table or fs context wait for each other.
+    pub rendezvous: crate::resources::fdt::Rendezvous,
 }
 
 impl RestoreSet {
@@ -156,6 +158,20 @@ impl RestoreSet {
             .iter()
             .find(|t| t.pid == pid)
             .expect("pid of the tree")
+    }
+    /// The fd table `pid` has: its own, or the one of the process it
+    /// shares it with (CLONE_FILES).
+    pub fn fd_table(&self, pid: i32) -> &FdTable {
+        let of = self.task_ref(pid).files_of;
+        &self.tasks[&if of != 0 { of } else { pid }].files
+    }
+    /// The processes that share `pid`'s fd table (its members), and those
+    /// that share its fs context.
+    pub fn files_members(&self, pid: i32) -> impl Iterator<Item = &TaskRef> {
+        self.inv.tasks.iter().filter(move |t| t.files_of == pid)
+    }
+    pub fn fs_members(&self, pid: i32) -> impl Iterator<Item = &TaskRef> {
+        self.inv.tasks.iter().filter(move |t| t.fs_of == pid)
     }
     pub fn in_tree(&self, pid: i32) -> bool {
         self.inv.tasks.iter().any(|t| t.pid == pid)
@@ -191,6 +207,7 @@ fn check_tree(inv: &Inventory) -> Result<()> {
             );
         }
     }
+    crate::resources::fdt::check_sharing(inv)?;
     for (pgid, creator) in dead_groups(inv) {
         let sid = inv.tasks.iter().find(|t| t.pid == creator).map(|t| t.sid);
         if let Some(t) = inv
@@ -469,6 +486,9 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     };
     let shared_files = files::open_shared(tasks.values().map(|t| &t.files), &ctx)
         .inspect_err(|_| objects.close_all())?;
+    // Mapped before the holes are planned: they must not overlap it.
+    let rendezvous = crate::resources::fdt::Rendezvous::new(&inv, BUILD_TIMEOUT)
+        .inspect_err(|_| objects.close_all())?;
     let mut plans = HashMap::new();
     let mut holes = Vec::new();
     for (pid, img) in &tasks {
@@ -483,6 +503,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         shared,
         objects,
         shared_files,
+        rendezvous,
     };
     let pid = set.inv.root_pid;
 
@@ -570,7 +591,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
 /// How long the restored tree may go without a single event (a thread's
 /// final trap, a fork): a task filling gigabytes of memory sends none
 /// meanwhile.
-const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub const BUILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Reaps the killed root of a failed restore. Its threads are crust's
 /// tracees: each must be reaped (__WALL) before the root itself can be.

@@ -13,7 +13,7 @@ use crate::abi::{IoVec, MAX_AUXV, PrctlMmMap, RestorerArgs, RseqConf, ThreadArgs
 use crate::blobs::RESTORER_BLOB;
 use crate::images::pb::ThreadCore;
 use crate::resources::{
-    creds, files, membarrier, memory, prctl, regs, sched, seccomp, signals, timers,
+    creds, fdt, files, membarrier, memory, prctl, regs, sched, seccomp, signals, timers,
 };
 use crate::sys;
 use nix::unistd::Pid;
@@ -37,7 +37,7 @@ pub fn run_child(
     // Above every fd the task will have, so that rebuilding its fd table
     // leaves the pipe in place and a failure at any step can be reported.
     let status_fd = match set.tasks.get(&pid) {
-        Some(img) => move_fd_above(status.into_raw_fd(), top_fd(img)).unwrap_or(-1),
+        Some(_) => move_fd_above(status.into_raw_fd(), top_fd(set.fd_table(pid))).unwrap_or(-1),
         None => status.into_raw_fd(),
     };
     let err = match start_task(set, pid, sync) {
@@ -144,7 +144,9 @@ fn fork_children(
 ) -> Result<Vec<Pid>> {
     let standins = fork_group_standins(set, pid)?;
     for child in set.children_of(pid) {
-        match sys::fork_with_pid(child.pid) {
+        // A child sharing this task's fd table or fs context shares it from
+        // birth (`fdt`).
+        match sys::fork_with_pid_sharing(child.pid, fdt::clone_flags(child)) {
             Ok(0) => {
                 if child.zombie {
                     // In its session and group first: a zombie keeps them.
@@ -235,9 +237,9 @@ fn die_as_zombie(status: i32) -> ! {
     }
 }
 
-/// The lowest fd number above every fd of the task (and above stdio).
-fn top_fd(img: &TaskImages) -> RawFd {
-    img.files.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1
+/// The lowest fd number above every fd of a table (and above stdio).
+fn top_fd(table: &crate::images::pb::FdTable) -> RawFd {
+    table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2) + 1
 }
 
 /// Moves an fd of ours to a number at or above `min`.
@@ -263,10 +265,15 @@ fn build_task(
 ) -> Result<std::convert::Infallible> {
     let moves = &mem.moves;
 
+    let pid = img.core.pid;
+    let me = set.task_ref(pid);
+    // Whether other processes use this fd table: then nothing of crust's
+    // in it is closed but by the owner's rebuild, when they wait (`fdt`).
+    let shared_table = me.files_of != 0 || set.files_members(pid).next().is_some();
     let exe = memory::open_exe(&img.mm, &set.objects)?;
-    let top_fd = top_fd(img);
+    let top_fd = top_fd(set.fd_table(pid));
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
-    let log_fd = crate::log::relocate_above(top_fd);
+    let log_fd = crate::log::relocate_above(top_fd, !shared_table);
     let mut keep = vec![exe_fd, status_fd, log_fd];
     let holds_tty =
         img.files.fds.iter().any(
@@ -288,23 +295,40 @@ fn build_task(
     };
 
     load_restorer(img, plan, moves, exe_fd, status_fd, log_fd)?;
-    let dirs = crate::resources::fs::FsDirs::open(&img.files, &set.objects, top_fd)?;
-    keep.extend(dirs.fds());
+    // The owner of a shared fs context moves all its sharers into it.
+    let dirs = (me.fs_of == 0)
+        .then(|| crate::resources::fs::FsDirs::open(&img.files, &set.objects, top_fd))
+        .transpose()?;
+    keep.extend(dirs.iter().flat_map(|d| d.fds()));
 
-    files::restore_fd_table(
-        &img.files,
-        &files::RestoreCtx {
-            tty,
-            shared: &set.shared_files,
-            objects: &set.objects,
-        },
-        &keep,
-    )?;
+    if me.files_of != 0 {
+        // The owner rebuilds the table for all; this task touches it no
+        // more until it has.
+        set.rendezvous.member_files(pid, me.files_of, &keep)?;
+    } else {
+        if shared_table {
+            keep.extend(
+                set.rendezvous
+                    .owner_wait_files(pid, set.files_members(pid))?,
+            );
+        }
+        files::restore_fd_table(
+            &img.files,
+            &files::RestoreCtx {
+                tty,
+                shared: &set.shared_files,
+                objects: &set.objects,
+            },
+            &keep,
+        )?;
+        if shared_table {
+            set.rendezvous.owner_files_done(pid);
+        }
+    }
     if let Some(t) = tty {
         // SAFETY: closing our extra copy of the terminal.
         unsafe { libc::close(t) };
     }
-    let me = set.task_ref(img.core.pid);
     if me.ctty_pty > 0 && me.tty_fg_pgrp > 0 && me.tty_fg_pgrp != me.pgid {
         crate::resources::pty::set_foreground(me.ctty_pty as u32 - 1, me.tty_fg_pgrp);
     }
@@ -316,8 +340,20 @@ fn build_task(
     membarrier::restore_membarrier(&img.core)?;
     prctl::restore_oom_score_adj(&img.core)?;
     // Last of what reads paths in crust's view (/proc above): the task
-    // may live chrooted.
-    let reaped_standin = dirs.apply()?;
+    // may live chrooted. A shared fs context is entered once, by its
+    // owner, when no sharer reads such paths any more.
+    let reaped_standin = match dirs {
+        Some(dirs) => {
+            if set.fs_members(pid).next().is_some() {
+                set.rendezvous.owner_wait_fs(pid, set.fs_members(pid))?;
+            }
+            dirs.apply()?
+        }
+        None => {
+            set.rendezvous.member_fs(pid);
+            false
+        }
+    };
     // The stand-in group leaders this task made are no children of the
     // dumped task: reap them before its own code runs.
     for &s in standins {
@@ -555,6 +591,7 @@ fn load_restorer(
     for (a, t) in threads.iter_mut().zip(&core.threads) {
         at += seccomp::restore_thread_seccomp(t, a, area, at)?;
     }
+    args.nr_seccomp_shared = seccomp::shared_prefix(core);
     args.leader = threads.remove(0);
     let guards: Vec<IoVec> = mm
         .guard_pages
