@@ -177,7 +177,7 @@ fn fanotify_marks() {
 fn epoll_targets_moved() {
     let mut t = Spawn::new("epoll_moved").start();
     t.dump(&["--file-locks"]);
-    t.restore(&[]);
+    t.restore(&["--file-locks"]);
     t.pass();
 }
 
