@@ -106,3 +106,26 @@ fn dump_refuses_a_traced_task() {
     );
     t.pass();
 }
+
+/// A pipe from outside the tree on stdin with bytes in it: a restore
+/// without --inherit-fd gives the task a fresh pipe holding those bytes
+/// (as criu does), and the task reads them, then end of file.
+#[test]
+fn stray_pipe_comes_back_fresh_with_its_bytes() {
+    use std::io::Write;
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let mut s = Spawn::new("stdin_reader");
+    let rd_fd = std::os::fd::AsRawFd::as_raw_fd(&rd);
+    s.stdin_fd = Some(rd_fd);
+    let mut t = s.start();
+    drop(rd);
+    std::fs::File::from(wr.try_clone().unwrap())
+        .write_all(b"buffered bytes")
+        .unwrap();
+    t.dump(&[]);
+    drop(wr);
+    t.restore(&[]);
+    let (st, log) = t.finish();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("stdin held: buffered bytes"), "{log}");
+}

@@ -168,6 +168,23 @@ pub struct Header {
     pub crc: u32,
 }
 
+/// Whether a file name is a log or pidfile crust (or a script around it)
+/// keeps beside the images: NAME.log, NAME.log.PID with --log-pid, NAME.pid.
+fn is_log_name(name: &str) -> bool {
+    name.ends_with(".log")
+        || name.ends_with(".pid")
+        || name
+            .rsplit_once(".log.")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether the file starts with the magic of a crust image.
+fn is_image(path: &Path) -> bool {
+    let mut m = [0u8; 4];
+    File::open(path).is_ok_and(|f| f.read_exact_at(&mut m, 0).is_ok())
+        && ImageKind::from_magic(u32::from_le_bytes(m)).is_some()
+}
+
 /// Checks the framing of a file's first bytes; errors name the file.
 pub fn parse_header(path: &Path, h: &[u8]) -> Result<Header> {
     // The magic first: a file that is no image at all says so, whatever
@@ -198,20 +215,45 @@ pub struct ImageDir {
 }
 
 impl ImageDir {
-    /// Creates (or takes over) a directory for a new dump. An old inventory
-    /// is removed first so that a dump that fails half-way never looks whole.
+    /// Creates a directory for a new dump, or takes over one that holds an
+    /// older dump: its images are removed first (the inventory before the
+    /// rest, so that a dump failing half-way never looks whole), and no
+    /// stale image is left beside the new ones. A directory holding
+    /// anything else than crust images and logs is refused: the dump will
+    /// not write into someone's files.
     pub fn create(path: &Path) -> Result<Self> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
             .with_context(|| format!("creating images directory {}", path.display()))?;
+        let mut old_images = Vec::new();
+        for e in fs::read_dir(path)
+            .with_context(|| format!("listing images directory {}", path.display()))?
+        {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            if is_log_name(&name) {
+                continue;
+            }
+            if e.file_type()?.is_file() && is_image(&p) {
+                old_images.push(p);
+                continue;
+            }
+            crate::refuse!(
+                "images directory {} holds {name}, which is no crust image; dump into a new or empty directory, or one holding an older dump",
+                path.display()
+            );
+        }
+        // The inventory first: until the new one is written, the directory
+        // holds no whole dump.
+        old_images.sort_by_key(|p| !p.ends_with(ImageKind::Inventory.file_name(0)));
+        for p in old_images {
+            fs::remove_file(&p).with_context(|| format!("removing old {}", p.display()))?;
+        }
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("setting mode 0700 on {}", path.display()))?;
-        let inv = path.join(ImageKind::Inventory.file_name(0));
-        if inv.exists() {
-            fs::remove_file(&inv).with_context(|| format!("removing old {}", inv.display()))?;
-        }
         Ok(Self {
             path: path.to_owned(),
         })
@@ -644,6 +686,28 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("incomplete"), "{e}");
         assert_eq!(crate::error::class_of(&e), crate::error::Class::Images);
+        fs::remove_dir_all(&d.path).unwrap();
+    }
+
+    #[test]
+    fn a_new_dump_replaces_an_old_one_whole() {
+        let d = scratch("replace");
+        d.write_msg(ImageKind::Inventory, 0, &sample()).unwrap();
+        d.write_msg(ImageKind::Core, 4321, &sample()).unwrap();
+        fs::write(d.path.join("dump.log"), "old log").unwrap();
+        fs::write(d.path.join("dump.log.77"), "old log").unwrap();
+        let again = ImageDir::create(&d.path).unwrap();
+        let left: Vec<String> = fs::read_dir(&again.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!left.iter().any(|n| n.ends_with(".img")), "{left:?}");
+        assert_eq!(left.len(), 2, "{left:?}");
+        fs::write(d.path.join("notes.txt"), "mine").unwrap();
+        let e = ImageDir::create(&d.path).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert_eq!(crate::error::class_of(&e), crate::error::Class::Refused);
+        assert!(d.path.join("notes.txt").exists());
         fs::remove_dir_all(&d.path).unwrap();
     }
 

@@ -191,10 +191,10 @@ fn outside_holder(ino: u64, tree: &[i32]) -> Option<i32> {
 
 /// Marks the pipes whose other end a process outside the tree holds
 /// (`PipeEnd.external`; a shell's `producer | task`, a logger reading the
-/// task's stdout): the restore needs a pipe from the user for them, and
-/// their buffer, which belongs to that pipe, is not kept. A pipe whose
-/// other end is closed everywhere (make's "bad stdin", say) stays the
-/// tree's own.
+/// task's stdout): the restore connects them to a pipe from the user
+/// (`--inherit-fd`), or else gives the tree a fresh pipe with the bytes
+/// that were buffered. A pipe whose other end is closed everywhere (make's
+/// "bad stdin", say) stays the tree's own.
 pub fn mark_external_pipes(tree: &[i32], tables: &mut [FdTable]) {
     let external: Vec<u64> = ends_held(tables.iter())
         .into_iter()
@@ -209,7 +209,6 @@ pub fn mark_external_pipes(tree: &[i32], tables: &mut [FdTable]) {
                 p.external = true;
             }
         }
-        t.pipes.retain(|d| !external.contains(&d.ino));
     }
 }
 
@@ -231,9 +230,11 @@ fn create_pipes<'a>(
         };
         let key = format!("pipe:[{ino}]");
         let Some(&(given, _)) = inherited.iter().find(|(_, k)| *k == key) else {
-            bail!(
-                "PID {pid} fd {fd} is the pipe {key}, whose other end was outside the dumped tree; give it a pipe with --inherit-fd fd[N]:{key}"
+            // As criu: a fresh pipe, refilled; its other end stays closed.
+            tracing::warn!(
+                "PID {pid} fd {fd} held the pipe {key}, whose other end was outside the dumped tree; it gets a fresh pipe with the bytes that were buffered (its other end closed); to connect it to a pipe of your own, restore with --inherit-fd fd[N]:{key}"
             );
+            continue;
         };
         // SAFETY: fcntl on an fd the user handed to crust.
         let acc = unsafe { libc::fcntl(given, libc::F_GETFL) };
@@ -258,6 +259,10 @@ fn create_pipes<'a>(
         out.insert(ino, if w { (-1, copy) } else { (copy, -1) });
     }
     for d in tables.flat_map(|(_, t)| t.pipes.iter()) {
+        if out.contains_key(&d.ino) {
+            // Connected to the user's pipe: its buffer is that pipe's.
+            continue;
+        }
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // SAFETY: fcntl on a pipe we own.
         if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, d.capacity as i32) } < 0 {

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -159,6 +160,8 @@ pub struct Spawn<'a> {
     /// Where stdout and stderr go: the log file (default) or /dev/null.
     pub quiet: bool,
     pub stdout_pipe: bool,
+    /// An fd of the test's to give the program as stdin (default /dev/null).
+    pub stdin_fd: Option<std::os::fd::RawFd>,
     pub program: Option<PathBuf>,
     /// Prepares the work directory before the program starts.
     pub before_start: Option<BeforeStart>,
@@ -171,6 +174,7 @@ impl<'a> Spawn<'a> {
             args: Vec::new(),
             quiet: false,
             stdout_pipe: false,
+            stdin_fd: None,
             program: None,
             before_start: None,
         }
@@ -196,7 +200,13 @@ impl<'a> Spawn<'a> {
         cmd.args(&self.args)
             .env("ZDTM_READY", &ready)
             .env("ZDTM_DIR", &work.0)
-            .stdin(Stdio::null())
+            .stdin(match self.stdin_fd {
+                // SAFETY: a dup of the caller's fd, owned by the Stdio.
+                Some(fd) => Stdio::from(unsafe {
+                    std::os::fd::OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0))
+                }),
+                None => Stdio::null(),
+            })
             .process_group(0);
         close_inherited_fds(&mut cmd);
         if self.stdout_pipe {
