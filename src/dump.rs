@@ -32,6 +32,11 @@ pub struct DumpOpts {
     /// handles do not open by scanning these directories.
     pub force_irmap: bool,
     pub irmap_scan_paths: Vec<PathBuf>,
+    /// `--ext-unix-sk[=INO,...]`: a datagram socket connected to a named
+    /// socket outside the tree is dumped (and connected again by name);
+    /// the listed sockets may have any peer outside (the restore takes a
+    /// stand-in for them with --inherit-fd). None without the option.
+    pub ext_unix_sk: Option<Vec<u64>>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -245,6 +250,7 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         })
         .collect();
     pipes::mark_external_pipes(&live, &mut tables);
+    files::tree_read(&mut tables, &fctx)?;
     // A session leader's terminal opened by path, by the leader's PID.
     let ctty_paths: std::collections::HashMap<i32, String> = live
         .iter()

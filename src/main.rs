@@ -86,6 +86,13 @@ enum Cmd {
         /// repeatable.
         #[arg(long, value_name = "DIR")]
         irmap_scan_path: Vec<PathBuf>,
+        /// A unix datagram socket connected to a named socket outside the
+        /// tree is dumped, to be connected to that name again on restore;
+        /// =INO,... also lets the listed sockets (socket:[INO]) have any
+        /// peer outside, for which the restore takes a stand-in with
+        /// --inherit-fd fd[N]:socket:[INO].
+        #[arg(short = 'x', long, value_name = "INO,...", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_inodes)]
+        ext_unix_sk: Option<Inodes>,
     },
     /// Bring a checkpointed process back.
     Restore {
@@ -121,6 +128,10 @@ enum Cmd {
         force_irmap: bool,
         #[arg(long, value_name = "DIR", hide = true)]
         irmap_scan_path: Vec<PathBuf>,
+        /// Connect the unix sockets that were connected outside the tree
+        /// (dumped with --ext-unix-sk) to their peers' names again.
+        #[arg(short = 'x', long)]
+        ext_unix_sk: bool,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -142,6 +153,26 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.trim().parse().map_err(|_| bad())?;
     n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Inode numbers given on the command line.
+#[derive(Clone, Debug, PartialEq)]
+struct Inodes(Vec<u64>);
+
+/// A comma-separated list of inode numbers (`--ext-unix-sk=INO,...`);
+/// empty for the bare option.
+fn parse_inodes(s: &str) -> Result<Inodes, String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n != 0)
+                .ok_or_else(|| format!("{x:?}: expected a socket inode number, e.g. 12345"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Inodes)
 }
 
 /// Parses CRIU's `fd[N]:KEY` spelling of --inherit-fd.
@@ -194,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             link_remap,
             force_irmap,
             irmap_scan_path,
+            ext_unix_sk,
         } => {
             dump::dump(&dump::DumpOpts {
                 pid,
@@ -205,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 link_remap,
                 force_irmap,
                 irmap_scan_paths: irmap_scan_path,
+                ext_unix_sk: ext_unix_sk.map(|i| i.0),
             })?;
             Ok(0)
         }
@@ -219,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             link_remap,
             force_irmap,
             irmap_scan_path,
+            ext_unix_sk,
         } => {
             if force_irmap || !irmap_scan_path.is_empty() {
                 tracing::warn!(
@@ -233,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 pid_ns,
                 inherit_fds: inherit_fd,
                 link_remap,
+                ext_unix_sk,
             })
         }
         Cmd::Show { path, json } => {
@@ -284,6 +319,26 @@ mod tests {
         for bad in ["", "M", "12X", "-1", "99999999999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ext_unix_sk_spelling() {
+        let ext = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.cmd) {
+            Ok(Cmd::Dump { ext_unix_sk, .. }) => Ok(ext_unix_sk.map(|i| i.0)),
+            Ok(_) => panic!("not a dump"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(ext(&["crust", "dump", "-t", "1"]).unwrap(), None);
+        assert_eq!(
+            ext(&["crust", "dump", "-t", "1", "--ext-unix-sk"]).unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(
+            ext(&["crust", "dump", "--ext-unix-sk=12,34", "-t", "1"]).unwrap(),
+            Some(vec![12, 34])
+        );
+        assert!(ext(&["crust", "dump", "-t", "1", "--ext-unix-sk=x"]).is_err());
+        assert!(ext(&["crust", "dump", "-t", "1", "--ext-unix-sk=0"]).is_err());
     }
 
     #[test]

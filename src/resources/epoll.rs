@@ -37,10 +37,17 @@ impl FileKind for EpollKind {
                     p.fd
                 );
             };
+            // "ino:61b": the target file's inode, in hex.
+            let ino = w
+                .iter()
+                .find_map(|x| x.strip_prefix("ino:"))
+                .and_then(|x| u64::from_str_radix(x, 16).ok())
+                .unwrap_or(0);
             targets.push(EpollTarget {
                 fd: fd.parse()?,
                 events: u32::from_str_radix(events, 16)?,
                 data: u64::from_str_radix(data, 16)?,
+                ino,
             });
         }
         Ok(Some(FdFile::Epoll(Epoll {
@@ -68,24 +75,38 @@ impl FileKind for EpollKind {
 
     fn finish(&self, f: &FdFile, fd: RawFd) -> Result<()> {
         let FdFile::Epoll(e) = f else { return Ok(()) };
-        for t in &e.targets {
-            let mut ev = libc::epoll_event {
-                events: t.events,
-                u64: t.data,
-            };
-            // SAFETY: epoll_ctl reads one epoll_event.
-            if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, t.fd, &mut ev) } < 0 {
-                bail!(
-                    "adding fd {} to the epoll set at fd {fd}: {}",
-                    t.fd,
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-        if e.flags & libc::O_NONBLOCK as u32 != 0 {
-            // SAFETY: fcntl on an fd of ours.
-            unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
-        }
-        Ok(())
+        fill(fd, e, |t| Some(t.fd))
     }
+}
+
+/// Adds the targets of the dumped set `e` to the epoll set `fd`, each
+/// watched through the fd `target` finds for it (in a restored task, the
+/// target's own fd number), and sets the set's flags.
+pub fn fill(fd: RawFd, e: &Epoll, target: impl Fn(&EpollTarget) -> Option<RawFd>) -> Result<()> {
+    for t in &e.targets {
+        let Some(tfd) = target(t) else {
+            bail!(
+                "the epoll set watches fd {} (inode {}), which crust did not make",
+                t.fd,
+                t.ino
+            );
+        };
+        let mut ev = libc::epoll_event {
+            events: t.events,
+            u64: t.data,
+        };
+        // SAFETY: epoll_ctl reads one epoll_event.
+        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, tfd, &mut ev) } < 0 {
+            bail!(
+                "adding fd {} to the epoll set at fd {fd}: {}",
+                t.fd,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if e.flags & libc::O_NONBLOCK as u32 != 0 {
+        // SAFETY: fcntl on an fd of ours.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    }
+    Ok(())
 }

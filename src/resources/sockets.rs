@@ -56,8 +56,15 @@ pub fn getsockopt_int(fd: RawFd, level: i32, opt: i32) -> Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into v.
-    if unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) }
-        < 0
+    if unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } < 0
     {
         bail!(
             "getsockopt({level}, {opt}): {}",
@@ -80,10 +87,7 @@ pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32, what: &str) -> Re
         )
     } < 0
     {
-        bail!(
-            "setting {what} to {v}: {}",
-            std::io::Error::last_os_error()
-        );
+        bail!("setting {what} to {v}: {}", std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -106,8 +110,15 @@ pub fn getsockopt_bytes(fd: RawFd, level: i32, opt: i32, max: usize) -> Result<V
 /// Sets a socket option from bytes.
 pub fn setsockopt_bytes(fd: RawFd, level: i32, opt: i32, v: &[u8], what: &str) -> Result<()> {
     // SAFETY: setsockopt reads `v.len()` bytes.
-    if unsafe { libc::setsockopt(fd, level, opt, v.as_ptr().cast(), v.len() as libc::socklen_t) }
-        < 0
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            v.as_ptr().cast(),
+            v.len() as libc::socklen_t,
+        )
+    } < 0
     {
         bail!("setting {what}: {}", std::io::Error::last_os_error());
     }
@@ -151,8 +162,18 @@ pub fn dump_sock_opts(fd: RawFd) -> Result<SockOpts> {
         mark: int(libc::SO_MARK)? as u32,
         linger_on: i32::from_ne_bytes(linger[0..4].try_into().unwrap_or([0; 4])) != 0,
         linger_secs: i32::from_ne_bytes(linger[4..8].try_into().unwrap_or([0; 4])),
-        rcvtimeo_us: timeval_us(&getsockopt_bytes(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, 16)?),
-        sndtimeo_us: timeval_us(&getsockopt_bytes(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, 16)?),
+        rcvtimeo_us: timeval_us(&getsockopt_bytes(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            16,
+        )?),
+        sndtimeo_us: timeval_us(&getsockopt_bytes(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            16,
+        )?),
         bind_device: String::from_utf8_lossy(&device)
             .trim_end_matches('\0')
             .to_string(),
@@ -267,7 +288,8 @@ impl SockDiag {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             // SAFETY: recv(2) into our buffer.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 bail!("sock_diag answer: {}", std::io::Error::last_os_error());
             }
@@ -291,10 +313,7 @@ impl SockDiag {
                         if err == -libc::ENOENT {
                             return Ok(out);
                         }
-                        bail!(
-                            "sock_diag: {}",
-                            std::io::Error::from_raw_os_error(-err)
-                        );
+                        bail!("sock_diag: {}", std::io::Error::from_raw_os_error(-err));
                     }
                     _ => out.push(payload.to_vec()),
                 }
@@ -359,10 +378,9 @@ mod tests {
     fn sock_diag_answers_for_our_own_socket() {
         use std::os::unix::fs::MetadataExt;
         let d = SockDiag::open().unwrap();
-        let l = std::os::unix::net::UnixListener::bind(std::env::temp_dir().join(format!(
-            "crust-diag-{}",
-            std::process::id()
-        )))
+        let l = std::os::unix::net::UnixListener::bind(
+            std::env::temp_dir().join(format!("crust-diag-{}", std::process::id())),
+        )
         .unwrap();
         let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
             .unwrap()
@@ -376,7 +394,10 @@ mod tests {
         let answers = d.query(&req, false).unwrap();
         assert_eq!(answers.len(), 1);
         let ans = &answers[0];
-        assert_eq!(u32::from_ne_bytes(ans[4..8].try_into().unwrap()) as u64, ino);
+        assert_eq!(
+            u32::from_ne_bytes(ans[4..8].try_into().unwrap()) as u64,
+            ino
+        );
         let name = attrs(ans, 16)
             .into_iter()
             .find(|(k, _)| *k == 0)

@@ -38,6 +38,9 @@ pub struct RestoreOpts {
     /// `--link-remap`: the images may hold files linked back at the dump;
     /// the restore opens them and removes those links.
     pub link_remap: bool,
+    /// `--ext-unix-sk`: unix sockets connected outside the tree are
+    /// connected to their peers' names again.
+    pub ext_unix_sk: bool,
 }
 
 impl RestoreOpts {
@@ -52,6 +55,7 @@ impl RestoreOpts {
             pid_ns: false,
             inherit_fds: Vec::new(),
             link_remap: false,
+            ext_unix_sk: false,
         }
     }
 }
@@ -367,6 +371,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         dir: &dir,
         inherit_fds: &opts.inherit_fds,
         tty,
+        ext_unix_sk: opts.ext_unix_sk,
     })?;
     // Held until the tree has attached its SysV segments itself; what it
     // made again goes away again if the restore fails.

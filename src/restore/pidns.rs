@@ -85,6 +85,7 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
             pid_ns: false,
             inherit_fds: opts.inherit_fds.clone(),
             link_remap: opts.link_remap,
+            ext_unix_sk: opts.ext_unix_sk,
         })
     }) {
         Ok(root) => root,
