@@ -87,10 +87,11 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         irmap_scan_path: Vec<PathBuf>,
         /// A unix datagram socket connected to a named socket outside the
-        /// tree is dumped, to be connected to that name again on restore;
-        /// =INO,... also lets the listed sockets (socket:[INO]) have any
-        /// peer outside, for which the restore takes a stand-in with
-        /// --inherit-fd fd[N]:socket:[INO].
+        /// tree is dumped, to be connected to that name again on restore,
+        /// and connections from outside waiting in a listener's backlog are
+        /// dropped; =INO,... also lets the listed sockets (socket:[INO])
+        /// have any peer outside, for which the restore takes a stand-in
+        /// with --inherit-fd fd[N]:socket:[INO].
         #[arg(short = 'x', long, value_name = "INO,...", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_inodes)]
         ext_unix_sk: Option<Inodes>,
     },

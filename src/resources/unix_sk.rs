@@ -829,6 +829,8 @@ fn peek_queue(
     let mut buf = vec![0u8; 1 << 16];
     let mut off: i32 = 0;
     let mut zeros = 0usize;
+    let mut short_run = false;
+    let passcred = st.opts.as_ref().is_some_and(|o| o.passcred);
     loop {
         let p = match peek_at(fd, off, &mut buf, !stream) {
             Ok(p) => p,
@@ -852,6 +854,13 @@ fn peek_queue(
                 break;
             }
         }
+        // A stream peek runs on to the buffer's end unless files came, the
+        // writer changed (seen with SO_PASSCRED only) or an out-of-band
+        // byte (MSG_OOB) is next.
+        if stream && short_run && !passcred {
+            bail!("{whose} has an out-of-band byte (MSG_OOB) queued, which crust cannot carry yet");
+        }
+        short_run = p.n < buf.len() && p.fds.is_empty();
         let ids = carried.add(p.fds, ctx, whose)?;
         let data = buf[..p.n.min(buf.len())].to_vec();
         if stream {
