@@ -1999,7 +1999,12 @@ impl Creds {
         if child == 0 {
             drop(mine);
             drop(err_r);
-            let r = become_cred(c).and_then(|_| op(Some(theirs.as_raw_fd())));
+            // A panic must not unwind into crust's frames: their
+            // destructors (the restore's scratch files) are crust's own.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                become_cred(c).and_then(|_| op(Some(theirs.as_raw_fd())))
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the helper panicked")));
             if let Err(e) = r {
                 let _ = nix::unistd::write(&err_w, format!("{e:#}").as_bytes());
             }
