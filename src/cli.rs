@@ -132,6 +132,14 @@ pub struct DumpArgs {
     /// repeatable.
     #[arg(long, value_name = "DIR")]
     pub irmap_scan_path: Vec<PathBuf>,
+    /// A unix datagram socket connected to a named socket outside the tree
+    /// is dumped, to be connected to that name again on restore, and
+    /// connections from outside waiting in a listener's backlog are dropped;
+    /// =INO,... also lets the listed sockets (socket:[INO]) have any peer
+    /// outside, for which the restore takes a stand-in with --inherit-fd
+    /// fd[N]:socket:[INO].
+    #[arg(short = 'x', long, value_name = "INO,...", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_inodes)]
+    pub ext_unix_sk: Option<Inodes>,
     /// Seconds to freeze the whole tree (it may fork or exit while crust
     /// walks it); past them the dump fails and the tree runs on.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -189,6 +197,10 @@ pub struct RestoreArgs {
     pub force_irmap: bool,
     #[arg(long, value_name = "DIR", hide = true)]
     pub irmap_scan_path: Vec<PathBuf>,
+    /// Connect the unix sockets that were connected outside the tree
+    /// (dumped with --ext-unix-sk) to their peers' names again.
+    #[arg(short = 'x', long)]
+    pub ext_unix_sk: bool,
 }
 
 /// A size in bytes, with an optional K, M or G suffix (powers of 1024).
@@ -202,6 +214,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.trim().parse().map_err(|_| bad())?;
     n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Inode numbers given on the command line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inodes(pub Vec<u64>);
+
+/// A comma-separated list of inode numbers (`--ext-unix-sk=INO,...`);
+/// empty for the bare option.
+pub fn parse_inodes(s: &str) -> Result<Inodes, String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n != 0)
+                .ok_or_else(|| format!("{x:?}: expected a socket inode number, e.g. 12345"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Inodes)
 }
 
 /// Parses CRIU's `fd[N]:KEY` spelling of --inherit-fd.
@@ -411,6 +443,32 @@ mod tests {
         for bad in ["", "M", "12X", "-1", "99999999999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ext_unix_sk_spelling() {
+        let ext = |args: &[&str]| {
+            let argv = std::iter::once("crust")
+                .chain(args.iter().copied())
+                .map(OsString::from)
+                .collect();
+            match Cli::try_parse_from(expand_args(argv, None).unwrap()).map(|c| c.cmd) {
+                Ok(Cmd::Dump(d)) => Ok(d.ext_unix_sk.map(|i| i.0)),
+                Ok(_) => panic!("not a dump"),
+                Err(e) => Err(e),
+            }
+        };
+        assert_eq!(ext(&["dump", "-t", "1"]).unwrap(), None);
+        assert_eq!(
+            ext(&["dump", "-t", "1", "--ext-unix-sk"]).unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(
+            ext(&["dump", "--ext-unix-sk=12,34", "-t", "1"]).unwrap(),
+            Some(vec![12, 34])
+        );
+        assert!(ext(&["dump", "-t", "1", "--ext-unix-sk=x"]).is_err());
+        assert!(ext(&["dump", "-t", "1", "--ext-unix-sk=0"]).is_err());
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct DumpOpts {
     pub freeze_timeout: std::time::Duration,
     /// `--action-script`s.
     pub actions: Actions,
+    /// `--ext-unix-sk[=INO,...]`: a datagram socket connected to a named
+    /// socket outside the tree is dumped (and connected again by name);
+    /// the listed sockets may have any peer outside (the restore takes a
+    /// stand-in for them with --inherit-fd). None without the option.
+    pub ext_unix_sk: Option<Vec<u64>>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -301,6 +306,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         })
         .collect();
     pipes::mark_external_pipes(&live, &mut tables);
+    files::tree_read(&mut tables, &fctx)?;
     if let Some(s) = stats.as_mut() {
         s.stage("fd tables");
     }

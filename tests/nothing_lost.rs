@@ -96,8 +96,14 @@ fn pipe_to_outside_with_and_without_inherit_fd() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "a restore without --inherit-fd failed: {err}");
-    assert!(err.contains("--inherit-fd") && err.contains("fresh pipe"), "{err}");
+    assert!(
+        out.status.success(),
+        "a restore without --inherit-fd failed: {err}"
+    );
+    assert!(
+        err.contains("--inherit-fd") && err.contains("fresh pipe"),
+        "{err}"
+    );
     let key = err
         .split_whitespace()
         .find(|w| w.starts_with("pipe:["))

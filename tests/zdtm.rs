@@ -1263,3 +1263,85 @@ fn shell_job_of_two_processes_in_interactive_bash() {
 fn fdt_shared() {
     cycle("fdt_shared", &[]);
 }
+
+/// Unix sockets: a stream pair with bytes queued both ways and one end
+/// shut down, made by a child with other ids (SO_PEERCRED); seqpacket
+/// records; a listener on a path with a connection accepted and one not;
+/// abstract datagrams queued from two senders, one closed since (each read
+/// with its sender's name); a socket bound to a path that was unlinked.
+#[test]
+fn unix_sockets() {
+    cycle("unix_sockets", &[]);
+}
+
+/// Files in flight in unix sockets (SCM_RIGHTS, not received yet): a pipe,
+/// a regular file with its offset, a socket with its own queue and a memfd.
+#[test]
+fn unix_files_in_flight() {
+    cycle("unix_scm", &[]);
+}
+
+/// python3 with a socketserver.UnixStreamServer, a connection whose answer
+/// waits unread across the dump, and a multiprocessing worker on a Pipe:
+/// all answer after restore.
+#[test]
+fn python_unix_server() {
+    let mut s = Spawn::new("pyunix").args(&[root().join("zdtm/pyunix.py").to_str().unwrap()]);
+    s.program = Some("python3".into());
+    let mut t = s.start();
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
+}
+
+/// A unix socket connected outside the tree (to a socket this test holds)
+/// makes the dump refuse in one line that names the peer's holder, and the
+/// tree runs on as it was; once only a datagram socket connected to a
+/// named socket outside is left, `--ext-unix-sk` dumps it and the restore
+/// (only with `--ext-unix-sk`) connects it to that name again.
+#[test]
+fn unix_peer_outside_the_tree() {
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+    let dir = WorkDir::new("unix_ext_peers");
+    let (dpath, spath) = (dir.0.join("outside.sock"), dir.0.join("outside-l.sock"));
+    let outside = UnixDatagram::bind(&dpath).unwrap();
+    let listener = UnixListener::bind(&spath).unwrap();
+    let mut t = Spawn::new("unix_ext")
+        .args(&[dpath.to_str().unwrap(), spath.to_str().unwrap()])
+        .start();
+    let (conn, _) = listener.accept().unwrap();
+    let me = std::process::id();
+    for extra in [&[][..], &["--ext-unix-sk"][..]] {
+        let out = t.dump_with(extra, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the dump went through: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert!(
+            err.contains(&format!("held by PID {me}")) && err.contains("outside the dumped tree"),
+            "the refusal does not name the peer's holder (PID {me}): {err}"
+        );
+        assert!(pid_alive(t.pid), "the refused dump killed the task");
+        assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    }
+    // The stream's peer goes: the task's end reads the end of it later.
+    drop(conn);
+    t.dump(&["--ext-unix-sk"]);
+    let out = t.restore_cmd(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--ext-unix-sk"),
+        "a restore without --ext-unix-sk: {err}"
+    );
+    t.restore(&["--ext-unix-sk"]);
+    t.pass();
+    let mut buf = [0u8; 16];
+    outside
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let n = outside.recv(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"after",
+        "the restored socket did not send outside"
+    );
+}

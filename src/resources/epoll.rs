@@ -135,6 +135,7 @@ impl FileKind for EpollKind {
                 events: u32::from_str_radix(events, 16)?,
                 data: u64::from_str_radix(data, 16)?,
                 source_fd: Some(source),
+                ino,
             });
         }
         Ok(Some(FdFile::Epoll(Epoll {
@@ -260,4 +261,36 @@ fn add_target(epfd: RawFd, t: &EpollTarget) -> Result<()> {
         }
     }
     Ok(r?)
+}
+
+/// Adds the targets of the dumped set `e` to the epoll set `fd` when the
+/// set was in flight (sent with SCM_RIGHTS): no fd table its target numbers
+/// belong to, so `target` finds each target's file in crust (by inode).
+pub fn fill(fd: RawFd, e: &Epoll, target: impl Fn(&EpollTarget) -> Option<RawFd>) -> Result<()> {
+    for t in &e.targets {
+        let Some(tfd) = target(t) else {
+            bail!(
+                "the epoll set watches fd {} (inode {}), which crust did not make",
+                t.fd,
+                t.ino
+            );
+        };
+        let mut ev = libc::epoll_event {
+            events: t.events,
+            u64: t.data,
+        };
+        // SAFETY: epoll_ctl reads one epoll_event.
+        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, tfd, &mut ev) } < 0 {
+            bail!(
+                "adding fd {} to the epoll set at fd {fd}: {}",
+                t.fd,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if e.flags & libc::O_NONBLOCK as u32 != 0 {
+        // SAFETY: fcntl on an fd of ours.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    }
+    Ok(())
 }

@@ -34,6 +34,8 @@ pub struct DumpCtx<'a> {
     /// looked for in `irmap_scan_paths`.
     pub force_irmap: bool,
     pub irmap_scan_paths: Vec<std::path::PathBuf>,
+    /// `--ext-unix-sk[=INO,...]`: None without it; the inodes listed.
+    pub ext_unix_sk: Option<Vec<u64>>,
     /// Objects dumped once for the whole tree (a pipe's buffer...), by a
     /// kind's tag and numbers.
     pub seen: RefCell<HashSet<ObjKey>>,
@@ -76,6 +78,7 @@ impl<'a> DumpCtx<'a> {
             file_locks: opts.file_locks,
             force_irmap: opts.force_irmap,
             irmap_scan_paths: opts.irmap_scan_paths.clone(),
+            ext_unix_sk: opts.ext_unix_sk.clone(),
             seen: RefCell::new(HashSet::new()),
             new_pipes: RefCell::new(Vec::new()),
             ghosts,
@@ -201,16 +204,35 @@ pub struct TreeImages<'a> {
     pub inherit_fds: &'a [(RawFd, String)],
     /// crust's own terminal, for `--shell-job`.
     pub tty: Option<RawFd>,
+    /// `--ext-unix-sk`: sockets connected outside the tree are connected
+    /// again by name.
+    pub ext_unix_sk: bool,
 }
 
 impl TreeImages<'_> {
-    /// Every fd entry's file in the tree, with the PID and fd holding it.
+    /// Every fd entry's file in the tree, with the PID and fd holding it,
+    /// and the files carried inside them (in flight in a socket's queue:
+    /// with the PID holding the socket).
     pub fn files(&self) -> impl Iterator<Item = (i32, &FdEntry, &FdFile)> {
-        self.tables.iter().flat_map(|(pid, t)| {
-            t.fds
-                .iter()
-                .filter_map(move |e| Some((*pid, e, e.file.as_ref()?)))
-        })
+        let mut out = Vec::new();
+        for (pid, t) in &self.tables {
+            for e in &t.fds {
+                with_carried(e, &mut |e, f| out.push((*pid, e, f)));
+            }
+        }
+        out.into_iter()
+    }
+}
+
+/// Calls `f` on an entry's file and on every file carried inside it, depth
+/// first.
+fn with_carried<'a>(e: &'a FdEntry, f: &mut dyn FnMut(&'a FdEntry, &'a FdFile)) {
+    let Some(file) = e.file.as_ref() else { return };
+    f(e, file);
+    for k in KINDS {
+        for c in k.carried(file) {
+            with_carried(c, f);
+        }
     }
 }
 
@@ -260,6 +282,17 @@ pub trait FileKind: Sync {
     fn finish(&self, _f: &FdFile, _fd: RawFd) -> Result<()> {
         Ok(())
     }
+    /// The files this one carries, which are no fd of any task (those in
+    /// flight in a socket's queue): their kinds prepare and check them too.
+    fn carried<'a>(&self, _f: &'a FdFile) -> Vec<&'a FdEntry> {
+        Vec::new()
+    }
+    /// Runs once at dump, when every process's fd table has been read (in
+    /// the order of `ctx.tree`): what spans processes is checked here (a
+    /// socket whose peer is held outside the tree).
+    fn tree_read(&self, _tables: &mut [FdTable], _ctx: &DumpCtx) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Every kind of file crust knows; the first to claim an fd dumps it.
@@ -280,6 +313,9 @@ static KINDS: &[&dyn FileKind] = &[
     &super::devices::CharDeviceKind,
     &super::pipes::PipeKind,
     &super::fifo::FifoKind,
+    // Last: its prepare sends the files in flight in the tree's sockets,
+    // made by the kinds above.
+    &super::unix_sk::UnixSkKind,
 ];
 
 /// Takes ownership of an fd a system call just returned, or reports why
@@ -536,8 +572,51 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
     Ok(table)
 }
 
+/// Dumps a file crust itself holds as `fd` (one in flight, which a socket
+/// handed over when peeked), through the kinds like any fd of the tree.
+/// `whose` names where it was found, for errors.
+pub fn dump_carried(fd: RawFd, ctx: &DumpCtx, whose: &str) -> Result<FdFile> {
+    let pid = std::process::id() as i32;
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let link = fs::read_link(&path)?.to_string_lossy().into_owned();
+    let info = proc::fdinfo(pid, fd)?;
+    let flags = info_get(&info, "flags")
+        .and_then(|v| u32::from_str_radix(v, 8).ok())
+        .unwrap_or(0);
+    let pos = info_get(&info, "pos")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let what = describe_unsupported(&link);
+    let meta = fs::metadata(&path)
+        .with_context(|| format!("{whose}: {what} ({link}) crust cannot dump yet"))?;
+    let probe = FdProbe {
+        pid,
+        fd,
+        link: &link,
+        meta: &meta,
+        flags,
+        pos,
+        info: &info,
+        ctx,
+    };
+    for k in KINDS {
+        if let Some(f) = k.dump(&probe).with_context(|| format!("{whose}: {link}"))? {
+            return Ok(f);
+        }
+    }
+    bail!("{whose} is {what} ({link}) that crust cannot dump yet")
+}
+
+/// Lets every kind check what spans the tree's fd tables, once all are read.
+pub fn tree_read(tables: &mut [FdTable], ctx: &DumpCtx) -> Result<()> {
+    for k in KINDS {
+        k.tree_read(tables, ctx)?;
+    }
+    Ok(())
+}
+
 /// Whether fd `a` of `pa` and fd `b` of `pb` are one open file description.
-fn same_file(pa: i32, a: RawFd, pb: i32, b: RawFd) -> bool {
+pub fn same_file(pa: i32, a: RawFd, pb: i32, b: RawFd) -> bool {
     const KCMP_FILE: i32 = 0;
     // SAFETY: kcmp only compares kernel objects; it reads no memory of ours.
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
@@ -555,7 +634,9 @@ pub fn describe_file(f: &FdFile) -> String {
 /// back (each kind's `check`).
 pub fn check_fd_table(table: &FdTable) -> Result<()> {
     for e in table.fds.iter().filter(|e| e.dup_of.is_none()) {
-        if let Some(f) = &e.file {
+        let mut files = Vec::new();
+        with_carried(e, &mut |_, f| files.push(f));
+        for f in files {
             for k in KINDS {
                 k.check(f).with_context(|| format!("fd {}", e.fd))?;
             }

@@ -25,8 +25,7 @@ pub mod regular;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
-// The families that use it (unix, inet, packet, netlink) land one by one.
-#[allow(dead_code)]
 pub mod sockets;
 pub mod sysv;
 pub mod timers;
+pub mod unix_sk;

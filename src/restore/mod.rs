@@ -48,6 +48,9 @@ pub struct RestoreOpts {
     pub file_locks: bool,
     /// `--action-script`s.
     pub actions: Actions,
+    /// `--ext-unix-sk`: unix sockets connected outside the tree are
+    /// connected to their peers' names again.
+    pub ext_unix_sk: bool,
 }
 
 impl RestoreOpts {
@@ -66,6 +69,7 @@ impl RestoreOpts {
             leave_stopped: false,
             file_locks: false,
             actions: Actions::none(),
+            ext_unix_sk: false,
         }
     }
 }
@@ -457,6 +461,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         dir: &dir,
         inherit_fds: &opts.inherit_fds,
         tty,
+        ext_unix_sk: opts.ext_unix_sk,
     })?;
     // Held until the tree has attached its SysV segments itself; what it
     // made again goes away again if the restore fails.

@@ -90,6 +90,7 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
                 inherit_fds: opts.inherit_fds.clone(),
                 link_remap: opts.link_remap,
                 file_locks: opts.file_locks,
+                ext_unix_sk: opts.ext_unix_sk,
                 actions: Actions::none(),
             },
             None,
