@@ -92,7 +92,7 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "userfaultfd",
-        enables: "lazy restore and write tracking",
+        enables: "lazy restore and write tracking (neither is in crust yet)",
         required: false,
         run: probe_uffd,
     },
@@ -104,19 +104,19 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "uffd_wp_async",
-        enables: "dirty-page tracking for pre-dump without soft-dirty",
+        enables: "dirty-page tracking for pre-dump without soft-dirty (pre-dump is not in crust yet)",
         required: false,
         run: probe_uffd_wp_async,
     },
     Probe {
         name: "pagemap_scan",
-        enables: "fast page scans and write tracking (PAGEMAP_SCAN)",
+        enables: "write tracking read back in one call (PAGEMAP_SCAN; not used by crust yet)",
         required: false,
         run: probe_pagemap_scan,
     },
     Probe {
         name: "soft_dirty",
-        enables: "dirty-page tracking for pre-dump through soft-dirty bits",
+        enables: "dirty-page tracking for pre-dump through soft-dirty bits (pre-dump is not in crust yet)",
         required: false,
         run: probe_soft_dirty,
     },
@@ -464,6 +464,12 @@ fn probe_soft_dirty() -> Result<()> {
 fn has_cap(bit: u32) -> Result<()> {
     let st = crate::proc::status(std::process::id() as i32)?;
     if st.cap_eff & (1 << bit) == 0 {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            bail!(
+                "withheld from root here (by the container, VM or capability bounding set crust runs under)"
+            );
+        }
         bail!("crust does not hold it; run as root or grant it with setcap");
     }
     Ok(())

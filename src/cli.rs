@@ -201,6 +201,11 @@ pub struct RestoreArgs {
     /// (dumped with --ext-unix-sk) to their peers' names again.
     #[arg(short = 'x', long)]
     pub ext_unix_sk: bool,
+    /// The root of the restored mount namespace, as with criu: it applies
+    /// only to images holding a mount namespace, which crust does not dump
+    /// yet, so the restore refuses it rather than ignore it.
+    #[arg(short = 'r', long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
 }
 
 /// A size in bytes, with an optional K, M or G suffix (powers of 1024).
@@ -338,8 +343,12 @@ fn read_config(path: &Path) -> Result<Vec<OsString>> {
                     n + 1
                 );
             }
-            out.push(OsString::from(format!("--{name}")));
-            out.extend(value.map(OsString::from));
+            // `--name=value`: one word, so that options whose value is
+            // optional (verbosity, ext-unix-sk) take it too.
+            out.push(OsString::from(match value {
+                Some(v) => format!("--{name}={v}"),
+                None => format!("--{name}"),
+            }));
         }
     }
     Ok(out)

@@ -118,6 +118,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             0
         }
         Cmd::Restore(r) => {
+            if let Some(root) = &r.root {
+                crate::refuse!(
+                    "--root {}: it sets the root of a restored mount namespace, and crust images hold none (crust does not dump mount namespaces yet); restore without --root",
+                    root.display()
+                );
+            }
             if r.force_irmap || !r.irmap_scan_path.is_empty() {
                 tracing::warn!(
                     "--force-irmap and --irmap-scan-path find watched files at the dump; the restore opens them by the paths in the images"

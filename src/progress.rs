@@ -95,12 +95,22 @@ fn line(verb: &str, c: &Counters, secs: f64) -> String {
     )
 }
 
+/// How long a run goes before the line shows: a second, or for tests
+/// `CRUST_PROGRESS_AFTER_MS`.
+fn delay() -> Duration {
+    std::env::var("CRUST_PROGRESS_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+}
+
 fn draw(verb: &str, stop: &AtomicBool) {
     let t0 = Instant::now();
+    let after = delay();
     let mut drawn = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if t0.elapsed() < Duration::from_secs(1) {
+        if t0.elapsed() < after {
             continue;
         }
         let l = line(verb, counters(), t0.elapsed().as_secs_f64());

@@ -421,6 +421,40 @@ impl Task {
     pub fn take_original(&mut self) -> Option<Child> {
         self.original.take()
     }
+
+    /// The `crust restore` the task was restored under, for a test that
+    /// waits for it itself.
+    pub fn take_restorer(&mut self) -> Option<Child> {
+        self.restorer.take()
+    }
+}
+
+/// Waits for a child of the test, killing it and failing after `secs`.
+pub fn wait_with_deadline(c: &mut Child, secs: u64) -> ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("PID {} did not end within {secs} s", c.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ends the tree under a PID when dropped: for processes a test started
+/// without being their parent.
+pub struct EndTree(pub i32);
+
+impl Drop for EndTree {
+    fn drop(&mut self) {
+        if pid_alive(self.0) {
+            end_tree(self.0);
+        }
+    }
 }
 
 /// `pid` and all its descendants, parents first.
