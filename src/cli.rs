@@ -184,7 +184,9 @@ pub struct RestoreArgs {
     #[arg(short = 'n', long, visible_alias = "namespaces")]
     pub pid_ns: bool,
     /// fd[N]:KEY: crust's fd N stands in for KEY, a resource the tree shared
-    /// with the outside (a pipe's other end: pipe:[INO]).
+    /// with the outside: pipe:[INO] (a pipe whose other end was outside;
+    /// without this it comes back as a fresh pipe holding its bytes) or
+    /// socket:[INO] (a socket dumped with --ext-unix-sk=INO); repeatable.
     #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
     pub inherit_fd: Vec<(i32, String)>,
     /// Allow the files the dump linked back with --link-remap: they are
