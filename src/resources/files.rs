@@ -439,6 +439,34 @@ struct Descriptions {
     next_id: Cell<u64>,
 }
 
+/// What /proc tells of one fd: its link, its fdinfo lines, its status
+/// flags and its offset.
+struct FdStatus {
+    link: String,
+    info: Vec<(String, String)>,
+    flags: u32,
+    pos: u64,
+}
+
+fn fd_status(pid: i32, fd: RawFd) -> Result<FdStatus> {
+    let link = fs::read_link(format!("/proc/{pid}/fd/{fd}"))?
+        .to_string_lossy()
+        .into_owned();
+    let info = proc::fdinfo(pid, fd)?;
+    let flags = info_get(&info, "flags")
+        .and_then(|v| u32::from_str_radix(v, 8).ok())
+        .unwrap_or(0);
+    let pos = info_get(&info, "pos")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(FdStatus {
+        link,
+        info,
+        flags,
+        pos,
+    })
+}
+
 /// Collects the fd table and fs state of a task.
 pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
     let mut fds: Vec<RawFd> = fs::read_dir(format!("/proc/{pid}/fd"))
@@ -451,14 +479,12 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
     let descriptions = &ctx.descriptions;
     for fd in fds {
         let path = format!("/proc/{pid}/fd/{fd}");
-        let link = fs::read_link(&path)?.to_string_lossy().into_owned();
-        let info = proc::fdinfo(pid, fd)?;
-        let flags = info_get(&info, "flags")
-            .and_then(|v| u32::from_str_radix(v, 8).ok())
-            .unwrap_or(0);
-        let pos = info_get(&info, "pos")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let FdStatus {
+            link,
+            info,
+            flags,
+            pos,
+        } = fd_status(pid, fd)?;
         let what = describe_unsupported(&link);
         // Not followed when it is a symlink held with O_PATH|O_NOFOLLOW: the
         // magic link then leads to the symlink itself.
@@ -578,14 +604,12 @@ pub fn dump_fd_table(pid: i32, ctx: &DumpCtx) -> Result<FdTable> {
 pub fn dump_carried(fd: RawFd, ctx: &DumpCtx, whose: &str) -> Result<FdFile> {
     let pid = std::process::id() as i32;
     let path = format!("/proc/{pid}/fd/{fd}");
-    let link = fs::read_link(&path)?.to_string_lossy().into_owned();
-    let info = proc::fdinfo(pid, fd)?;
-    let flags = info_get(&info, "flags")
-        .and_then(|v| u32::from_str_radix(v, 8).ok())
-        .unwrap_or(0);
-    let pos = info_get(&info, "pos")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let FdStatus {
+        link,
+        info,
+        flags,
+        pos,
+    } = fd_status(pid, fd)?;
     let what = describe_unsupported(&link);
     let meta = fs::metadata(&path)
         .with_context(|| format!("{whose}: {what} ({link}) crust cannot dump yet"))?;
