@@ -1345,3 +1345,77 @@ fn unix_peer_outside_the_tree() {
         "the restored socket did not send outside"
     );
 }
+
+/// Packet sockets: a raw socket with TPACKET_V2 rings mapped shared (a
+/// frame sent on lo after the restore lands in the mapping), a datagram
+/// socket with its options, a membership added twice, a promiscuous one
+/// and a fanout group of two, an unbound raw socket with vnet headers and
+/// SOCK_PACKET sockets, bound and not.
+#[test]
+fn packet_sockets() {
+    cycle("packet_sockets", &[]);
+}
+
+/// A packet socket bound to an interface that is gone by the restore: the
+/// restore refuses in one line that names the interface.
+#[test]
+fn packet_socket_on_a_missing_interface() {
+    struct Veth(String);
+    impl Drop for Veth {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .status();
+        }
+    }
+    let name = format!("crpk{}", std::process::id() % 100_000);
+    let made = std::process::Command::new("ip")
+        .args(["link", "add", &name, "type", "veth", "peer", "name"])
+        .arg(format!("{name}p"))
+        .status()
+        .unwrap();
+    if !made.success() {
+        eprintln!("skipped: no veth pair could be made");
+        return;
+    }
+    let veth = Veth(name.clone());
+    let mut t = Spawn::new("packet_sockets").args(&["bind", &name]).start();
+    t.dump(&[]);
+    drop(veth);
+    let out = t.restore_cmd(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restored without {name}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains(&name) && err.contains("missing"),
+        "the refusal does not name {name}: {err}"
+    );
+    assert!(!pid_alive(t.pid), "a refused restore left the task");
+}
+
+/// Netlink sockets: usersock sockets bound to a chosen port id and to
+/// groups, bound by the kernel and connected, never bound, never bound but
+/// in a group; a route socket in groups above 32 with its options, which
+/// gets an address event after the restore.
+#[test]
+fn netlink_sockets() {
+    cycle("netlink_sockets", &[]);
+}
+
+/// A netlink socket holding a message not read yet makes the dump refuse
+/// in one line, and leaves the message for the task to read.
+#[test]
+fn netlink_socket_with_a_message_queued() {
+    let mut t = Spawn::new("netlink_sockets").args(&["queued"]).start();
+    let out = t.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the dump went through: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("netlink") && err.contains("not read yet"),
+        "the refusal does not say why: {err}"
+    );
+    assert!(pid_alive(t.pid), "the refused dump killed the task");
+    assert_eq!(status_field(t.pid, "TracerPid"), "0");
+    t.pass();
+}

@@ -226,7 +226,7 @@ impl TreeImages<'_> {
 
 /// Calls `f` on an entry's file and on every file carried inside it, depth
 /// first.
-fn with_carried<'a>(e: &'a FdEntry, f: &mut dyn FnMut(&'a FdEntry, &'a FdFile)) {
+pub fn with_carried<'a>(e: &'a FdEntry, f: &mut dyn FnMut(&'a FdEntry, &'a FdFile)) {
     let Some(file) = e.file.as_ref() else { return };
     f(e, file);
     for k in KINDS {
@@ -313,6 +313,8 @@ static KINDS: &[&dyn FileKind] = &[
     &super::devices::CharDeviceKind,
     &super::pipes::PipeKind,
     &super::fifo::FifoKind,
+    &super::packet_sk::PacketSkKind,
+    &super::netlink_sk::NetlinkSkKind,
     // Last: its prepare sends the files in flight in the tree's sockets,
     // made by the kinds above.
     &super::unix_sk::UnixSkKind,

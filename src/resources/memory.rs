@@ -79,6 +79,9 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
                 VmaKind::VmaFilePrivate
             }
         }
+        // A socket's mapping: the rings of a packet socket of the tree
+        // (`packet_sk::tree_read` refused any other before this is read).
+        p if p.starts_with("socket:[") => VmaKind::VmaPacketRing,
         p => bail!(
             "mapping {:#x}-{:#x} is {p:?}, which crust cannot restore yet",
             e.start,
@@ -131,6 +134,13 @@ pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
             },
             ..Default::default()
         };
+        if kind == VmaKind::VmaPacketRing {
+            // The socket is made again before the tree forks; its rings
+            // are mapped from it (`premap_vma`).
+            v.ino = e.inode;
+            v.map_shared = e.shared;
+            v.name = e.path.clone();
+        }
         if e.path == "[heap]" {
             mm.brk = e.end;
         }
@@ -642,6 +652,19 @@ fn premap_vma(
                 libc::PROT_READ
             };
             (prot, libc::MAP_SHARED, Some(f))
+        }
+        VmaKind::VmaPacketRing => {
+            let sk = objects.need(
+                super::packet_sk::key(v.ino),
+                &format!("the packet socket mapped at {:#x}", v.start),
+            )?;
+            let f = File::from(super::files::dup_fd(sk)?);
+            let share = if v.map_shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            (rw, share, Some(f))
         }
         _ => unreachable!(),
     };

@@ -156,7 +156,9 @@ pub fn dump_sock_opts(fd: RawFd) -> Result<SockOpts> {
         broadcast: int(libc::SO_BROADCAST)? != 0,
         oobinline: int(libc::SO_OOBINLINE)? != 0,
         dontroute: int(libc::SO_DONTROUTE)? != 0,
-        passcred: int(libc::SO_PASSCRED)? != 0,
+        // Only unix and netlink sockets have it (Linux 6.16 refuses it on
+        // the others).
+        passcred: int(libc::SO_PASSCRED).unwrap_or(0) != 0,
         priority: int(libc::SO_PRIORITY)?,
         rcvlowat: int(libc::SO_RCVLOWAT)?,
         mark: int(libc::SO_MARK)? as u32,
@@ -197,7 +199,9 @@ pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
     set(libc::SO_BROADCAST, o.broadcast as i32, "SO_BROADCAST")?;
     set(libc::SO_OOBINLINE, o.oobinline as i32, "SO_OOBINLINE")?;
     set(libc::SO_DONTROUTE, o.dontroute as i32, "SO_DONTROUTE")?;
-    set(libc::SO_PASSCRED, o.passcred as i32, "SO_PASSCRED")?;
+    if o.passcred {
+        set(libc::SO_PASSCRED, 1, "SO_PASSCRED")?;
+    }
     set(libc::SO_PRIORITY, o.priority, "SO_PRIORITY")?;
     set(libc::SO_RCVLOWAT, o.rcvlowat.max(1), "SO_RCVLOWAT")?;
     if o.mark != 0 {
@@ -225,6 +229,29 @@ pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
     if o.peek_off >= 0 {
         // Only families with a peek offset take it; the others refuse it.
         let _ = set(libc::SO_PEEK_OFF, o.peek_off, "SO_PEEK_OFF");
+    }
+    Ok(())
+}
+
+/// Gives a socket crust made the owner the dumped one had: sockfs passes
+/// the uid on to the socket (sock_diag reports it, the owner match of
+/// netfilter reads it).
+pub fn set_owner(fd: RawFd, uid: u32, gid: u32, what: &str) -> Result<()> {
+    // SAFETY: plain data for which all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one struct stat.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        bail!("fstat of {what}: {}", std::io::Error::last_os_error());
+    }
+    if (st.st_uid, st.st_gid) == (uid, gid) {
+        return Ok(());
+    }
+    // SAFETY: fchown(2) on a socket crust made.
+    if unsafe { libc::fchown(fd, uid, gid) } < 0 {
+        bail!(
+            "giving {what} to uid {uid} gid {gid}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
