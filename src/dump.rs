@@ -13,7 +13,8 @@ use crate::parasite_ctl::Parasite;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
-    creds, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
+    creds, files, inet, membarrier, memory, netlock, pipes, prctl, regs, sched, seccomp, signals,
+    timers,
 };
 use crate::seize::{SeizedTask, seize_threads};
 use crate::{abi, sys};
@@ -32,6 +33,12 @@ pub struct DumpOpts {
     /// handles do not open by scanning these directories.
     pub force_irmap: bool,
     pub irmap_scan_paths: Vec<PathBuf>,
+    /// `--tcp-established`, `--tcp-close`, `--skip-in-flight`.
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub skip_in_flight: bool,
+    /// `--network-lock`: how the tree's connections are locked.
+    pub network_lock: netlock::Method,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -68,13 +75,17 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
                 n.ppid
             );
         }
-        for kind in ["pid", "mnt"] {
+        for kind in ["pid", "mnt", "net"] {
             if n.pid != root.pid && ns(n.pid, kind) != ns(root.pid, kind) {
                 let comm = proc::status(n.pid).map(|s| s.name).unwrap_or_default();
                 bail!(
                     "task {} ({comm}) is in another {} namespace than PID {}; crust does not dump namespaces yet",
                     n.pid,
-                    if kind == "pid" { "PID" } else { "mount" },
+                    match kind {
+                        "pid" => "PID",
+                        "mnt" => "mount",
+                        _ => "network",
+                    },
                     root.pid
                 );
             }
@@ -230,6 +241,26 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
     let zombies: Vec<i32> = tree.iter().filter(|n| n.zombie).map(|n| n.pid).collect();
     let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts);
+    // The tree's connections are locked before any is put in repair mode,
+    // and stay locked until the restore when the tree is killed.
+    let mut net_lock = if opts.tcp_established && !opts.tcp_close {
+        let conns = inet::tcp::tree_connections(&live)?;
+        if conns.is_empty() {
+            None
+        } else {
+            Some(netlock::NetLock::take(
+                opts.network_lock,
+                &netlock::lock_name(opts.pid),
+                &conns,
+                netlock::foreign_netns(opts.pid)?,
+            )?)
+        }
+    } else {
+        None
+    };
+    // (Declared after `fctx`: a failed dump lifts the lock first, then takes
+    // the connections out of repair mode, whose window probes then reach
+    // the peers.)
     let mut tables = Vec::new();
     for &pid in &live {
         tables.push(files::dump_fd_table(pid, &fctx)?);
@@ -313,6 +344,13 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             .release()
             .to_string_lossy()
             .into_owned(),
+        net_lock: net_lock
+            .as_ref()
+            .filter(|_| !opts.leave_running)
+            .and_then(|l| l.record()),
+        net_ns: netlock::netns_ino(&opts.pid.to_string()).unwrap_or(0),
+        crust_net_ns: netlock::netns_ino("self").unwrap_or(0),
+        net_ns_loopback_only: netlock::loopback_only(opts.pid),
     };
     ghosts.write()?;
     fault_point("before-inventory");
@@ -323,7 +361,14 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     ghosts.keep();
     if !opts.leave_running {
         fctx.tree_ends();
+        // The restore lifts it.
+        if let Some(l) = net_lock.take() {
+            l.keep();
+        }
+    } else if let Some(l) = net_lock.take() {
+        l.release()?;
     }
+    // Connections out of repair mode before the tree runs on.
     drop(fctx);
     let mut killed = Vec::new();
     for threads in seized {

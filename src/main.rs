@@ -86,6 +86,24 @@ enum Cmd {
         /// repeatable.
         #[arg(long, value_name = "DIR")]
         irmap_scan_path: Vec<PathBuf>,
+        /// Take established TCP connections along (TCP repair mode); without
+        /// it a tree holding one is refused.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Dump TCP connections to be restored closed (nothing of them is
+        /// kept, and they are not locked).
+        #[arg(long)]
+        tcp_close: bool,
+        /// Leave out connections not yet accepted by a listener (their
+        /// clients see them reset); without it such a listener is refused.
+        #[arg(long)]
+        skip_in_flight: bool,
+        /// How the packets of the tree's connections are dropped from the
+        /// freeze until the restore is done: nftables (the default where
+        /// `nft` is installed), iptables, or skip (the network is locked by
+        /// other means).
+        #[arg(long, value_enum)]
+        network_lock: Option<resources::netlock::Method>,
     },
     /// Bring a checkpointed process back.
     Restore {
@@ -121,6 +139,21 @@ enum Cmd {
         force_irmap: bool,
         #[arg(long, value_name = "DIR", hide = true)]
         irmap_scan_path: Vec<PathBuf>,
+        /// Restore the TCP connections the images hold (dumped with
+        /// --tcp-established); without it such images are refused.
+        #[arg(long)]
+        tcp_established: bool,
+        /// Restore the TCP connections of the images closed.
+        #[arg(long)]
+        tcp_close: bool,
+        /// A dump option, taken here for scripts that give dump and restore
+        /// one set of options: the restore says it has no effect.
+        #[arg(long, hide = true)]
+        skip_in_flight: bool,
+        /// How the connections are locked until the restored tree runs:
+        /// nftables (the default where `nft` is installed), iptables, or skip.
+        #[arg(long, value_enum)]
+        network_lock: Option<resources::netlock::Method>,
     },
     /// Decode images for people (or scripts, with --json).
     Show {
@@ -194,6 +227,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             link_remap,
             force_irmap,
             irmap_scan_path,
+            tcp_established,
+            tcp_close,
+            skip_in_flight,
+            network_lock,
         } => {
             dump::dump(&dump::DumpOpts {
                 pid,
@@ -205,6 +242,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 link_remap,
                 force_irmap,
                 irmap_scan_paths: irmap_scan_path,
+                tcp_established,
+                tcp_close,
+                skip_in_flight,
+                network_lock: network_lock.unwrap_or_else(resources::netlock::Method::auto),
             })?;
             Ok(0)
         }
@@ -219,7 +260,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             link_remap,
             force_irmap,
             irmap_scan_path,
+            tcp_established,
+            tcp_close,
+            skip_in_flight,
+            network_lock,
         } => {
+            if skip_in_flight {
+                tracing::warn!(
+                    "--skip-in-flight leaves connections out at the dump; the restore has none of them"
+                );
+            }
             if force_irmap || !irmap_scan_path.is_empty() {
                 tracing::warn!(
                     "--force-irmap and --irmap-scan-path find watched files at the dump; the restore opens them by the paths in the images"
@@ -233,6 +283,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 pid_ns,
                 inherit_fds: inherit_fd,
                 link_remap,
+                tcp_established,
+                tcp_close,
+                network_lock: network_lock.unwrap_or_else(resources::netlock::Method::auto),
             })
         }
         Cmd::Show { path, json } => {

@@ -10,10 +10,12 @@ pub mod files;
 pub mod fown;
 pub mod fs;
 pub mod ghost;
+pub mod inet;
 pub mod inotify;
 pub mod locks;
 pub mod membarrier;
 pub mod memory;
+pub mod netlock;
 pub mod pidfd;
 pub mod pipes;
 pub mod prctl;
@@ -23,8 +25,6 @@ pub mod regular;
 pub mod sched;
 pub mod seccomp;
 pub mod signals;
-// The families that use it (unix, inet, packet, netlink) land one by one.
-#[allow(dead_code)]
 pub mod sockets;
 pub mod sysv;
 pub mod timers;

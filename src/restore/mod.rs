@@ -38,6 +38,12 @@ pub struct RestoreOpts {
     /// `--link-remap`: the images may hold files linked back at the dump;
     /// the restore opens them and removes those links.
     pub link_remap: bool,
+    /// `--tcp-established`: restore the connections of the images;
+    /// `--tcp-close`: restore them closed.
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    /// How the connections are locked until the tree runs.
+    pub network_lock: crate::resources::netlock::Method,
 }
 
 impl RestoreOpts {
@@ -52,6 +58,9 @@ impl RestoreOpts {
             pid_ns: false,
             inherit_fds: Vec::new(),
             link_remap: false,
+            tcp_established: false,
+            tcp_close: false,
+            network_lock: crate::resources::netlock::Method::Skip,
         }
     }
 }
@@ -278,6 +287,10 @@ fn create_shared_anon(
 
 /// Restores the dump in `opts.dir`; returns the exit code crust should exit with.
 pub fn restore(opts: &RestoreOpts) -> Result<i32> {
+    // Before anything forks (the init of --pid-ns too): the tree's network
+    // namespace, when it had one of its own.
+    let inv: Inventory = ImageDir::open(&opts.dir)?.read_msg(ImageKind::Inventory, 0)?;
+    crate::resources::netlock::enter_tree_netns(&inv)?;
     if opts.pid_ns {
         return pidns::restore_in_new_pid_ns(opts);
     }
@@ -339,6 +352,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         crate::resources::timers::check_posix_timers(&img.core)?;
         tasks.insert(t.pid, img);
     }
+    let net_lock = connections(&inv, &mut tasks, opts)?;
     let thread_ids = tasks
         .values()
         .flat_map(|t| t.core.threads.iter().skip(1).map(|th| th.tid));
@@ -436,7 +450,19 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let foreground = tty
         .filter(|_| set.inv.shell_job_foreground && root_ref.pgid == pid && root_ref.sid != pid)
         .map(|fd| (fd, Pid::from_raw(pid)));
-    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground) {
+    // Once the tree is rebuilt and before it runs: the lock is lifted, then
+    // the connections leave repair mode, so that their window probes reach
+    // the peers.
+    let mut net_lock = net_lock;
+    let mut before_run = || -> Result<()> {
+        if let Some(l) = net_lock.take()
+            && let Err(e) = l.release()
+        {
+            tracing::warn!("the restored tree's connections stay locked: {e:#}");
+        }
+        files::resume_tree(set.tasks.iter().map(|(p, t)| (*p, &t.files)))
+    };
+    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground, &mut before_run) {
         // Nothing lost: what this restore created goes away again (the rest
         // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
         let _ = kill(child, Signal::SIGKILL);
@@ -450,6 +476,48 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     }
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
+}
+
+/// The TCP connections of the images: refused without --tcp-established
+/// (or --tcp-close, which makes them closed sockets), and locked until the
+/// tree runs (the dump's lock, when it is still here, is taken over).
+fn connections(
+    inv: &Inventory,
+    tasks: &mut HashMap<i32, TaskImages>,
+    opts: &RestoreOpts,
+) -> Result<Option<crate::resources::netlock::NetLock>> {
+    use crate::resources::{inet, netlock};
+    let conns = inet::tcp::image_connections(
+        tasks
+            .values()
+            .flat_map(|t| &t.files.fds)
+            .filter_map(|e| e.file.as_ref()),
+    );
+    let dumped = inv.net_lock.as_ref().and_then(netlock::NetLock::adopt);
+    if conns.is_empty() {
+        return Ok(dumped);
+    }
+    if opts.tcp_close {
+        for t in tasks.values_mut() {
+            inet::tcp::close_connections(&mut t.files);
+        }
+        return Ok(dumped);
+    }
+    if !opts.tcp_established {
+        bail!(
+            "the images hold {} TCP connection(s) (dumped with --tcp-established); restore with --tcp-established, or with --tcp-close to have them closed",
+            conns.len()
+        );
+    }
+    if dumped.is_some() {
+        return Ok(dumped);
+    }
+    Ok(Some(netlock::NetLock::take(
+        opts.network_lock,
+        &netlock::lock_name(inv.root_pid),
+        &conns,
+        None,
+    )?))
 }
 
 /// How long the restored tree may go without a single event (a thread's
@@ -573,6 +641,7 @@ fn finish_tree(
     sync_wr: OwnedFd,
     status_rd: OwnedFd,
     foreground: Option<(std::os::fd::RawFd, Pid)>,
+    before_run: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
     // SAFETY: status_rd is an fd we own; File takes it over.
     let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
@@ -671,6 +740,7 @@ fn finish_tree(
             tracing::warn!("making group {pgrp} the foreground of crust's terminal: {e}");
         }
     }
+    before_run()?;
     for (pid, img) in &set.tasks {
         let plan = &set.plans[pid];
         let mut leader = SeizedTask::from_stopped(Pid::from_raw(*pid))?;

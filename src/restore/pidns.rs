@@ -85,6 +85,9 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
             pid_ns: false,
             inherit_fds: opts.inherit_fds.clone(),
             link_remap: opts.link_remap,
+            tcp_established: opts.tcp_established,
+            tcp_close: opts.tcp_close,
+            network_lock: opts.network_lock,
         })
     }) {
         Ok(root) => root,
