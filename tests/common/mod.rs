@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

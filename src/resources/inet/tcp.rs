@@ -15,9 +15,11 @@
 //! forces the reuse of the port), sets both sequence numbers, connects (no
 //! packet is sent: the connection is simply established), sets the
 //! options, fills the receive queue and the part of the send queue that
-//! had been sent, sends the unsent rest out of repair mode, sets the
-//! window, and leaves repair mode in `finish`, once every fd of the task is
-//! in place.
+//! had been sent, sends the unsent rest out of repair mode, and sets the
+//! window. The connection leaves repair mode in `resume`, when the whole
+//! tree is rebuilt and the network lock lifted, just before the tree runs:
+//! the window probe that sends reaches the peer, whose answer brings both
+//! ends up to date at once.
 //!
 //! Half-closed connections are taken through the states the kernel
 //! allows: a FIN of ours is put in the send queue with shutdown(SHUT_WR)
