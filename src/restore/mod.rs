@@ -329,6 +329,12 @@ fn wait_exit_code(child: Pid) -> Result<i32> {
 fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
     let dir = ImageDir::open(&opts.dir)?;
     let inv: Inventory = dir.read_msg(ImageKind::Inventory, 0)?;
+    // The lock the dump left (when it is here): lifted once the tree runs,
+    // or when this restore fails.
+    let dumped_lock = inv
+        .net_lock
+        .as_ref()
+        .and_then(crate::resources::netlock::NetLock::adopt);
     check_tree(&inv)?;
     if inv.shell_job && !opts.shell_job {
         bail!("the images were dumped with --shell-job; restore with --shell-job");
@@ -352,7 +358,7 @@ fn restore_tree(opts: &RestoreOpts) -> Result<Pid> {
         crate::resources::timers::check_posix_timers(&img.core)?;
         tasks.insert(t.pid, img);
     }
-    let net_lock = connections(&inv, &mut tasks, opts)?;
+    let net_lock = connections(&inv, &mut tasks, opts, dumped_lock)?;
     let thread_ids = tasks
         .values()
         .flat_map(|t| t.core.threads.iter().skip(1).map(|th| th.tid));
@@ -485,6 +491,7 @@ fn connections(
     inv: &Inventory,
     tasks: &mut HashMap<i32, TaskImages>,
     opts: &RestoreOpts,
+    dumped: Option<crate::resources::netlock::NetLock>,
 ) -> Result<Option<crate::resources::netlock::NetLock>> {
     use crate::resources::{inet, netlock};
     let conns = inet::tcp::image_connections(
@@ -493,7 +500,6 @@ fn connections(
             .flat_map(|t| &t.files.fds)
             .filter_map(|e| e.file.as_ref()),
     );
-    let dumped = inv.net_lock.as_ref().and_then(netlock::NetLock::adopt);
     if conns.is_empty() {
         return Ok(dumped);
     }
