@@ -1444,3 +1444,30 @@ fn tcp_server_migrates_to_another_namespace() {
     net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
     net::end_stream(server, client);
 }
+
+/// --leave-running with --tcp-established: the tree runs on with its
+/// connection out of repair mode and unlocked, and the stream goes on; the
+/// images hold the connection.
+#[test]
+fn leave_running_keeps_connection() {
+    let files = WorkDir::new("tcp-stream-leave");
+    let (mut server, client) = net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+    server.task.dump(&["--tcp-established", "--leave-running"]);
+    assert!(
+        !net::lock_in_place(server.task.pid),
+        "the lock outlived the dump"
+    );
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    let show = std::process::Command::new(CRUST)
+        .arg("show")
+        .arg(server.task.work.images())
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("TCP connection 127.0.0.1:") && show.contains("ESTABLISHED"),
+        "{show}"
+    );
+    net::end_stream(server, client);
+}

@@ -139,6 +139,23 @@ impl NetLock {
             netns,
             held: method != Method::Skip,
         };
+        // Both ends of a connection inside the tree are one connection.
+        let mut conns: Vec<Conn> = conns
+            .iter()
+            .map(|c| {
+                if (c.local.ip(), c.local.port()) <= (c.peer.ip(), c.peer.port()) {
+                    *c
+                } else {
+                    Conn {
+                        local: c.peer,
+                        peer: c.local,
+                    }
+                }
+            })
+            .collect();
+        conns.sort_by_key(|c| (c.local, c.peer));
+        conns.dedup();
+        let conns = &conns[..];
         match method {
             Method::Skip => {}
             Method::Nftables => {
