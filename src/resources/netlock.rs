@@ -72,13 +72,18 @@ impl Method {
     }
 }
 
+/// Where `prog` is: in PATH, or in the sbin directories a user's PATH may
+/// lack.
+fn which(prog: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
 fn in_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| std::path::Path::new(d).join(prog).is_file())
+    which(prog).is_some()
 }
 
 /// One TCP connection, by its two ends.
@@ -249,7 +254,7 @@ impl NetLock {
 
     /// Runs `prog args` with `input` on its stdin, in the lock's namespace.
     fn run(&self, prog: &str, args: &[&str], input: &str) -> Result<()> {
-        let mut cmd = Command::new(prog);
+        let mut cmd = Command::new(which(prog).unwrap_or_else(|| prog.into()));
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
