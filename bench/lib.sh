@@ -22,7 +22,7 @@ now() { date +%s.%N; }
 # $ZDTM_READY when set up, checks itself on SIGTERM and prints PASS), dumps
 # it with crust, restores it detached, lets it check itself. Sets dump_s and
 # restore_s (seconds). Calls bench_before_dump and bench_after_restore when
-# the caller defines them.
+# the caller defines them. $crust_opts: options for both dump and restore.
 bench_cycle() {
     local log=$1 t0 t1 t2 t3
     shift
@@ -33,13 +33,13 @@ bench_cycle() {
     if declare -F bench_before_dump >/dev/null; then bench_before_dump; fi
     rm -rf "$tmpfs/img"
     t0=$(now)
-    "$crust" dump -t "$pid" -D "$tmpfs/img"
+    "$crust" dump -t "$pid" -D "$tmpfs/img" ${crust_opts:-}
     t1=$(now)
     wait "$pid" 2>/dev/null || true
     # The killed tree's children are reaped by init, late.
     while [ -e "/proc/$pid" ] || pgrep -f "$1" >/dev/null; do sleep 0.02; done
     t2=$(now)
-    "$crust" restore -D "$tmpfs/img" -d
+    "$crust" restore -D "$tmpfs/img" -d ${crust_opts:-}
     t3=$(now)
     if declare -F bench_after_restore >/dev/null; then bench_after_restore; fi
     kill -TERM "$pid"

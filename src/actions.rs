@@ -24,11 +24,9 @@ pub enum Action {
     PostRestore,
     PreResume,
     PostResume,
-    // Run by the network lock when it locks and unlocks the tree's
-    // connections; unused until the tree can hold one.
-    #[allow(dead_code)]
+    /// Around a dump and restore of a tree with a network namespace of its
+    /// own, as criu runs them.
     NetworkLock,
-    #[allow(dead_code)]
     NetworkUnlock,
 }
 

@@ -140,6 +140,24 @@ pub struct DumpArgs {
     /// fd[N]:socket:[INO].
     #[arg(short = 'x', long, value_name = "INO,...", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_inodes)]
     pub ext_unix_sk: Option<Inodes>,
+    /// Take established TCP connections along (TCP repair mode); without it
+    /// a tree holding one is refused.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Dump TCP connections to be restored closed (nothing of them is kept,
+    /// and they are not locked).
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// Leave out connections not yet accepted by a listener (their clients
+    /// see them reset); without it such a listener is refused.
+    #[arg(long)]
+    pub skip_in_flight: bool,
+    /// How the packets of the tree's connections are dropped from the
+    /// freeze until the restore is done: nftables (the default where `nft`
+    /// is installed), iptables, or skip (the network is locked by other
+    /// means, such as network-lock action scripts).
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub network_lock: Option<crate::resources::netlock::Method>,
     /// Seconds to freeze the whole tree (it may fork or exit while crust
     /// walks it); past them the dump fails and the tree runs on.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -203,6 +221,21 @@ pub struct RestoreArgs {
     /// (dumped with --ext-unix-sk) to their peers' names again.
     #[arg(short = 'x', long)]
     pub ext_unix_sk: bool,
+    /// Restore the TCP connections the images hold (dumped with
+    /// --tcp-established); without it such images are refused.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Restore the TCP connections of the images closed.
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// A dump option, taken here for scripts that give dump and restore one
+    /// set of options: the restore says it has no effect.
+    #[arg(long, hide = true)]
+    pub skip_in_flight: bool,
+    /// How the connections are locked until the restored tree runs:
+    /// nftables (the default where `nft` is installed), iptables, or skip.
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub network_lock: Option<crate::resources::netlock::Method>,
     /// The root of the restored mount namespace, as with criu: it applies
     /// only to images holding a mount namespace, which crust does not dump
     /// yet, so the restore refuses it rather than ignore it.

@@ -15,7 +15,8 @@ use crate::parasite_ctl::Parasite;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
-    creds, fdt, files, membarrier, memory, pipes, prctl, regs, sched, seccomp, signals, timers,
+    creds, fdt, files, inet, membarrier, memory, netlock, pipes, prctl, regs, sched, seccomp,
+    signals, timers,
 };
 use crate::seize::{SeizedTask, seize_threads};
 use crate::stats::Stats;
@@ -46,6 +47,12 @@ pub struct DumpOpts {
     /// the listed sockets may have any peer outside (the restore takes a
     /// stand-in for them with --inherit-fd). None without the option.
     pub ext_unix_sk: Option<Vec<u64>>,
+    /// `--tcp-established`, `--tcp-close`, `--skip-in-flight`.
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub skip_in_flight: bool,
+    /// `--network-lock`: how the tree's connections are locked.
+    pub network_lock: netlock::Method,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -82,13 +89,17 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
                 n.ppid
             );
         }
-        for kind in ["pid", "mnt"] {
+        for kind in ["pid", "mnt", "net"] {
             if n.pid != root.pid && ns(n.pid, kind) != ns(root.pid, kind) {
                 let comm = proc::status(n.pid).map(|s| s.name).unwrap_or_default();
                 bail!(
                     "task {} ({comm}) is in another {} namespace than PID {}; crust does not dump namespaces yet",
                     n.pid,
-                    if kind == "pid" { "PID" } else { "mount" },
+                    match kind {
+                        "pid" => "PID",
+                        "mnt" => "mount",
+                        _ => "network",
+                    },
                     root.pid
                 );
             }
@@ -288,6 +299,34 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         .map(|n| (n.pid, n.ppid))
         .collect();
     let owners = fdt::dump_sharing(&with_parent)?;
+    // A tree in a network namespace of its own: as with criu, the
+    // network-lock action scripts run first (with `--network-lock skip`
+    // they are the lock), and network-unlock ones when the dump lets the
+    // tree run on, or fails.
+    let own_netns = netlock::netns_ino(&opts.pid.to_string()) != netlock::netns_ino("self");
+    let mut script_lock = own_netns
+        .then(|| NetScripts::lock(&opts.actions))
+        .transpose()?;
+    // The tree's connections are locked before any is put in repair mode,
+    // and stay locked until the restore when the tree is killed.
+    let mut net_lock = if opts.tcp_established && !opts.tcp_close {
+        let conns = inet::tcp::tree_connections(&live)?;
+        if conns.is_empty() {
+            None
+        } else {
+            Some(netlock::NetLock::take(
+                opts.network_lock,
+                &netlock::lock_name(opts.pid),
+                &conns,
+                netlock::foreign_netns(opts.pid)?,
+            )?)
+        }
+    } else {
+        None
+    };
+    // (Declared after `fctx`: a failed dump lifts the lock first, then takes
+    // the connections out of repair mode, whose window probes then reach
+    // the peers.)
     let mut tables = Vec::new();
     for &pid in &live {
         tables.push(match owners[&pid].0 {
@@ -389,6 +428,13 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             .release()
             .to_string_lossy()
             .into_owned(),
+        net_lock: net_lock
+            .as_ref()
+            .filter(|_| !opts.leave_running)
+            .and_then(|l| l.record()),
+        net_ns: netlock::netns_ino(&opts.pid.to_string()).unwrap_or(0),
+        crust_net_ns: netlock::netns_ino("self").unwrap_or(0),
+        net_ns_loopback_only: netlock::loopback_only(opts.pid),
     };
     ghosts.write()?;
     fault_point("before-inventory");
@@ -405,7 +451,22 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     ghosts.keep();
     if !(opts.leave_running || opts.leave_stopped) {
         fctx.tree_ends();
+        // The restore lifts it.
+        if let Some(l) = net_lock.take() {
+            l.keep();
+        }
+    } else if let Some(l) = net_lock.take() {
+        l.release()?;
     }
+    if let Some(l) = script_lock.take() {
+        if opts.leave_running || opts.leave_stopped {
+            l.unlock()?;
+        } else {
+            // The restore runs network-unlock.
+            l.keep();
+        }
+    }
+    // Connections out of repair mode before the tree runs on.
     drop(fctx);
     let mut killed = Vec::new();
     for threads in seized {
@@ -578,4 +639,40 @@ fn dump_task(
     dir.write_msg(ImageKind::Mm, pid, &mm)?;
     dir.write_msg(ImageKind::Files, pid, &fds)?;
     Ok(mm.vmas)
+}
+
+/// The network-lock scripts of a dump: network-unlock runs when the dump
+/// fails after them (on drop) or lets the tree run on (`unlock`).
+struct NetScripts<'a> {
+    actions: &'a Actions,
+    armed: bool,
+}
+
+impl<'a> NetScripts<'a> {
+    fn lock(actions: &'a Actions) -> Result<Self> {
+        actions.run(Action::NetworkLock)?;
+        Ok(NetScripts {
+            actions,
+            armed: true,
+        })
+    }
+
+    fn unlock(mut self) -> Result<()> {
+        self.armed = false;
+        self.actions.run(Action::NetworkUnlock)
+    }
+
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for NetScripts<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(e) = self.actions.run(Action::NetworkUnlock)
+        {
+            tracing::warn!("{e:#}");
+        }
+    }
 }

@@ -110,6 +110,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     force_irmap: d.force_irmap,
                     irmap_scan_paths: d.irmap_scan_path.clone(),
                     ext_unix_sk: d.ext_unix_sk.clone().map(|i| i.0),
+                    tcp_established: d.tcp_established,
+                    tcp_close: d.tcp_close,
+                    skip_in_flight: d.skip_in_flight,
+                    network_lock: d
+                        .network_lock
+                        .unwrap_or_else(resources::netlock::Method::auto),
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
                     actions,
                 },
@@ -122,6 +128,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 crate::refuse!(
                     "--root {}: it sets the root of a restored mount namespace, and crust images hold none (crust does not dump mount namespaces yet); restore without --root",
                     root.display()
+                );
+            }
+            if r.skip_in_flight {
+                tracing::warn!(
+                    "--skip-in-flight leaves connections out at the dump; the restore has none of them"
                 );
             }
             if r.force_irmap || !r.irmap_scan_path.is_empty() {
@@ -144,6 +155,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     link_remap: r.link_remap,
                     file_locks: r.file_locks,
                     ext_unix_sk: r.ext_unix_sk,
+                    tcp_established: r.tcp_established,
+                    tcp_close: r.tcp_close,
+                    network_lock: r
+                        .network_lock
+                        .unwrap_or_else(resources::netlock::Method::auto),
                     actions,
                 },
                 stats.as_mut(),

@@ -486,3 +486,46 @@ fn systemd_unit_dumps_at_stop_and_restores_at_start() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.trim_end().ends_with("PASS"), "{text}");
 }
+
+/// A tree with a network namespace of its own: the network-lock scripts
+/// run at the dump and network-unlock ones before the restored tree runs,
+/// as criu runs them.
+#[test]
+fn network_lock_scripts_for_a_tree_with_its_own_netns() {
+    let mut s = Spawn::new("counter").quiet();
+    s.program = Some("unshare".into());
+    let counter = build("counter");
+    let args = ["--net", counter.to_str().unwrap()];
+    let mut t = s.args(&args).start();
+    let hooks = WorkDir::new("netns_hooks");
+    let seen = hooks.0.join("seen");
+    let script = hooks.0.join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$CRTOOLS_SCRIPT_ACTION\" >> {}\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hook = script.to_str().unwrap();
+    t.dump(&["--action-script", hook]);
+    t.restore(&["--action-script", hook]);
+    t.pass();
+    let got = std::fs::read_to_string(&seen).unwrap();
+    let got: Vec<&str> = got.lines().collect();
+    assert_eq!(
+        got,
+        [
+            "pre-dump",
+            "network-lock",
+            "post-dump",
+            "pre-restore",
+            "post-restore",
+            "pre-resume",
+            "network-unlock",
+            "post-resume"
+        ]
+    );
+}

@@ -1419,3 +1419,284 @@ fn netlink_socket_with_a_message_queued() {
     assert_eq!(status_field(t.pid, "TracerPid"), "0");
     t.pass();
 }
+
+/// Inet sockets without connections: listeners with their options, UDP
+/// bound and connected, ICMP ping and raw sockets, each used after the
+/// restore.
+#[test]
+fn inet_sockets_and_options() {
+    let _ping = net::PingGroups::allow_all();
+    cycle("inet_sockets", &[]);
+}
+
+/// A connection streaming both ways across a dump of one end, the other
+/// end outside the tree: not a byte lost, repeated or changed, and the
+/// stream flows on after the restore.
+fn stream_across_dump(dump_server: bool) {
+    let files = WorkDir::new("tcp-stream");
+    let (server, client) = net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+    let (mut dumped, peer) = if dump_server {
+        (server, client)
+    } else {
+        (client, server)
+    };
+    dumped.task.dump(&["--tcp-established"]);
+    let (d0, p0) = (net::progress(&dumped), net::progress(&peer));
+    dumped.task.restore(&["--tcp-established"]);
+    net::wait_flowing([(&dumped, d0), (&peer, p0)], 8 << 20);
+    net::end_stream(dumped, peer);
+}
+
+#[test]
+fn tcp_stream_across_dump_of_server() {
+    stream_across_dump(true);
+}
+
+#[test]
+fn tcp_stream_across_dump_of_client() {
+    stream_across_dump(false);
+}
+
+/// A dump refused after the connection was put in repair mode (an MPTCP
+/// socket comes after it): the tree runs on, its connection out of repair
+/// mode and unlocked, and the stream goes on unharmed.
+#[test]
+fn refused_dump_leaves_connection_working() {
+    let files = WorkDir::new("tcp-stream-refused");
+    let (mut server, client) =
+        net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &["mptcp"]);
+    let out = server.task.dump_with(&["--tcp-established"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an MPTCP socket was dumped");
+    assert!(
+        err.contains(&format!("PID {} fd 100", server.task.pid)) && err.contains("MPTCP"),
+        "{err}"
+    );
+    assert!(
+        !net::lock_in_place(server.task.pid),
+        "the network lock outlived the refused dump"
+    );
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    net::end_stream(server, client);
+}
+
+/// Without --tcp-established a connection is refused in one line naming
+/// its two ends, and the tree runs on.
+#[test]
+fn connection_refused_without_tcp_established() {
+    let files = WorkDir::new("tcp-stream-plain");
+    let (mut server, client) = net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+    let out = server.task.dump_with(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let port = std::fs::read_to_string(files.0.join("port")).unwrap();
+    assert!(
+        err.lines().count() == 1
+            && err.contains("--tcp-established")
+            && err.contains(&format!("127.0.0.1:{} -> 127.0.0.1:", port.trim())),
+        "{err}"
+    );
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 4 << 20);
+    net::end_stream(server, client);
+}
+
+/// redis-server with keys written before the dump, and a client whose
+/// connection crosses the dump and gets its answers after the restore.
+#[test]
+fn redis_client_connection_across_dump() {
+    let port = net::free_port();
+    let mut t = net::server(
+        "redis",
+        format!("redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no"),
+    )
+    .start();
+    let mut client = net::Redis::connect(port);
+    for i in 0..200 {
+        assert_eq!(
+            client.cmd(&["SET", &format!("key{i}"), &format!("value{i}")]),
+            "+OK"
+        );
+    }
+    t.dump(&["--tcp-established"]);
+    t.restore(&["--tcp-established"]);
+    for i in 0..200 {
+        assert_eq!(
+            client.cmd(&["GET", &format!("key{i}")]),
+            format!("value{i}")
+        );
+    }
+    assert_eq!(client.cmd(&["INCR", "counter"]), ":1");
+    assert_eq!(net::Redis::connect(port).cmd(&["GET", "key7"]), "value7");
+    let _ = client.cmd(&["SHUTDOWN", "NOSAVE"]);
+    let (st, log) = t.wait_exit();
+    assert!(st.success(), "redis-server exited with {st}: {log}");
+}
+
+/// nginx.conf for a server on `port` serving `dir`; `workers`: a master
+/// and that many workers, 0: one process.
+fn nginx_conf(dir: &std::path::Path, port: u16, workers: u32) -> String {
+    let d = dir.display();
+    let procs = if workers == 0 {
+        "master_process off;".to_string()
+    } else {
+        format!("worker_processes {workers};")
+    };
+    format!(
+        "{procs}\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; \
+         uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n  server {{ listen 127.0.0.1:{port}; root {d}/www; }} }}\n"
+    )
+}
+
+fn nginx_serves_across_dump(workers: u32) {
+    let port = net::free_port();
+    let mut s = net::server(
+        "nginx",
+        "nginx -c \"$ZDTM_DIR/nginx.conf\" -p \"$ZDTM_DIR\"".into(),
+    );
+    s.before_start = Some(Box::new(move |dir: &std::path::Path| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(dir.join("www/page.html"), "served across a dump\n").unwrap();
+        std::fs::write(dir.join("nginx.conf"), nginx_conf(dir, port, workers)).unwrap();
+    }));
+    let mut t = s.start();
+    let mut keep = std::io::BufReader::new(net::connect_when_up(port));
+    assert_eq!(
+        net::http_get(&mut keep, "/page.html"),
+        "served across a dump\n"
+    );
+    t.dump(&["--tcp-established"]);
+    t.restore(&["--tcp-established"]);
+    // On the connection that was open across the dump, and on a new one.
+    assert_eq!(
+        net::http_get(&mut keep, "/page.html"),
+        "served across a dump\n"
+    );
+    assert_eq!(
+        net::http_get_once(port, "/page.html"),
+        "served across a dump\n"
+    );
+    let (st, log) = t.finish();
+    assert!(st.success(), "nginx exited with {st}: {log}");
+}
+
+/// nginx in one process, with a keep-alive connection across the dump.
+#[test]
+fn nginx_single_process_serves_across_dump() {
+    nginx_serves_across_dump(0);
+}
+
+/// nginx's master and workers (they talk over unix socketpairs).
+#[test]
+fn nginx_master_and_workers_serve_across_dump() {
+    nginx_serves_across_dump(2);
+}
+
+/// python's http.server serves a file after the restore.
+#[test]
+fn python_http_server_serves_after_restore() {
+    let port = net::free_port();
+    let mut s = net::server(
+        "pyhttp",
+        format!("python3 -m http.server {port} --bind 127.0.0.1 --directory \"$ZDTM_DIR\""),
+    );
+    s.before_start = Some(Box::new(|dir: &std::path::Path| {
+        std::fs::write(dir.join("hello.txt"), "hello from python\n").unwrap();
+    }));
+    let mut t = s.start();
+    assert_eq!(
+        net::http_get_once(port, "/hello.txt"),
+        "hello from python\n"
+    );
+    t.dump(&["--tcp-established"]);
+    t.restore(&["--tcp-established"]);
+    assert_eq!(
+        net::http_get_once(port, "/hello.txt"),
+        "hello from python\n"
+    );
+    // http.server ends on SIGINT (KeyboardInterrupt) with status 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let (st, log) = t.wait_exit();
+    assert!(st.success(), "http.server exited with {st}: {log}");
+}
+
+/// A migration: a server streaming with a client on another "host" is
+/// dumped (crust outside the server's namespace: the lock goes into it),
+/// its address moves to a third namespace, and crust restores it there
+/// (run inside it, as on another host). The client keeps its connection,
+/// and not a byte is lost or repeated either way.
+#[test]
+fn tcp_server_migrates_to_another_namespace() {
+    let hosts = net::Hosts::new();
+    let files = WorkDir::new("tcp-migrate");
+    let first = net::Hosts::enter(&hosts.first);
+    let client_ns = net::Hosts::enter(&hosts.client);
+    let (mut server, client) = net::stream_pair(
+        &files,
+        net::SERVER_ADDR,
+        net::SERVER_ADDR,
+        &first.iter().map(String::as_str).collect::<Vec<_>>(),
+        &client_ns.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+    );
+    server.task.dump(&["--tcp-established"]);
+    hosts.move_server();
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    let second = net::Hosts::enter(&hosts.second);
+    let mut cmd = std::process::Command::new(&second[0]);
+    cmd.args(&second[1..])
+        .arg(CRUST)
+        .arg("restore")
+        .arg("-D")
+        .arg(server.task.work.images())
+        .args(["-o", "restore.log", "-v4", "--tcp-established", "--pidfile"])
+        .arg(server.task.work.0.join("restored.pid"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    server.task.restore_with(cmd);
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata(format!("/proc/{}/ns/net", server.task.pid))
+        .unwrap()
+        .ino();
+    assert_eq!(
+        ns,
+        net::Hosts::ino(&hosts.second),
+        "restored in another namespace"
+    );
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    net::end_stream(server, client);
+}
+
+/// --leave-running with --tcp-established: the tree runs on with its
+/// connection out of repair mode and unlocked, and the stream goes on; the
+/// images hold the connection.
+#[test]
+fn leave_running_keeps_connection() {
+    let files = WorkDir::new("tcp-stream-leave");
+    let (mut server, client) = net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+    server.task.dump(&["--tcp-established", "--leave-running"]);
+    assert!(
+        !net::lock_in_place(server.task.pid),
+        "the lock outlived the dump"
+    );
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    let show = std::process::Command::new(CRUST)
+        .arg("show")
+        .arg(server.task.work.images())
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("TCP connection 127.0.0.1:") && show.contains("ESTABLISHED"),
+        "{show}"
+    );
+    net::end_stream(server, client);
+}

@@ -36,6 +36,14 @@ pub struct DumpCtx<'a> {
     pub irmap_scan_paths: Vec<std::path::PathBuf>,
     /// `--ext-unix-sk[=INO,...]`: None without it; the inodes listed.
     pub ext_unix_sk: Option<Vec<u64>>,
+    /// `--tcp-established`: TCP connections are dumped through repair
+    /// mode; `--tcp-close`: they are dumped to come back closed;
+    /// `--skip-in-flight`: connections not accepted yet are left out.
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub skip_in_flight: bool,
+    /// What the dump of inet sockets asks the kernel once for the tree.
+    pub inet: super::inet::InetDumpState,
     /// Objects dumped once for the whole tree (a pipe's buffer...), by a
     /// kind's tag and numbers.
     pub seen: RefCell<HashSet<ObjKey>>,
@@ -79,6 +87,10 @@ impl<'a> DumpCtx<'a> {
             force_irmap: opts.force_irmap,
             irmap_scan_paths: opts.irmap_scan_paths.clone(),
             ext_unix_sk: opts.ext_unix_sk.clone(),
+            tcp_established: opts.tcp_established,
+            tcp_close: opts.tcp_close,
+            skip_in_flight: opts.skip_in_flight,
+            inet: Default::default(),
             seen: RefCell::new(HashSet::new()),
             new_pipes: RefCell::new(Vec::new()),
             ghosts,
@@ -293,6 +305,13 @@ pub trait FileKind: Sync {
     fn tree_read(&self, _tables: &mut [FdTable], _ctx: &DumpCtx) -> Result<()> {
         Ok(())
     }
+    /// Runs in crust once the whole tree is rebuilt, just before it runs
+    /// (and once the network lock is lifted), once per open file
+    /// description: `copy` gives crust a copy of the restored fd
+    /// (pidfd_getfd), taken only when the kind asks for it.
+    fn resume(&self, _f: &FdFile, _copy: &mut dyn FnMut() -> Result<OwnedFd>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Every kind of file crust knows; the first to claim an fd dumps it.
@@ -313,6 +332,7 @@ static KINDS: &[&dyn FileKind] = &[
     &super::devices::CharDeviceKind,
     &super::pipes::PipeKind,
     &super::fifo::FifoKind,
+    &super::inet::InetKind,
     &super::packet_sk::PacketSkKind,
     &super::netlink_sk::NetlinkSkKind,
     // Last: its prepare sends the files in flight in the tree's sockets,
@@ -790,6 +810,36 @@ fn opens_late(e: &FdEntry) -> bool {
     e.file
         .as_ref()
         .is_some_and(|f| KINDS.iter().any(|k| k.opens_late(f)))
+}
+
+/// Each kind's `resume` for every open file description of the restored
+/// tree, which is stopped and about to run.
+pub fn resume_tree<'a>(tables: impl Iterator<Item = (i32, &'a FdTable)>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (pid, t) in tables {
+        let mut pidfd: Option<OwnedFd> = None;
+        for e in t.fds.iter().filter(|e| e.dup_of.is_none()) {
+            let Some(f) = &e.file else { continue };
+            if !seen.insert(e.description_id) {
+                continue;
+            }
+            let mut copy = || -> Result<OwnedFd> {
+                if pidfd.is_none() {
+                    pidfd = Some(
+                        crate::sys::pidfd_open(pid).with_context(|| format!("pidfd of {pid}"))?,
+                    );
+                }
+                let pfd = pidfd.as_ref().expect("opened above");
+                crate::sys::pidfd_getfd(pfd, e.fd)
+                    .with_context(|| format!("taking a copy of restored PID {pid} fd {}", e.fd))
+            };
+            for k in KINDS {
+                k.resume(f, &mut copy)
+                    .with_context(|| format!("restored PID {pid} fd {}", e.fd))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens a new file description for an fd entry, by the kind that knows it.

@@ -156,9 +156,8 @@ pub fn dump_sock_opts(fd: RawFd) -> Result<SockOpts> {
         broadcast: int(libc::SO_BROADCAST)? != 0,
         oobinline: int(libc::SO_OOBINLINE)? != 0,
         dontroute: int(libc::SO_DONTROUTE)? != 0,
-        // Only unix and netlink sockets have it (Linux 6.16 refuses it on
-        // the others).
-        passcred: int(libc::SO_PASSCRED).unwrap_or(0) != 0,
+        // Only unix and netlink sockets have it (others say EOPNOTSUPP).
+        passcred: int(libc::SO_PASSCRED).is_ok_and(|v| v != 0),
         priority: int(libc::SO_PRIORITY)?,
         rcvlowat: int(libc::SO_RCVLOWAT)?,
         mark: int(libc::SO_MARK)? as u32,
@@ -180,12 +179,105 @@ pub fn dump_sock_opts(fd: RawFd) -> Result<SockOpts> {
             .trim_end_matches('\0')
             .to_string(),
         peek_off: int(libc::SO_PEEK_OFF).unwrap_or(-1),
+        // Kernels before 5.14 lack it: then nothing was locked but by
+        // setting a size, which SO_*BUFFORCE locks again.
+        buf_lock: int(SO_BUF_LOCK).unwrap_or(-1) as u32,
+        no_check: int(libc::SO_NO_CHECK)? != 0,
+        passsec: int(libc::SO_PASSSEC).is_ok_and(|v| v != 0),
+        filter: dump_filter(fd)?,
+        lock_filter: int(libc::SO_LOCK_FILTER)? != 0,
+        timestamp: int(libc::SO_TIMESTAMP)? != 0,
+        timestampns: int(libc::SO_TIMESTAMPNS)? != 0,
+        rxq_ovfl: int(libc::SO_RXQ_OVFL)? != 0,
     })
 }
 
-/// Sets the SOL_SOCKET options again on a new socket. Buffer sizes are
-/// forced (crust is privileged), so that they come back exactly.
-pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
+/// SO_BUF_LOCK (since 5.14), which the libc crate lacks.
+const SO_BUF_LOCK: i32 = 72;
+
+/// The classic BPF filter attached with SO_ATTACH_FILTER, as its
+/// instructions (8 bytes each); empty when there is none.
+fn dump_filter(fd: RawFd) -> Result<Vec<u8>> {
+    let mut n: libc::socklen_t = 0;
+    // SAFETY: with a zero length SO_GET_FILTER only reports the number of
+    // instructions in `n`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            std::ptr::null_mut(),
+            &mut n,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EACCES) {
+            bail!("it has an eBPF socket filter (SO_ATTACH_BPF), which cannot be read back");
+        }
+        bail!("reading its socket filter: {e}");
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0u8; n as usize * 8];
+    // SAFETY: the buffer holds `n` struct sock_filter; the kernel writes at
+    // most that many and reports their number in `n`.
+    if unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            buf.as_mut_ptr().cast(),
+            &mut n,
+        )
+    } < 0
+    {
+        bail!(
+            "reading its socket filter: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    buf.truncate(n as usize * 8);
+    Ok(buf)
+}
+
+/// Attaches a classic BPF filter again (SO_ATTACH_FILTER).
+fn restore_filter(fd: RawFd, filter: &[u8]) -> Result<()> {
+    // struct sock_fprog: the number of instructions and a pointer to them.
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const u8,
+    }
+    let prog = SockFprog {
+        len: (filter.len() / 8) as u16,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: the kernel reads `prog` and the `len` instructions it points
+    // to, all alive for the call.
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const SockFprog).cast(),
+            std::mem::size_of::<SockFprog>() as libc::socklen_t,
+        )
+    } < 0
+    {
+        bail!(
+            "attaching its socket filter: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Sets the buffer sizes (forced: crust is privileged, and they come back
+/// exactly) and then which of them the program had fixed (SO_BUF_LOCK:
+/// forcing a size fixes it).
+pub fn restore_buffers(fd: RawFd, o: &SockOpts) -> Result<()> {
     let set = |opt, v: i32, what| setsockopt_int(fd, libc::SOL_SOCKET, opt, v, what);
     if o.sndbuf != 0 {
         set(libc::SO_SNDBUFFORCE, (o.sndbuf / 2) as i32, "SO_SNDBUF")?;
@@ -193,6 +285,17 @@ pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
     if o.rcvbuf != 0 {
         set(libc::SO_RCVBUFFORCE, (o.rcvbuf / 2) as i32, "SO_RCVBUF")?;
     }
+    if o.buf_lock != u32::MAX {
+        set(SO_BUF_LOCK, o.buf_lock as i32, "SO_BUF_LOCK")?;
+    }
+    Ok(())
+}
+
+/// Sets the SOL_SOCKET options again on a new socket. Buffer sizes are
+/// forced (crust is privileged), so that they come back exactly.
+pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
+    let set = |opt, v: i32, what| setsockopt_int(fd, libc::SOL_SOCKET, opt, v, what);
+    restore_buffers(fd, o)?;
     set(libc::SO_REUSEADDR, o.reuseaddr as i32, "SO_REUSEADDR")?;
     set(libc::SO_REUSEPORT, o.reuseport as i32, "SO_REUSEPORT")?;
     set(libc::SO_KEEPALIVE, o.keepalive as i32, "SO_KEEPALIVE")?;
@@ -225,6 +328,27 @@ pub fn restore_sock_opts(fd: RawFd, o: &SockOpts) -> Result<()> {
             "SO_BINDTODEVICE",
         )
         .with_context(|| format!("the device {} is gone?", o.bind_device))?;
+    }
+    if o.no_check {
+        set(libc::SO_NO_CHECK, 1, "SO_NO_CHECK")?;
+    }
+    if o.passsec {
+        set(libc::SO_PASSSEC, 1, "SO_PASSSEC")?;
+    }
+    for (on, opt, what) in [
+        (o.timestamp, libc::SO_TIMESTAMP, "SO_TIMESTAMP"),
+        (o.timestampns, libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
+        (o.rxq_ovfl, libc::SO_RXQ_OVFL, "SO_RXQ_OVFL"),
+    ] {
+        if on {
+            set(opt, 1, what)?;
+        }
+    }
+    if !o.filter.is_empty() {
+        restore_filter(fd, &o.filter)?;
+    }
+    if o.lock_filter {
+        set(libc::SO_LOCK_FILTER, 1, "SO_LOCK_FILTER")?;
     }
     if o.peek_off >= 0 {
         // Only families with a peek offset take it; the others refuse it.
@@ -288,6 +412,32 @@ impl SockDiag {
         Ok(SockDiag {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             seq: std::cell::Cell::new(1),
+        })
+    }
+
+    /// A client in the network namespace of process `pid` (sock_diag
+    /// answers about the namespace its socket was made in): made by a
+    /// thread of crust's that enters that namespace first.
+    pub fn open_for(pid: i32) -> Result<Self> {
+        if same_netns(pid) {
+            return Self::open();
+        }
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .with_context(|| format!("opening the network namespace of PID {pid}"))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) on an fd we hold; only this short-lived
+                // thread changes its namespace.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                    bail!(
+                        "entering the network namespace of PID {pid}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                Self::open()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread opening a sock_diag socket panicked"))?
         })
     }
 
@@ -371,7 +521,7 @@ pub fn attrs(msg: &[u8], skip: usize) -> Vec<(u16, &[u8])> {
 }
 
 /// Whether task `pid` is in crust's network namespace (sock_diag sees only
-/// crust's; a tree in another is refused until namespaces are dumped).
+/// the namespace its socket was made in: `SockDiag::open_for`).
 pub fn same_netns(pid: i32) -> bool {
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
     ns(&pid.to_string()) == ns("self")

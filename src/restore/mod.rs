@@ -51,6 +51,12 @@ pub struct RestoreOpts {
     /// `--ext-unix-sk`: unix sockets connected outside the tree are
     /// connected to their peers' names again.
     pub ext_unix_sk: bool,
+    /// `--tcp-established`: restore the connections of the images;
+    /// `--tcp-close`: restore them closed.
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    /// How the connections are locked until the tree runs.
+    pub network_lock: crate::resources::netlock::Method,
 }
 
 impl RestoreOpts {
@@ -70,6 +76,9 @@ impl RestoreOpts {
             file_locks: false,
             actions: Actions::none(),
             ext_unix_sk: false,
+            tcp_established: false,
+            tcp_close: false,
+            network_lock: crate::resources::netlock::Method::Skip,
         }
     }
 }
@@ -318,6 +327,10 @@ pub fn restore(
     stats: Option<&mut Stats>,
     progress: crate::progress::Progress,
 ) -> Result<i32> {
+    // Before anything forks (the init of --pid-ns too): the tree's network
+    // namespace, when it had one of its own.
+    let inv: Inventory = ImageDir::open(&opts.dir)?.read_msg(ImageKind::Inventory, 0)?;
+    crate::resources::netlock::enter_tree_netns(&inv)?;
     if opts.pid_ns {
         drop(progress);
         return pidns::restore_in_new_pid_ns(opts);
@@ -395,6 +408,12 @@ pub(crate) fn wait_exit_code(child: Pid) -> Result<i32> {
 fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid> {
     let dir = ImageDir::open(&opts.dir)?;
     let inv: Inventory = dir.read_msg(ImageKind::Inventory, 0)?;
+    // The lock the dump left (when it is here): lifted once the tree runs,
+    // or when this restore fails.
+    let dumped_lock = inv
+        .net_lock
+        .as_ref()
+        .and_then(crate::resources::netlock::NetLock::adopt);
     check_tree(&inv)?;
     if inv.shell_job && !opts.shell_job {
         crate::refuse!("the images were dumped with --shell-job; restore with --shell-job");
@@ -420,6 +439,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         crate::resources::timers::check_posix_timers(&img.core)?;
         tasks.insert(t.pid, img);
     }
+    let net_lock = connections(&inv, &mut tasks, opts, dumped_lock)?;
     let thread_ids = tasks
         .values()
         .flat_map(|t| t.core.threads.iter().skip(1).map(|th| th.tid));
@@ -568,7 +588,32 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     let foreground = tty
         .filter(|_| set.inv.shell_job_foreground && root_ref.pgid == pid && root_ref.sid != pid)
         .map(|fd| (fd, Pid::from_raw(pid)));
-    if let Err(e) = finish_tree(child, &set, sync_wr, status_rd, foreground, opts) {
+    // Once the tree is rebuilt and before it runs: the lock is lifted, then
+    // the connections leave repair mode, so that their window probes reach
+    // the peers.
+    let mut net_lock = net_lock;
+    let mut before_run = || -> Result<()> {
+        if let Some(l) = net_lock.take()
+            && let Err(e) = l.release()
+        {
+            tracing::warn!("the restored tree's connections stay locked: {e:#}");
+        }
+        // As with criu: a tree with a network namespace of its own has its
+        // network-unlock scripts run before it runs.
+        if set.inv.net_ns != 0 && set.inv.net_ns != set.inv.crust_net_ns {
+            opts.actions.run(Action::NetworkUnlock)?;
+        }
+        files::resume_tree(set.tasks.iter().map(|(p, t)| (*p, &t.files)))
+    };
+    if let Err(e) = finish_tree(
+        child,
+        &set,
+        sync_wr,
+        status_rd,
+        foreground,
+        opts,
+        &mut before_run,
+    ) {
         // Nothing lost: what this restore created goes away again (the rest
         // of the tree is traced with PTRACE_O_EXITKILL and dies with crust).
         let _ = kill(child, Signal::SIGKILL);
@@ -591,6 +636,48 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     }
     info!("restored {} task(s), root PID {pid}", set.inv.tasks.len());
     Ok(child)
+}
+
+/// The TCP connections of the images: refused without --tcp-established
+/// (or --tcp-close, which makes them closed sockets), and locked until the
+/// tree runs (the dump's lock, when it is still here, is taken over).
+fn connections(
+    inv: &Inventory,
+    tasks: &mut HashMap<i32, TaskImages>,
+    opts: &RestoreOpts,
+    dumped: Option<crate::resources::netlock::NetLock>,
+) -> Result<Option<crate::resources::netlock::NetLock>> {
+    use crate::resources::{inet, netlock};
+    let conns = inet::tcp::image_connections(
+        tasks
+            .values()
+            .flat_map(|t| &t.files.fds)
+            .filter_map(|e| e.file.as_ref()),
+    );
+    if conns.is_empty() {
+        return Ok(dumped);
+    }
+    if opts.tcp_close {
+        for t in tasks.values_mut() {
+            inet::tcp::close_connections(&mut t.files);
+        }
+        return Ok(dumped);
+    }
+    if !opts.tcp_established {
+        bail!(
+            "the images hold {} TCP connection(s) (dumped with --tcp-established); restore with --tcp-established, or with --tcp-close to have them closed",
+            conns.len()
+        );
+    }
+    if dumped.is_some() {
+        return Ok(dumped);
+    }
+    Ok(Some(netlock::NetLock::take(
+        opts.network_lock,
+        &netlock::lock_name(inv.root_pid),
+        &conns,
+        None,
+    )?))
 }
 
 /// How long the restored tree may go without a single event (a thread's
@@ -739,6 +826,7 @@ fn finish_tree(
     status_rd: OwnedFd,
     foreground: Option<(std::os::fd::RawFd, Pid)>,
     opts: &RestoreOpts,
+    before_run: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {
     // SAFETY: status_rd is an fd we own; File takes it over.
     let status = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(status_rd)) };
@@ -867,6 +955,7 @@ fn finish_tree(
             tracing::warn!("making group {pgrp} the foreground of crust's terminal: {e}");
         }
     }
+    before_run()?;
     for (pid, img) in &set.tasks {
         let mut leader = SeizedTask::from_stopped(Pid::from_raw(*pid))?;
         // A task stopped by job control gets its stop signal while still

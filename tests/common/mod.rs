@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::fs;
 use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
