@@ -1628,8 +1628,9 @@ fn python_http_server_serves_after_restore() {
 
 /// A migration: a server streaming with a client on another "host" is
 /// dumped (crust outside the server's namespace: the lock goes into it),
-/// its address moves to a third namespace, and crust restores it there
-/// (run inside it, as on another host). The client keeps its connection,
+/// and crust restores it in a third namespace (run inside it, as on
+/// another host), which takes over the server's address at pre-restore,
+/// once the restore's lock holds the connection there. The client keeps its connection,
 /// and not a byte is lost or repeated either way.
 #[test]
 fn tcp_server_migrates_to_another_namespace() {
@@ -1646,9 +1647,9 @@ fn tcp_server_migrates_to_another_namespace() {
         &[],
     );
     server.task.dump(&["--tcp-established"]);
-    hosts.move_server();
     let (s0, c0) = (net::progress(&server), net::progress(&client));
     let second = net::Hosts::enter(&hosts.second);
+    let script = hosts.move_server_script(&files.0);
     let mut cmd = std::process::Command::new(&second[0]);
     cmd.args(&second[1..])
         .arg(CRUST)
@@ -1657,6 +1658,8 @@ fn tcp_server_migrates_to_another_namespace() {
         .arg(server.task.work.images())
         .args(["-o", "restore.log", "-v4", "--tcp-established", "--pidfile"])
         .arg(server.task.work.0.join("restored.pid"))
+        .arg("--action-script")
+        .arg(&script)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

@@ -419,7 +419,6 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         crate::refuse!("the images were dumped with --shell-job; restore with --shell-job");
     }
     opts.actions.set_init_pid(inv.root_pid);
-    opts.actions.run(Action::PreRestore)?;
     let ghosts = crate::resources::ghost::load(&dir)?;
     if !opts.link_remap
         && let Some(g) = ghosts.iter().find(|g| !g.link_remap.is_empty())
@@ -440,6 +439,10 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         tasks.insert(t.pid, img);
     }
     let net_lock = connections(&inv, &mut tasks, opts, dumped_lock)?;
+    // After the lock: a pre-restore script that brings the tree's addresses
+    // up here (a migration) exposes no connection to its peer before the
+    // restored socket exists, or the peer would get a reset.
+    opts.actions.run(Action::PreRestore)?;
     let thread_ids = tasks
         .values()
         .flat_map(|t| t.core.threads.iter().skip(1).map(|th| th.tid));

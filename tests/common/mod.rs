@@ -350,10 +350,17 @@ impl Task {
             .parse()
             .unwrap();
         assert_eq!(pid, self.pid, "restored with another PID");
-        assert_eq!(
-            status_field(pid, "TracerPid"),
-            "0",
-            "restored task is still traced"
+        let tracer = status_field(pid, "TracerPid");
+        assert!(
+            tracer == "0",
+            "restored task is {}\ntask log:\n{}\nrestore log:\n{}",
+            if tracer.is_empty() {
+                "gone".to_string()
+            } else {
+                format!("still traced by {tracer}")
+            },
+            self.log_text(),
+            fs::read_to_string(self.work.images().join("restore.log")).unwrap_or_default()
         );
     }
 

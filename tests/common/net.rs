@@ -318,19 +318,28 @@ impl Hosts {
         ip(&["-n", ns, "link", "set", &self.link, "up"]);
     }
 
-    /// The server's address moves to the second namespace (the veth end
-    /// keeps its MAC address, as a migrated host's address would).
-    pub fn move_server(&self) {
-        ip(&[
-            "-n",
-            &self.first,
-            "link",
-            "set",
-            &self.link,
-            "netns",
-            &self.second,
-        ]);
-        self.server_link_up(&self.second);
+    /// A shell script that moves the server's address to the second
+    /// namespace at the restore's pre-restore stage: the restore's lock
+    /// already holds the connection there, so the client's packets reach
+    /// no namespace that would answer them with a reset before the
+    /// restored socket exists (an address up before the lock would).
+    pub fn move_server_script(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("move-server.sh");
+        let (first, second, link) = (&self.first, &self.second, &self.link);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = pre-restore ] || exit 0\n\
+                 set -e\n\
+                 ip -n {first} link set {link} netns {second}\n\
+                 ip -n {second} addr add {SERVER_ADDR}/24 dev {link}\n\
+                 ip -n {second} link set {link} up\n"
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
     }
 
     /// A command prefix that runs a program in namespace `ns`.
