@@ -157,6 +157,8 @@ pub struct ParasiteCtl {
     /// Zero or positive on success, `-errno` on failure.
     pub ret: i64,
     pub pipe_size: u64,
+    /// The parasite's page pipe in the task, while it is open (-1 before
+    /// INIT and after FINI): a cure after a crust that died reads it here.
     pub pipe_rd: i32,
     pub pipe_wr: i32,
     pub nr_iovs: u64,

@@ -206,5 +206,8 @@ fn fini(ctl: &mut ParasiteCtl) -> i64 {
         syscall2(SYS_CLOSE, ctl.pipe_rd as u64, 0);
         syscall2(SYS_CLOSE, ctl.pipe_wr as u64, 0);
     }
+    // No pipe any more: a cure after a crust that died closes none (their
+    // numbers may be the task's own files again by then).
+    (ctl.pipe_rd, ctl.pipe_wr) = (-1, -1);
     0
 }

@@ -1,6 +1,7 @@
 //! `crust dump`: seize the tree, collect every task, drain its memory through
 //! the parasite, write the images (inventory last), then kill or release.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use tracing::info;
 
 use crate::actions::Action;
 pub use crate::actions::Actions;
+use crate::guardian::Guardian;
 use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
@@ -57,7 +59,7 @@ pub struct DumpOpts {
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
 /// named stage, so tests can check what a dead crust leaves behind.
-fn fault_point(stage: &str) {
+pub fn fault_point(stage: &str) {
     if std::env::var("CRUST_FAULT").is_ok_and(|s| s == stage) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
@@ -236,6 +238,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
     let dir = ImageDir::create(&opts.dir)?;
+    // From here on, whatever the dump changes outside crust is undone by
+    // crust's guards if the dump fails, and by the guardian if crust dies.
+    let guardian = Guardian::spawn()?;
     // Seize until the tree stands still: a task may fork or exit while
     // its parent is being seized. One entry per live process: its threads,
     // the leader first.
@@ -290,7 +295,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let live: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
     let zombies: Vec<i32> = tree.iter().filter(|n| n.zombie).map(|n| n.pid).collect();
-    let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts);
+    let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts, &guardian);
     // fd tables and fs contexts shared with a parent (CLONE_FILES,
     // CLONE_FS): a shared table is dumped once, with its owner.
     let with_parent: Vec<(i32, i32)> = tree
@@ -314,16 +319,20 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         if conns.is_empty() {
             None
         } else {
+            let name = netlock::lock_name(opts.pid);
+            let netns = netlock::foreign_netns(opts.pid)?;
+            guardian.locking(opts.network_lock, &name, netns.as_ref().map(|f| f.as_fd()))?;
             Some(netlock::NetLock::take(
                 opts.network_lock,
-                &netlock::lock_name(opts.pid),
+                &name,
                 &conns,
-                netlock::foreign_netns(opts.pid)?,
+                netns,
             )?)
         }
     } else {
         None
     };
+    fault_point("locked");
     // (Declared after `fctx`: a failed dump lifts the lock first, then takes
     // the connections out of repair mode, whose window probes then reach
     // the peers.)
@@ -334,6 +343,8 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             _ => crate::resources::fs::dump_fs(pid)?,
         });
     }
+    // Every connection has been read in repair mode (and left it again).
+    fault_point("repaired");
     // The tree's pty masters: a session leader whose controlling terminal
     // is one of them takes it again on restore.
     let masters: Vec<u32> = tables
@@ -378,7 +389,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, &ghosts, parent)?;
+        let vmas = dump_task(threads, fds, &dir, &ghosts, parent, &guardian)?;
         vmas_of.insert(pid, vmas);
         crate::progress::task_done();
     }
@@ -449,8 +460,11 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
     ghosts.keep();
-    if !(opts.leave_running || opts.leave_stopped) {
-        fctx.tree_ends();
+    let tree_ends = !(opts.leave_running || opts.leave_stopped);
+    if tree_ends {
+        // The dump is complete and the tree ends: should crust die from
+        // now on, the guardian ends it.
+        guardian.keep(&live)?;
         // The restore lifts it.
         if let Some(l) = net_lock.take() {
             l.keep();
@@ -459,21 +473,30 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         l.release()?;
     }
     if let Some(l) = script_lock.take() {
-        if opts.leave_running || opts.leave_stopped {
-            l.unlock()?;
-        } else {
+        if tree_ends {
             // The restore runs network-unlock.
             l.keep();
+        } else {
+            l.unlock()?;
         }
     }
-    // Connections out of repair mode before the tree runs on.
-    drop(fctx);
+    if !tree_ends {
+        // Before the tree runs on, now that the lock is lifted.
+        fctx.give_back();
+    }
+    fault_point("kept");
     let mut killed = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();
         let leader = threads.next().expect("a process has a leader");
         killed.push(leader.pid.as_raw());
-        if opts.leave_running || opts.leave_stopped {
+        if tree_ends {
+            // SIGKILL to the leader ends the whole thread group.
+            leader.kill()?;
+            for t in threads {
+                t.forget();
+            }
+        } else {
             if opts.leave_stopped {
                 // Queued while the task is held: it stops before it runs
                 // an instruction.
@@ -483,17 +506,16 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 t.release()?;
             }
             leader.release()?;
-        } else {
-            // SIGKILL to the leader ends the whole thread group.
-            leader.kill()?;
-            for t in threads {
-                t.forget();
-            }
         }
     }
-    if !(opts.leave_running || opts.leave_stopped) {
+    if tree_ends {
         wait_dead(&killed);
+        // What the dead tree held, crust's copies keep: connections go back
+        // into repair mode before their last close.
+        fctx.tree_ends()?;
     }
+    drop(fctx);
+    guardian.finish();
     if let Some(s) = stats.as_mut() {
         s.stage("ending the tree");
         for (name, c) in [
@@ -564,6 +586,7 @@ fn dump_task(
     dir: &ImageDir,
     ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
+    guardian: &Guardian,
 ) -> Result<Vec<crate::images::pb::VmaEntry>> {
     let task = &threads[0];
     let pid = task.pid.as_raw();
@@ -592,7 +615,7 @@ fn dump_task(
 
     let posix_timers = timers::list_posix_timers(pid)?;
     let t = Instant::now();
-    let mut parasite = Parasite::infect(task)?;
+    let mut parasite = Parasite::infect(task, guardian)?;
     fault_point("infected");
     memory::dump_mlockall(pid, parasite.region(), &mut core)?;
     // What only a thread can read about itself: asked in each thread, the

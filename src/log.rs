@@ -109,3 +109,22 @@ pub fn relocate_above(min: RawFd, close_old: bool) -> RawFd {
     }
     new
 }
+
+/// In a process forked from crust that may outlive it (the dump's
+/// guardian): the log stays when it is a regular file; anything else
+/// (stderr: a pipe someone reads to its end, a terminal) is given up, and
+/// the process logs nothing. Returns the fd kept.
+pub fn keep_only_a_file() -> Option<RawFd> {
+    let fd = LOG_FD.load(Ordering::Relaxed);
+    // SAFETY: fstat of an fd into our buffer; plain data, all-zero valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let file = fd >= 0
+        && unsafe { libc::fstat(fd, &mut st) } == 0
+        && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if file {
+        return Some(fd);
+    }
+    LOG_FD.store(-1, Ordering::Relaxed);
+    None
+}

@@ -13,6 +13,7 @@ mod check;
 mod cli;
 mod dump;
 mod error;
+mod guardian;
 mod images;
 mod log;
 mod parasite_ctl;

@@ -3,7 +3,9 @@
 //! and curing it again. Every step that changes the task is undone by a
 //! guard on every exit path; between two steps the task's own registers,
 //! FPU state and code are in place, so a crust killed at any step boundary
-//! leaves a task that runs on as it was.
+//! leaves a task that runs on as it was; the dump's guardian
+//! (`crate::guardian`), told of every parasite, then removes it
+//! (`cure_orphaned`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -18,6 +20,7 @@ use tracing::debug;
 
 use crate::abi::{self, ParasiteCtl};
 use crate::blobs::{PARASITE_BLOB, page_align};
+use crate::guardian::Guardian;
 use crate::resources::regs;
 use crate::seize::{Regs, SeizedTask, wait_task};
 use crate::sys;
@@ -113,42 +116,48 @@ pub fn remote_syscall(task: &SeizedTask, nr: i64, args: [u64; 6]) -> Result<i64>
 const STACK_SIZE: u64 = 64 * 1024;
 
 const NR_REGS: usize = std::mem::size_of::<Regs>() / 8;
-const INFECTION_LEN: usize = 32 + NR_REGS * 8;
+pub const INFECTION_LEN: usize = 32 + NR_REGS * 8;
 
-/// What a cure needs to know of a parasite: its region and its pipe, and the
-/// thread it runs in now with that thread's registers as the freeze found
-/// them.
+/// What a cure needs to know of a parasite: its region, where its control
+/// block is (which names the pipe it holds open), and the thread it runs
+/// in now with that thread's registers as the freeze found them. The dump's
+/// guardian is told it at every change (size 0: no parasite), to cure the
+/// task should crust die (`cure_orphaned`).
 #[derive(Clone, Copy)]
-struct Infection {
+pub struct Infection {
     base: u64,
     size: u64,
-    pipe_rd: i32,
-    pipe_wr: i32,
     tid: i32,
+    /// Where the control block is in the region, once crust has set it up
+    /// (0 before).
+    ctl_off: u32,
     stop_regs: Regs,
 }
 
 impl Infection {
-    fn new(base: u64, size: u64) -> Self {
+    pub fn new(base: u64, size: u64) -> Self {
         // SAFETY: user_regs_struct is plain data for which all-zero is valid.
         let stop_regs = unsafe { std::mem::zeroed() };
         Infection {
             base,
             size,
-            pipe_rd: -1,
-            pipe_wr: -1,
             tid: 0,
+            ctl_off: 0,
             stop_regs,
         }
     }
 
-    fn to_bytes(self) -> [u8; INFECTION_LEN] {
+    /// Whether a parasite is in the task.
+    pub fn present(&self) -> bool {
+        self.size != 0
+    }
+
+    pub fn to_bytes(self) -> [u8; INFECTION_LEN] {
         let mut b = [0u8; INFECTION_LEN];
         b[0..8].copy_from_slice(&self.base.to_le_bytes());
         b[8..16].copy_from_slice(&self.size.to_le_bytes());
-        b[16..20].copy_from_slice(&self.pipe_rd.to_le_bytes());
-        b[20..24].copy_from_slice(&self.pipe_wr.to_le_bytes());
-        b[24..28].copy_from_slice(&self.tid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.tid.to_le_bytes());
+        b[20..24].copy_from_slice(&self.ctl_off.to_le_bytes());
         // SAFETY: user_regs_struct is NR_REGS plain u64s.
         let words: [u64; NR_REGS] = unsafe { std::mem::transmute(self.stop_regs) };
         for (i, w) in words.iter().enumerate() {
@@ -157,7 +166,7 @@ impl Infection {
         b
     }
 
-    fn from_bytes(b: &[u8; INFECTION_LEN]) -> Self {
+    pub fn from_bytes(b: &[u8; INFECTION_LEN]) -> Self {
         let mut words = [0u64; NR_REGS];
         for (i, w) in words.iter_mut().enumerate() {
             *w = u64::from_le_bytes(b[32 + i * 8..40 + i * 8].try_into().unwrap());
@@ -165,69 +174,20 @@ impl Infection {
         Infection {
             base: u64::from_le_bytes(b[0..8].try_into().unwrap()),
             size: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            pipe_rd: i32::from_le_bytes(b[16..20].try_into().unwrap()),
-            pipe_wr: i32::from_le_bytes(b[20..24].try_into().unwrap()),
-            tid: i32::from_le_bytes(b[24..28].try_into().unwrap()),
+            tid: i32::from_le_bytes(b[16..20].try_into().unwrap()),
+            ctl_off: u32::from_le_bytes(b[20..24].try_into().unwrap()),
             // SAFETY: user_regs_struct is NR_REGS plain u64s.
             stop_regs: unsafe { std::mem::transmute::<[u64; NR_REGS], Regs>(words) },
         }
     }
 }
 
-/// A watchdog process that cures the task if crust dies while the parasite
-/// is in it. crust keeps it told of the parasite's region and pipe; when
-/// crust's end of the pipe closes without a final all-clear, crust is gone,
-/// the kernel has detached the task, and the watchdog seizes it again,
-/// unmaps the parasite and closes its pipe.
-struct CureGuard {
-    child: nix::unistd::Pid,
-    tell: File,
-}
-
-impl CureGuard {
-    fn spawn(task: nix::unistd::Pid) -> Result<Self> {
-        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: crust is single-threaded; the child only reads a pipe,
-        // makes system calls and exits.
-        match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Child => {
-                drop(wr);
-                let code = watchdog(task, File::from(rd));
-                // SAFETY: leave without running crust's exit handlers twice.
-                unsafe { libc::_exit(code) }
-            }
-            nix::unistd::ForkResult::Parent { child } => Ok(CureGuard {
-                child,
-                tell: File::from(wr),
-            }),
-        }
-    }
-
-    fn arm(&mut self, inf: Infection) -> Result<()> {
-        use std::io::Write;
-        self.tell
-            .write_all(&inf.to_bytes())
-            .context("telling the cure watchdog")
-    }
-
-    /// The parasite is gone: the watchdog exits without touching the task.
-    fn disarm(mut self) {
-        let _ = self.arm(Infection::new(0, 0));
-        drop(self.tell);
-        let _ = nix::sys::wait::waitpid(self.child, None);
-    }
-}
-
-fn watchdog(task: nix::unistd::Pid, mut from_crust: File) -> i32 {
-    use std::io::Read;
-    let mut last = Infection::new(0, 0);
-    let mut b = [0u8; INFECTION_LEN];
-    while from_crust.read_exact(&mut b).is_ok() {
-        last = Infection::from_bytes(&b);
-    }
-    if last.size == 0 {
-        return 0;
-    }
+/// Cures task `task` of the parasite `last` when crust died with it in
+/// (run by the dump's guardian, `crate::guardian`, once crust is gone): the
+/// kernel has detached the task, or is about to; seizes it again, unmaps
+/// the parasite and closes its pipe. False when the task could not be
+/// seized within 10 s.
+pub fn cure_orphaned(task: nix::unistd::Pid, last: Infection) -> bool {
     // crust died. Its ptrace link goes away a moment after its files close,
     // and a thread may still be inside the parasite, finishing a command
     // (which never blocks and ends in rt_sigreturn): let it, and try again.
@@ -235,7 +195,7 @@ fn watchdog(task: nix::unistd::Pid, mut from_crust: File) -> i32 {
     let t = std::time::Instant::now();
     let mut threads = loop {
         if t.elapsed() > std::time::Duration::from_secs(10) {
-            return 1;
+            return false;
         }
         match crate::seize::seize_threads(task.as_raw()) {
             Ok(ts) if ts.iter().all(|s| !region.contains(&s.regs.rip)) => break ts,
@@ -259,8 +219,23 @@ fn watchdog(task: nix::unistd::Pid, mut from_crust: File) -> i32 {
         }
     }
     let leader = &threads[0];
+    // The pipe the parasite holds open, as its control block says (INIT
+    // writes it, FINI clears it): right at every instant crust may have
+    // died, which what crust last read of it is not.
+    let mut pipe = (-1, -1);
+    if last.ctl_off != 0 {
+        let at =
+            last.base + last.ctl_off as u64 + std::mem::offset_of!(ParasiteCtl, pipe_rd) as u64;
+        let mut b = [0u8; 8];
+        if leader.mem.read_exact_at(&mut b, at).is_ok() {
+            pipe = (
+                i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")),
+                i32::from_ne_bytes(b[4..].try_into().expect("4 bytes")),
+            );
+        }
+    }
     let _ = remote_syscall(leader, libc::SYS_munmap, [last.base, last.size, 0, 0, 0, 0]);
-    for fd in [last.pipe_rd, last.pipe_wr] {
+    for fd in [pipe.0, pipe.1] {
         if fd >= 0 {
             let _ = remote_syscall(leader, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
         }
@@ -268,7 +243,7 @@ fn watchdog(task: nix::unistd::Pid, mut from_crust: File) -> i32 {
     for th in threads.into_iter().rev() {
         let _ = th.release();
     }
-    0
+    true
 }
 
 /// A parasite loaded into a seized task. `cure` (or drop) removes it.
@@ -282,18 +257,20 @@ pub struct Parasite<'a> {
     frame_size: u64,
     /// The thread whose state the return frame holds now.
     framed_tid: i32,
-    /// What the cure watchdog was last told.
+    /// What the dump's guardian was last told.
     inf: Infection,
     /// crust's end of the page pipe (opened through /proc/PID/fd).
     pub pipe: Option<File>,
     pub pipe_size: usize,
-    guard: Option<CureGuard>,
+    guardian: &'a Guardian,
     cured: bool,
 }
 
 impl<'a> Parasite<'a> {
-    /// Maps a shared region into the task, loads the blob and creates the page pipe.
-    pub fn infect(task: &'a SeizedTask) -> Result<Self> {
+    /// Maps a shared region into the task, loads the blob and creates the
+    /// page pipe. The dump's guardian learns of the parasite as soon as its
+    /// region exists, and of every change after, until it is cured.
+    pub fn infect(task: &'a SeizedTask, guardian: &'a Guardian) -> Result<Self> {
         let blob_size = PARASITE_BLOB.mapped_size();
         let ctl_off = blob_size;
         let ctl_size = page_align(std::mem::size_of::<ParasiteCtl>() as u64);
@@ -302,14 +279,12 @@ impl<'a> Parasite<'a> {
         let size = frame_off + frame_size + STACK_SIZE;
         let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
         let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS;
-        let mut guard = CureGuard::spawn(task.pid)?;
         let base = remote_syscall(
             task,
             libc::SYS_mmap,
             [0, size, prot as u64, flags as u64, u64::MAX, 0],
         )?;
         if base < 0 {
-            guard.disarm();
             bail!(
                 "mapping the parasite into task {}: errno {}",
                 task.pid,
@@ -322,10 +297,9 @@ impl<'a> Parasite<'a> {
             stop_regs: task.stop_regs,
             base,
             size,
-            pipe_rd: -1,
-            pipe_wr: -1,
+            ctl_off: 0,
         };
-        guard.arm(inf)?;
+        guardian.infected(task.pid.as_raw(), inf)?;
         let mut p = Parasite {
             task,
             remote_base: base,
@@ -338,7 +312,7 @@ impl<'a> Parasite<'a> {
             inf,
             pipe: None,
             pipe_size: 0,
-            guard: None,
+            guardian,
             cured: false,
         };
         // The shared anonymous region is a shmem file: map the same pages here.
@@ -374,16 +348,14 @@ impl<'a> Parasite<'a> {
             task.pid, PARASITE_BLOB.name
         );
 
-        p.guard = Some(guard);
         p.ctl().pipe_size = 1 << 20;
         (p.ctl().pipe_rd, p.ctl().pipe_wr) = (-1, -1);
-        let r = p.run(abi::PARASITE_CMD_INIT);
-        // The pipe may exist even when INIT failed half-way: tell the watchdog.
-        (inf.pipe_rd, inf.pipe_wr) = (p.ctl().pipe_rd, p.ctl().pipe_wr);
+        // From now on the guardian finds the pipe the parasite holds in the
+        // control block.
+        inf.ctl_off = ctl_off as u32;
         p.inf = inf;
-        if let Some(g) = p.guard.as_mut() {
-            g.arm(inf)?;
-        }
+        guardian.infected(task.pid.as_raw(), inf)?;
+        let r = p.run(abi::PARASITE_CMD_INIT);
         let r = r?;
         if r < 0 {
             bail!(
@@ -417,13 +389,11 @@ impl<'a> Parasite<'a> {
         if self.framed_tid == t.pid.as_raw() {
             return Ok(());
         }
-        // The watchdog learns which thread now returns through the frame.
+        // The guardian learns which thread now returns through the frame.
         if self.inf.tid != t.pid.as_raw() {
             self.inf.tid = t.pid.as_raw();
             self.inf.stop_regs = t.stop_regs;
-            if let Some(g) = self.guard.as_mut() {
-                g.arm(self.inf)?;
-            }
+            self.guardian.infected(self.task.pid.as_raw(), self.inf)?;
         }
         // SAFETY: the frame area lies inside the local mapping.
         let frame = unsafe {
@@ -521,9 +491,8 @@ impl<'a> Parasite<'a> {
                 -r
             );
         }
-        if let Some(g) = self.guard.take() {
-            g.disarm();
-        }
+        self.guardian
+            .infected(self.task.pid.as_raw(), Infection::new(0, 0))?;
         fini?;
         Ok(())
     }

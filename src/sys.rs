@@ -488,7 +488,7 @@ pub fn block_sigchld() {
 
 /// A signalfd of SIGCHLD, made once; the process's (a forked copy of crust
 /// reads its own children's through the inherited fd).
-fn sigchld_fd() -> RawFd {
+pub fn sigchld_fd() -> RawFd {
     static FD: std::sync::OnceLock<RawFd> = std::sync::OnceLock::new();
     *FD.get_or_init(|| {
         block_sigchld();

@@ -535,3 +535,219 @@ fn failed_restore_removes_the_sysv_objects_it_made() {
     t.restore(&[]);
     t.pass();
 }
+
+/// The processes crust left behind: any process whose environment holds
+/// `CRUST_TEST_TAG=tag` (crust, and whatever it forked: its guardian).
+fn tagged_processes(tag: &str) -> Vec<String> {
+    let want = format!("CRUST_TEST_TAG={tag}");
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        })
+        .map(|pid| format!("{pid} ({})", status_field(pid, "Name")))
+        .collect()
+}
+
+/// Waits until nothing of crust's tagged `tag` runs any more.
+fn wait_nothing_of_crust_left(tag: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        let left = tagged_processes(tag);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "processes of a killed crust still run: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The lines of the firewall rules (nftables, iptables, ip6tables) that
+/// name the network lock of the tree rooted at `root`.
+fn lock_rules(root: i32) -> Vec<String> {
+    let name = format!("crust-{root}");
+    let mut out = Vec::new();
+    for cmd in [
+        &["nft", "list", "ruleset"][..],
+        &["iptables-save"],
+        &["ip6tables-save"],
+    ] {
+        let o = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(&name))
+                .map(|l| format!("{}: {l}", cmd[0])),
+        );
+    }
+    out
+}
+
+/// Removes the network lock of the tree rooted at its PID when dropped, if
+/// a failing test left it: only the test's own connections are in it.
+struct LockCleanup(i32);
+
+impl Drop for LockCleanup {
+    fn drop(&mut self) {
+        if lock_rules(self.0).is_empty() {
+            return;
+        }
+        let name = format!("crust-{}", self.0);
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &name])
+            .output();
+        for prog in ["iptables", "ip6tables"] {
+            for args in [
+                &["-w", "-D", "INPUT", "-j", &name][..],
+                &["-w", "-D", "OUTPUT", "-j", &name],
+                &["-w", "-F", &name],
+                &["-w", "-X", &name],
+            ] {
+                let _ = Command::new(prog).args(args).output();
+            }
+        }
+    }
+}
+
+/// What a dump of the server of a `tcp_stream` pair, with crust killed
+/// somewhere in it, must leave: once nothing of crust's runs, either the
+/// tree runs on, untraced, its connection out of repair mode and
+/// unlocked, or (crust was killed after the dump was complete and the tree
+/// was to end) the tree is gone and its connection locked, and a restore
+/// brings it back. Either way the stream then flows both ways, every byte
+/// checked by both ends, and no rule of the lock is left.
+fn after_killed_dump(
+    mut server: net::StreamEnd,
+    client: net::StreamEnd,
+    tag: &str,
+    what: &str,
+    tree_ends: Option<bool>,
+) {
+    wait_nothing_of_crust_left(tag);
+    let pid = server.task.pid;
+    let complete = server.task.work.images().join("inventory.img").exists();
+    // A tree that is to end was sent SIGKILL: give it time to die.
+    let gone = complete && server.task.exits_within(std::time::Duration::from_secs(5));
+    if let Some(want) = tree_ends {
+        assert_eq!(gone, want, "{what}: the tree ended (or did not)");
+    }
+    if gone {
+        assert!(
+            net::lock_in_place(pid),
+            "{what}: the tree is gone and its connection unlocked before the restore"
+        );
+        server.task.restore(&["--tcp-established"]);
+    } else {
+        let state = status_field(pid, "State");
+        assert!(
+            !state.is_empty() && !state.starts_with('Z'),
+            "{what}: the task died: {}",
+            server.task.log_text()
+        );
+        assert_eq!(
+            status_field(pid, "TracerPid"),
+            "0",
+            "{what}: the task is still traced"
+        );
+        assert!(
+            !state.starts_with('t') && !state.starts_with('T'),
+            "{what}: the task is stopped: {state}"
+        );
+        let rules = lock_rules(pid);
+        assert!(rules.is_empty(), "{what}: the lock is left: {rules:?}");
+    }
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    let rules = lock_rules(pid);
+    assert!(rules.is_empty(), "{what}: the lock is left: {rules:?}");
+    net::end_stream(server, client);
+}
+
+/// crust SIGKILLed in a dump of a process holding an established TCP
+/// connection (`--tcp-established`), at each stage after the network lock
+/// is taken: while the connection is in repair mode, after it was read, with
+/// the parasite in, with the images written, and once the dump is complete
+/// (the tree then ends, and a restore brings it back), with either lock:
+/// nothing is lost (see `after_killed_dump`), and nothing of crust's is
+/// left running.
+#[test]
+fn crust_killed_mid_dump_of_a_connection() {
+    for (stage, lock) in [
+        ("locked", "nftables"),
+        ("in-repair", "nftables"),
+        ("in-repair", "iptables"),
+        ("repaired", "nftables"),
+        ("repaired", "iptables"),
+        ("infected", "nftables"),
+        ("pages-drained", "iptables"),
+        ("before-inventory", "nftables"),
+        ("kept", "nftables"),
+        ("kept", "iptables"),
+    ] {
+        let what = format!("killed at {stage} ({lock})");
+        eprintln!("{what}");
+        let files = WorkDir::new("tcp-killed");
+        let (mut server, client) =
+            net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+        let _cleanup = LockCleanup(server.task.pid);
+        let tag = format!("{}-{stage}-{lock}", std::process::id());
+        let out = server.task.dump_with(
+            &["--tcp-established", "--network-lock", lock],
+            &[("CRUST_FAULT", stage), ("CRUST_TEST_TAG", &tag)],
+        );
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(9),
+            "{what}: crust was not killed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        after_killed_dump(server, client, &tag, &what, Some(stage == "kept"));
+    }
+}
+
+/// A dump refused at its last step, by a post-dump action script, after the
+/// lock was taken, the connection read in repair mode and the images
+/// written: the lock is lifted, and the connection works on.
+#[test]
+fn dump_refused_by_post_dump_leaves_connection_working() {
+    let files = WorkDir::new("tcp-post-dump");
+    let (mut server, client) = net::stream_pair(&files, "127.0.0.1", "127.0.0.1", &[], &[], &[]);
+    let _cleanup = LockCleanup(server.task.pid);
+    let hook = files.0.join("hook.sh");
+    fs::write(
+        &hook,
+        "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" != post-dump ]\n",
+    )
+    .unwrap();
+    fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = server.task.dump_with(
+        &[
+            "--tcp-established",
+            "--action-script",
+            hook.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the dump went through: {err}");
+    assert!(err.contains("post-dump"), "{err}");
+    let pid = server.task.pid;
+    assert_eq!(
+        status_field(pid, "TracerPid"),
+        "0",
+        "the task is still traced"
+    );
+    let rules = lock_rules(pid);
+    assert!(
+        rules.is_empty(),
+        "the lock outlived the refused dump: {rules:?}"
+    );
+    let (s0, c0) = (net::progress(&server), net::progress(&client));
+    net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
+    net::end_stream(server, client);
+}

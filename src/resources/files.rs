@@ -54,9 +54,17 @@ pub struct DumpCtx<'a> {
     pub ghosts: &'a super::ghost::GhostStore,
     descriptions: Descriptions,
     /// What the dump took out of the live tree (bytes read out of a pty
-    /// pair): given back when the tree runs on, that is unless the dump
-    /// succeeded and kills it (`tree_ends`).
+    /// pair, a connection's repair mode): given back when the tree runs on
+    /// (`give_back`, or on drop), that is unless the dump succeeded and
+    /// kills it (`tree_ends`).
     put_backs: RefCell<Vec<PutBack>>,
+    /// What is done to what the tree held once the dump killed it
+    /// (`tree_ends`): connections back in repair mode before their last
+    /// close.
+    at_end: RefCell<Vec<PutBack>>,
+    /// The dump's guardian, told of what must be undone should crust die
+    /// (connections put in repair mode).
+    pub guardian: &'a crate::guardian::Guardian,
 }
 
 /// Gives back to the live tree something the dump took from it.
@@ -64,11 +72,7 @@ pub type PutBack = Box<dyn FnOnce() -> Result<()>>;
 
 impl Drop for DumpCtx<'_> {
     fn drop(&mut self) {
-        for f in self.put_backs.take() {
-            if let Err(e) = f() {
-                tracing::warn!("giving back what the dump took: {e:#}");
-            }
-        }
+        self.give_back();
     }
 }
 
@@ -78,6 +82,7 @@ impl<'a> DumpCtx<'a> {
         zombies: &'a [i32],
         opts: &crate::dump::DumpOpts,
         ghosts: &'a super::ghost::GhostStore,
+        guardian: &'a crate::guardian::Guardian,
     ) -> Self {
         DumpCtx {
             tree,
@@ -96,6 +101,8 @@ impl<'a> DumpCtx<'a> {
             ghosts,
             descriptions: Descriptions::default(),
             put_backs: RefCell::new(Vec::new()),
+            at_end: RefCell::new(Vec::new()),
+            guardian,
         }
     }
 
@@ -105,9 +112,31 @@ impl<'a> DumpCtx<'a> {
         self.put_backs.borrow_mut().push(f);
     }
 
-    /// The dump is done and the tree is killed: nothing is given back.
-    pub fn tree_ends(&self) {
+    /// Registers what is done once the dump killed the tree.
+    pub fn on_tree_end(&self, f: PutBack) {
+        self.at_end.borrow_mut().push(f);
+    }
+
+    /// The tree runs on: what the dump took is given back now.
+    pub fn give_back(&self) {
+        for f in self.put_backs.take() {
+            if let Err(e) = f() {
+                tracing::warn!("giving back what the dump took: {e:#}");
+            }
+        }
+    }
+
+    /// The dump is done and killed the tree: nothing is given back, and
+    /// what the tree held is left as the restore needs it.
+    pub fn tree_ends(&self) -> Result<()> {
         self.put_backs.borrow_mut().clear();
+        let mut first_err = None;
+        for f in self.at_end.take() {
+            if let Err(e) = f() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Records `key` as dumped; false when it was already.

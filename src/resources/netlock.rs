@@ -16,9 +16,10 @@
 //! in repair mode. A dump that kills the tree leaves it in place (its name
 //! goes into the inventory): the restore lifts it once the tree runs
 //! again. A dump that fails, or leaves the tree running, lifts it as soon
-//! as the tree resumes. A restore takes the lock again (or takes over the
-//! dump's, on the same machine) before any socket is made, and lifts it
-//! when the tree runs, or when the restore fails.
+//! as the tree resumes; so does the dump's guardian (`crate::guardian`)
+//! when crust dies in the middle of a dump. A restore takes the lock again
+//! (or takes over the dump's, on the same machine) before any socket is
+//! made, and lifts it when the tree runs, or when the restore fails.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -35,6 +36,9 @@ use crate::images::pb;
 /// The SO_MARK of the packets crust sends itself while the lock holds
 /// (a FIN or an ACK that rebuilds a half-closed connection): they pass.
 pub const RESTORE_MARK: u32 = 0x6372_7374;
+
+/// The longest an nft or iptables command may take.
+const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How the lock drops packets (`--network-lock`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,7 +59,7 @@ impl Method {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Method::Nftables => "nftables",
             Method::Iptables => "iptables",
@@ -63,7 +67,7 @@ impl Method {
         }
     }
 
-    fn parse(s: &str) -> Option<Method> {
+    pub fn parse(s: &str) -> Option<Method> {
         match s {
             "nftables" => Some(Method::Nftables),
             "iptables" => Some(Method::Iptables),
@@ -138,12 +142,7 @@ impl NetLock {
         conns: &[Conn],
         netns: Option<OwnedFd>,
     ) -> Result<NetLock> {
-        let lock = NetLock {
-            method,
-            name: name.to_string(),
-            netns,
-            held: method != Method::Skip,
-        };
+        let lock = NetLock::of(method, name, netns);
         // Both ends of a connection inside the tree are one connection.
         let mut conns: Vec<Conn> = conns
             .iter()
@@ -180,6 +179,18 @@ impl NetLock {
             conns.len()
         );
         Ok(lock)
+    }
+
+    /// The lock `name` taken with `method` in `netns` (None: crust's), as
+    /// if taken here: dropped, it is lifted. The dump's guardian holds the
+    /// dump's lock so.
+    pub fn of(method: Method, name: &str, netns: Option<OwnedFd>) -> NetLock {
+        NetLock {
+            method,
+            name: name.to_string(),
+            netns,
+            held: method != Method::Skip,
+        }
     }
 
     /// The lock the dump left, when it is still there (a restore on the
@@ -252,25 +263,29 @@ impl NetLock {
         Ok(())
     }
 
-    /// Runs `prog args` with `input` on its stdin, in the lock's namespace.
+    /// Runs `prog args` with `input` on its stdin, in the lock's namespace;
+    /// a command that has not finished in `RUN_DEADLINE` is killed.
     fn run(&self, prog: &str, args: &[&str], input: &str) -> Result<()> {
         let mut cmd = Command::new(which(prog).unwrap_or_else(|| prog.into()));
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(ns) = &self.netns {
-            let fd = ns.as_raw_fd();
-            // SAFETY: setns(2) is async-signal-safe; it runs in the child
-            // between fork and exec, on an fd the child inherited.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        let netns = self.netns.as_ref().map(|ns| ns.as_raw_fd());
+        // SAFETY: setns(2) and fcntl(2) are async-signal-safe; they run in
+        // the child between fork and exec, on fds the child inherited.
+        unsafe {
+            cmd.pre_exec(move || {
+                // A command changing a dump's lock holds the dump's guardian
+                // off until it is done, should crust die meanwhile.
+                crate::guardian::hold_off_in_child();
+                if let Some(fd) = netns
+                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().with_context(|| {
             format!(
@@ -285,13 +300,30 @@ impl NetLock {
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(input.as_bytes())?;
         }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{prog} {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if t.elapsed() > RUN_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{prog} {} did not finish within {} s (another program holding the xtables lock?); the network lock {} may be left: see `nft list ruleset` or `iptables-save`",
+                    args.join(" "),
+                    RUN_DEADLINE.as_secs(),
+                    self.name
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        if !status.success() {
+            bail!("{prog} {}: {}", args.join(" "), err.trim());
         }
         Ok(())
     }

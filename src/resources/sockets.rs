@@ -527,6 +527,114 @@ pub fn same_netns(pid: i32) -> bool {
     ns(&pid.to_string()) == ns("self")
 }
 
+/// Room for SCM_RIGHTS with the most fds one message carries (SCM_MAX_FD).
+pub const RIGHTS_MAX: usize = 253;
+
+/// sendmsg(2) of `data` with the files `fds` (SCM_RIGHTS, at most
+/// `RIGHTS_MAX`) on the unix socket `fd`, to `to` when given; the bytes
+/// sent.
+pub fn send_with_fds(
+    fd: RawFd,
+    to: Option<(&libc::sockaddr_un, libc::socklen_t)>,
+    data: &[u8],
+    fds: &[RawFd],
+    flags: i32,
+) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+    let mut control = vec![0u8; if fds.is_empty() { 0 } else { space }];
+    // SAFETY: plain data for which all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some((sa, len)) = to {
+        msg.msg_name = (sa as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
+        msg.msg_namelen = len;
+    }
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        // SAFETY: one SCM_RIGHTS header and its fds, within the control
+        // buffer sized by CMSG_SPACE for them.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+            let data = libc::CMSG_DATA(c) as *mut libc::c_int;
+            for (i, &f) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(f);
+            }
+        }
+    }
+    // SAFETY: sendmsg reads the buffers msg points at, which live until it
+    // returns.
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// recvmsg(2) of one message into `buf` on the unix socket `fd`, with the
+/// files it brought (close-on-exec); the length read (0 at the end), the
+/// files, and whether some files did not fit (MSG_CTRUNC: they are lost).
+pub fn recv_with_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    flags: i32,
+) -> std::io::Result<(usize, Vec<OwnedFd>, bool)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE((RIGHTS_MAX * 4) as u32) } as usize];
+    // SAFETY: plain data for which all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: recvmsg writes into the buffers msg points at, which live
+    // until it returns.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((
+        n as usize,
+        cmsg_fds(&msg),
+        msg.msg_flags & libc::MSG_CTRUNC != 0,
+    ))
+}
+
+/// The files the SCM_RIGHTS control messages of a received `msg` brought,
+/// now crust's.
+pub fn cmsg_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages the kernel wrote, within
+    // msg_controllen; each SCM_RIGHTS payload is an array of new fds.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    fds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

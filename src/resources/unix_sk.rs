@@ -40,8 +40,8 @@ use super::files::{
     self, DumpCtx, FdProbe, FileKind, ObjKey, RestoreCtx, TreeImages, TreeObjects, dup_fd,
 };
 use super::sockets::{
-    SockDiag, attrs, dump_sock_opts, getsockopt_bytes, getsockopt_int, restore_sock_opts,
-    same_netns, setsockopt_int, socket_of,
+    SockDiag, attrs, cmsg_fds, dump_sock_opts, getsockopt_bytes, getsockopt_int, recv_with_fds,
+    restore_sock_opts, same_netns, send_with_fds, setsockopt_int, socket_of,
 };
 use crate::images::pb::fd_entry::File as FdFile;
 use crate::images::pb::{
@@ -1138,51 +1138,12 @@ fn send_msg(
     fds: &[RawFd],
     block: bool,
 ) -> Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
-    let mut control = vec![0u8; if fds.is_empty() { 0 } else { space }];
-    // SAFETY: plain data for which all-zero is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len();
-        // SAFETY: one SCM_RIGHTS header and its fds, within the control
-        // buffer sized by CMSG_SPACE for them.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
-            let data = libc::CMSG_DATA(c) as *mut libc::c_int;
-            for (i, &f) in fds.iter().enumerate() {
-                data.add(i).write_unaligned(f);
-            }
-        }
-    }
     let flags = if block { 0 } else { libc::MSG_DONTWAIT } | libc::MSG_NOSIGNAL;
     let n = match to {
-        None => {
-            // SAFETY: sendmsg reads the buffers msg points at.
-            unsafe { libc::sendmsg(fd, &msg, flags) }
-        }
-        Some(a) => a.run(|sa, len| {
-            msg.msg_name = (sa as *const libc::sockaddr_un as *mut libc::sockaddr_un).cast();
-            msg.msg_namelen = len;
-            // SAFETY: sendmsg reads the buffers msg points at, the
-            // address among them.
-            unsafe { libc::sendmsg(fd, &msg, flags) }
-        })?,
+        None => send_with_fds(fd, None, data, fds, flags),
+        Some(a) => a.run(|sa, len| send_with_fds(fd, Some((sa, len)), data, fds, flags))?,
     };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(n as usize)
+    Ok(n?)
 }
 
 /// Lets a socket hold `bytes` more in flight than its send buffer allows
@@ -2106,47 +2067,8 @@ impl Creds {
 
 /// Receives one message's files from a helper; None at its end.
 fn peek_or_take(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Option<Vec<OwnedFd>>> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut control = vec![0u8; CONTROL_LEN];
-    // SAFETY: plain data for which all-zero is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
-    // SAFETY: recvmsg writes into the buffers msg points at.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n == 0 {
-        return Ok(None);
-    }
-    Ok(Some(cmsg_fds(&msg)))
-}
-
-/// The files an SCM_RIGHTS control message brought, now crust's.
-fn cmsg_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
-    let mut fds = Vec::new();
-    // SAFETY: walking the control messages the kernel wrote, within
-    // msg_controllen; each SCM_RIGHTS payload is an array of new fds.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const libc::c_int;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
-    }
-    fds
+    let (n, fds, _) = recv_with_fds(fd, buf, 0)?;
+    Ok((n > 0).then_some(fds))
 }
 
 /// Takes the ids of `c` in a helper, keeping crust's capabilities in

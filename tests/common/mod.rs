@@ -427,6 +427,22 @@ impl Task {
         (st, self.log_text())
     }
 
+    /// Whether the original task (our child) exits within `d`; reaped
+    /// when it does.
+    pub fn exits_within(&mut self, d: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            match self.original.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) => {
+                    self.original = None;
+                    return true;
+                }
+                Some(Ok(None)) if t.elapsed() < d => std::thread::sleep(Duration::from_millis(10)),
+                _ => return false,
+            }
+        }
+    }
+
     pub fn take_original(&mut self) -> Option<Child> {
         self.original.take()
     }

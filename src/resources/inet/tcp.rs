@@ -6,10 +6,16 @@
 //! MSG_PEEK, which in repair mode reads the send queue too, unacknowledged
 //! data included), the window (TCP_REPAIR_WINDOW) and the options the two
 //! ends negotiated (MSS, window scales, SACK, timestamps and the timestamp
-//! clock). Repair mode stays on: when the dump kills the tree, the socket
-//! is closed without a FIN or a reset, and the network lock keeps the peer
-//! from meeting a port with no socket. A tree that runs on gets repair
-//! mode switched off again (`DumpCtx::on_resume`).
+//! clock). Repair mode is left again as soon as that is read, so that a
+//! tree that runs on after a crust that died finds its connection usable
+//! (the dump's guardian, `crate::guardian`, takes it out of repair mode
+//! should crust die while it is in); the frozen tree and the network lock
+//! keep the connection as it was read. Once the dump has killed the tree,
+//! the connection goes back into repair mode before crust's copy, the
+//! last, is closed: the close sends no FIN or reset, and the network lock
+//! keeps the peer from meeting a port with no socket. A tree that runs on
+//! gets its connection out of repair mode (`leave_repair`) once the lock
+//! is lifted, whose window probe gets the peer to answer at once.
 //!
 //! The restore makes the socket in repair mode, binds it (repair mode
 //! forces the reuse of the port), sets both sequence numbers, connects (no
@@ -29,7 +35,7 @@
 //! through. A connection still being made (SYN-SENT) connects again with
 //! its sequence number, out of repair mode.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use anyhow::{Context, Result, bail};
 
@@ -227,23 +233,31 @@ pub fn dump(p: &FdProbe, sk: &SocketProbe, e: &mut InetSocket) -> Result<()> {
             state_name(info.state)
         );
     }
-    repair(fd, TCP_REPAIR_ON)?;
-    // Should the tree run on, it gets its connection back out of repair
-    // mode (which also cleared SO_REUSEADDR).
-    let copy: OwnedFd = sk.fd.try_clone()?;
+    // Should crust die from here on, the dump's guardian takes the
+    // connection out of repair mode; should the dump fail, or leave the
+    // tree running, crust does once the lock is lifted (the window probe
+    // leaving repair mode sends then gets the peer to answer at once). It
+    // does no harm to a connection out of repair mode.
     let reuse = e.opts.as_ref().is_some_and(|o| o.reuseaddr);
-    p.ctx.on_resume(Box::new(move || {
-        let fd = copy.as_raw_fd();
-        repair(fd, TCP_REPAIR_OFF)?;
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            reuse as i32,
-            "SO_REUSEADDR",
-        )
-    }));
-    e.stream = Some(dump_stream(fd, info.state).context("reading it in TCP repair mode")?);
+    let copy = std::rc::Rc::new(sk.fd.try_clone()?);
+    p.ctx.guardian.repairing(sk.fd.as_fd(), reuse)?;
+    let c = copy.clone();
+    p.ctx
+        .on_resume(Box::new(move || leave_repair(c.as_raw_fd(), reuse)));
+    repair(fd, TCP_REPAIR_ON)?;
+    crate::dump::fault_point("in-repair");
+    let stream = dump_stream(fd, info.state);
+    // Out of repair mode again at once, so that a crust dying later leaves
+    // the tree a connection it can use the moment it runs. Nothing changes
+    // meanwhile: the tree is frozen, and the lock drops every packet (the
+    // window probe too, which is why none is sent).
+    repair(fd, TCP_REPAIR_OFF_NO_WP)?;
+    e.stream = Some(stream.context("reading it in TCP repair mode")?);
+    // Back in repair mode once the dump killed the tree, before crust's
+    // copy, the last, is closed: the close sends no FIN or reset, and
+    // leaves no socket holding the connection's addresses.
+    p.ctx
+        .on_tree_end(Box::new(move || enter_repair(copy.as_raw_fd())));
     Ok(())
 }
 
@@ -855,8 +869,22 @@ pub fn in_repair(e: &InetSocket) -> bool {
 /// whose answer brings both ends up to date at once) and gets back
 /// SO_REUSEADDR, which leaving repair mode clears.
 pub fn resume(fd: RawFd, e: &InetSocket) -> Result<()> {
+    leave_repair(fd, e.opts.as_ref().is_some_and(|o| o.reuseaddr))
+}
+
+/// Puts a connection in repair mode: its close then sends nothing (after a
+/// dump that killed the tree).
+pub fn enter_repair(fd: RawFd) -> Result<()> {
+    repair(fd, TCP_REPAIR_ON)
+}
+
+/// Takes a connection out of repair mode, which lets it run on from where
+/// it is (the window probe this sends brings the peer up to date), and
+/// gives it back its SO_REUSEADDR (`reuse`), which leaving repair mode
+/// clears: after a restore, after a dump the tree survives, and from the
+/// dump's guardian when crust died in the middle of one.
+pub fn leave_repair(fd: RawFd, reuse: bool) -> Result<()> {
     repair(fd, TCP_REPAIR_OFF)?;
-    let reuse = e.opts.as_ref().is_some_and(|o| o.reuseaddr);
     setsockopt_int(
         fd,
         libc::SOL_SOCKET,
