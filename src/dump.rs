@@ -36,7 +36,7 @@ pub struct DumpOpts {
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
 /// named stage, so tests can check what a dead crust leaves behind.
-fn fault_point(stage: &str) {
+pub fn fault_point(stage: &str) {
     if std::env::var("CRUST_FAULT").is_ok_and(|s| s == stage) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
@@ -320,12 +320,14 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
     // Durable before the tree is killed: a dump from a shutdown hook
     // survives the power cut that follows.
     dir.sync()?;
+    info!("images of {} complete in {:?}", opts.pid, t0.elapsed());
     ghosts.keep();
     if !opts.leave_running {
         fctx.tree_ends();
     }
     drop(fctx);
     let mut killed = Vec::new();
+    let mut pidfds = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();
         let leader = threads.next().expect("a process has a leader");
@@ -336,6 +338,9 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
             }
             leader.release()?;
         } else {
+            // Opened while the process is still ours (its PID cannot be
+            // reused before the kill).
+            pidfds.extend(sys::pidfd_open(leader.pid.as_raw()).ok());
             // SIGKILL to the leader ends the whole thread group.
             leader.kill()?;
             for t in threads {
@@ -344,6 +349,12 @@ pub fn dump(opts: &DumpOpts) -> Result<()> {
         }
     }
     if !opts.leave_running {
+        // A dying process frees its memory page by page; process_mrelease
+        // frees it from crust too, on the other core, so a big one is gone
+        // sooner. Best effort: the exit frees it anyway.
+        for fd in &pidfds {
+            let _ = sys::process_mrelease(fd);
+        }
         wait_dead(&killed);
     }
     info!("dump of {} done in {:?}", opts.pid, t0.elapsed());
@@ -465,7 +476,7 @@ fn dump_task(
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
     let mut pages = PagesWriter::create(dir, pid)?;
-    memory::dump_pages(&mut parasite, &mm, &mut pages)?;
+    memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
     fault_point("pages-drained");
     parasite.cure()?;
     let bytes = pages.len;

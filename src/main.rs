@@ -9,6 +9,10 @@
 pub mod abi;
 mod blobs;
 mod check;
+/// The parasite's checksum, compiled here to be held to crc32fast.
+#[cfg(test)]
+#[path = "../parasite/crc32.rs"]
+mod crc32;
 mod dump;
 mod images;
 mod log;

@@ -224,6 +224,17 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// pidfd_open with PIDFD_NONBLOCK / PIDFD_THREAD.
+/// process_mrelease(2) (Linux 5.15): frees the memory of a process that is
+/// being killed, from the caller, while the process exits.
+pub fn process_mrelease(pidfd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: the syscall takes an fd and flags, no memory.
+    let r = unsafe { libc::syscall(libc::SYS_process_mrelease, pidfd.as_raw_fd(), 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn pidfd_open_flags(pid: i32, flags: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open returns a new fd or -1.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
@@ -433,6 +444,41 @@ fn sigchld_fd() -> RawFd {
         // SAFETY: signalfd with a valid set; the fd lives as long as crust.
         unsafe { libc::signalfd(-1, set.as_ref(), libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) }
     })
+}
+
+/// Sleeps until `fd` is readable (true), or a SIGCHLD comes or `timeout`
+/// passes (false: the caller looks at its children and its own deadline).
+pub fn poll_fd_or_sigchld(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let sfd = sigchld_fd();
+    let mut pfds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sfd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // Without a signalfd, look at the children every millisecond.
+    let (n, ms) = if sfd < 0 { (1, ms.min(1)) } else { (2, ms) };
+    // SAFETY: poll on our own pollfds.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), n, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    let mut buf = [0u8; 128 * 16];
+    // SAFETY: draining the non-blocking signalfd into our buffer.
+    while sfd >= 0 && unsafe { libc::read(sfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    Ok(pfds[0].revents != 0)
 }
 
 /// waitpid(`pid`, `flags` | WNOHANG) until it reports something, sleeping

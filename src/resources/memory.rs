@@ -2,23 +2,26 @@
 //!
 //! Dump: VMAs come from /proc/PID/smaps, the pages to keep from
 //! /proc/PID/pagemap (present or swapped pages of anonymous memory, and the
-//! private copies a task made of file pages); the parasite vmsplices them
-//! into its pipe and crust splices the pipe into `pages-PID.img`.
+//! private copies a task made of file pages); the parasite checksums and
+//! vmsplices them into its page pipes, and a second thread of crust splices
+//! the full pipes into `pages-PID.img` while the parasite fills the next.
 //!
 //! Restore: each VMA is premapped in a hole of the address space that
 //! neither crust nor the task uses, filled from the pages image, and moved
 //! into place by the restorer with mremap.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::files::TreeObjects;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
-use crate::images::{PAGES_HEADER_LEN, PagesWriter};
+use crate::images::{PAGES_HEADER_LEN, PageSink};
 use crate::parasite_ctl::Parasite;
 use crate::proc::{self, MapsEntry};
 
@@ -321,74 +324,223 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     Ok(())
 }
 
-/// Drains the pages named in `mm.pagemap` into the pages image.
-pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) -> Result<()> {
+/// One part of the page stream, in stream order: a filled page pipe, or
+/// pages crust read itself.
+enum Part {
+    Pipe { pipe: usize, len: u64, crc: u32 },
+    Bytes(Vec<u8>),
+}
+
+/// Streams the pages of `runs` (page runs of the task's `vmas`, in the
+/// order the image lists them: `mm.pagemap`, or any selection of it) into
+/// `sink`. The parasite checksums and vmsplices a batch into an empty page
+/// pipe per trip; a second thread splices the full pipes into the sink
+/// meanwhile and hands them back empty, so the next batch is taken while
+/// the last is written. Every pipe the parasite gets holds its whole batch:
+/// its non-blocking vmsplice never has to wait for crust.
+pub fn dump_pages(
+    parasite: &mut Parasite,
+    vmas: &[VmaEntry],
+    runs: &[PagemapEntry],
+    sink: &mut dyn PageSink,
+) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    // A pipe per MiB, up to the most a parasite holds: a small task gets
+    // one, and the first trip's worth of pipes is all a big one needs to
+    // keep the writer busy.
+    let bytes: u64 = runs.iter().map(|r| r.nr_pages * PAGE).sum();
+    parasite.make_pipes(bytes.div_ceil(1 << 20) as usize)?;
+    let pipes: Vec<RawFd> = parasite.pipes.iter().map(|f| f.as_raw_fd()).collect();
+    std::thread::scope(|s| {
+        let (part_tx, part_rx) = mpsc::channel::<Part>();
+        let (free_tx, free_rx) = mpsc::channel::<usize>();
+        for i in 0..pipes.len() {
+            free_tx.send(i).expect("the receiver is here");
+        }
+        let pipes = &pipes;
+        let writer = s.spawn(move || -> Result<Duration> {
+            // How long the writer waited for the filler: the pipeline's stall.
+            let mut idle = Duration::ZERO;
+            let mut t = Instant::now();
+            while let Ok(part) = part_rx.recv() {
+                idle += t.elapsed();
+                match part {
+                    Part::Pipe { pipe, len, crc } => {
+                        sink.take_pipe(pipes[pipe], len, crc)?;
+                        // The filler may be done already; then nobody waits for it.
+                        let _ = free_tx.send(pipe);
+                    }
+                    Part::Bytes(data) => sink.take_bytes(&data)?,
+                }
+                t = Instant::now();
+            }
+            Ok(idle)
+        });
+        let t = Instant::now();
+        let filled = fill_pipes(parasite, vmas, runs, &part_tx, &free_rx);
+        drop(part_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer thread panicked")));
+        // A failed writer stops the filler: its error is the one to report.
+        let (idle, waits) = (written?, filled?);
+        tracing::debug!(
+            "task {}: pages streamed in {:?}, {} trips into the parasite; the writer waited {idle:?}, the parasite {:?}",
+            parasite.task.pid,
+            t.elapsed(),
+            waits.1,
+            waits.0
+        );
+        Ok(())
+    })
+}
+
+/// The batches of one trip into the parasite: per pipe to fill, its number
+/// of iovecs (in `iovs`, one pipe's after the other) and its bytes.
+#[derive(Default)]
+struct Trip {
+    fills: Vec<(u32, u64)>,
+    iovs: Vec<IoVec>,
+}
+
+/// The filling half of `dump_pages`, in the thread that traces the task.
+/// A trip into the parasite fills some of the pipes while the writer
+/// drains the others. Returns how long it waited for empty pipes, and its
+/// trips.
+fn fill_pipes(
+    parasite: &mut Parasite,
+    vmas: &[VmaEntry],
+    runs: &[PagemapEntry],
+    parts: &mpsc::Sender<Part>,
+    free: &mpsc::Receiver<usize>,
+) -> Result<(Duration, usize)> {
     let pid = parasite.task.pid;
-    let pipe_fd = parasite
-        .pipe
-        .as_ref()
-        .context("parasite has no page pipe")?
-        .as_raw_fd();
     let pipe_size = parasite.pipe_size as u64;
+    // A quarter of the pipes per trip: three quarters stay queued for the
+    // writer while the parasite fills the next ones, so a trip held up by
+    // the scheduler does not leave the writer without pages.
+    let per_trip = (parasite.pipes.len() / 4).max(1);
+    let stopped = || anyhow::anyhow!("the page writer of task {pid} stopped");
+    // The pages crust copies itself, in stream order, rather than have the
+    // parasite vmsplice and checksum them: pages vmsplice cannot read
+    // (PROT_NONE; /proc/PID/mem can), and the page of the rseq area of the
+    // thread the parasite runs in. The kernel writes that area each time
+    // the thread returns to user space (cpu and node ids), also while
+    // earlier pages of it wait in a pipe; copied by crust, the bytes
+    // written are the bytes checksummed.
+    let rseq = crate::sys::get_rseq_conf(pid)
+        .ok()
+        .filter(|c| c.rseq_abi_pointer != 0)
+        .map(|c| {
+            let start = c.rseq_abi_pointer & !(PAGE - 1);
+            let end = (c.rseq_abi_pointer + c.rseq_abi_size.max(32) as u64).next_multiple_of(PAGE);
+            (start, end)
+        });
     let readable = |addr: u64| {
-        mm.vmas
-            .iter()
+        vmas.iter()
             .find(|v| v.start <= addr && addr < v.end)
             .is_some_and(|v| v.prot & libc::PROT_READ as u32 != 0)
     };
-    let mut batch: Vec<IoVec> = Vec::new();
-    let mut batch_len = 0u64;
-    let flush = |parasite: &mut Parasite,
-                 batch: &mut Vec<IoVec>,
-                 batch_len: &mut u64,
-                 out: &mut PagesWriter|
-     -> Result<()> {
-        if batch.is_empty() {
+    let mut stats = (Duration::ZERO, 0);
+    let go = |parasite: &mut Parasite, trip: &mut Trip, stats: &mut (Duration, usize)| {
+        if trip.fills.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
+        let pipes = trip
+            .fills
+            .iter()
+            .map(|_| free.recv().map_err(|_| stopped()))
+            .collect::<Result<Vec<usize>>>()?;
+        stats.0 += t.elapsed();
+        stats.1 += 1;
         let ctl = parasite.ctl();
-        ctl.nr_iovs = batch.len() as u64;
-        ctl.iovs[..batch.len()].copy_from_slice(batch);
-        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
-        if r < 0 || r as u64 != *batch_len {
-            bail!("vmsplice of {} bytes in task {pid} returned {r}", batch_len);
+        ctl.nr_fills = trip.fills.len() as u64;
+        for (f, (&(nr_iovs, len), &pipe)) in ctl.fills.iter_mut().zip(trip.fills.iter().zip(&pipes))
+        {
+            *f = abi::PipeFill {
+                pipe: pipe as u32,
+                nr_iovs,
+                len,
+                ..Default::default()
+            };
         }
-        crate::sys::splice_all(pipe_fd, out.file.as_raw_fd(), *batch_len as usize)
-            .context("splicing pages to the image")?;
-        out.advance(*batch_len);
-        batch.clear();
-        *batch_len = 0;
+        ctl.iovs[..trip.iovs.len()].copy_from_slice(&trip.iovs);
+        let want: u64 = trip.fills.iter().map(|f| f.1).sum();
+        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
+        if r < 0 || r as u64 != want {
+            bail!("vmsplice of {want} bytes in task {pid} returned {r}");
+        }
+        // Pages in the pipes, not yet written: the watchdog closes them.
+        crate::dump::fault_point("pages-in-pipes");
+        for f in &parasite.ctl().fills[..trip.fills.len()] {
+            parts
+                .send(Part::Pipe {
+                    pipe: f.pipe as usize,
+                    len: f.len,
+                    crc: f.crc,
+                })
+                .map_err(|_| stopped())?;
+        }
+        trip.fills.clear();
+        trip.iovs.clear();
         Ok(())
     };
-    for run in &mm.pagemap {
-        if !readable(run.vaddr) {
-            // vmsplice cannot read PROT_NONE memory; /proc/PID/mem can.
-            flush(parasite, &mut batch, &mut batch_len, out)?;
-            let mut data = vec![0u8; (run.nr_pages * PAGE) as usize];
-            parasite
-                .task
-                .mem
-                .read_exact_at(&mut data, run.vaddr)
-                .context("reading unreadable pages")?;
-            std::io::Write::write_all(&mut out.file, &data)?;
-            out.advance(data.len() as u64);
+    let mut trip = Trip::default();
+    // The runs (each inside one VMA) cut where copied pages begin and end:
+    // (start, end, copied by crust).
+    let pieces = runs.iter().flat_map(|run| {
+        let (start, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
+        let (rs, re) = rseq.unwrap_or((end, end));
+        let cuts = if readable(start) {
+            [
+                (start, end.min(rs), false),
+                (start.max(rs), end.min(re), true),
+                (start.max(re), end, false),
+            ]
+        } else {
+            [(start, end, true), (end, end, true), (end, end, true)]
+        };
+        cuts.into_iter().filter(|&(s, e, _)| s < e)
+    });
+    for (mut addr, end, copy) in pieces {
+        if copy {
+            go(parasite, &mut trip, &mut stats)?;
+            while addr < end {
+                let mut data = vec![0u8; (end - addr).min(pipe_size) as usize];
+                parasite
+                    .task
+                    .mem
+                    .read_exact_at(&mut data, addr)
+                    .with_context(|| format!("reading pages of task {pid} at {addr:#x}"))?;
+                addr += data.len() as u64;
+                parts.send(Part::Bytes(data)).map_err(|_| stopped())?;
+            }
             continue;
         }
-        let (mut addr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
         while addr < end {
-            let take = (end - addr).min(pipe_size - batch_len);
-            batch.push(IoVec {
+            if trip.fills.last().is_none_or(|f| f.1 == pipe_size) {
+                trip.fills.push((0, 0));
+            }
+            let fill = trip.fills.last_mut().expect("just pushed");
+            let take = (end - addr).min(pipe_size - fill.1);
+            trip.iovs.push(IoVec {
                 base: addr,
                 len: take,
             });
-            batch_len += take;
+            fill.0 += 1;
+            fill.1 += take;
             addr += take;
-            if batch_len == pipe_size || batch.len() == abi::MAX_IOVS {
-                flush(parasite, &mut batch, &mut batch_len, out)?;
+            let full = fill.1 == pipe_size && trip.fills.len() == per_trip;
+            if full || trip.iovs.len() == abi::MAX_IOVS {
+                go(parasite, &mut trip, &mut stats)?;
             }
         }
     }
-    flush(parasite, &mut batch, &mut batch_len, out)
+    go(parasite, &mut trip, &mut stats)?;
+    Ok(stats)
 }
 
 // ------------------------------------------------------------- restore ---
@@ -761,16 +913,24 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
 
 /// mlockall(MCL_FUTURE) leaves no trace in /proc but in the VMAs mapped
 /// after it: the parasite's own region, just mapped, shows whether new
-/// mappings are locked (`lo`) and only on fault (`lf`).
+/// mappings are locked (`lo`) and only on fault (`lf`). smaps counts the
+/// pages of every VMA it shows, which for a big task takes long: the
+/// parasite's region is put below every other mapping where there is room
+/// (`Parasite::infect`), and then only its own entry is read.
 pub fn dump_mlockall(
     pid: i32,
     parasite: (u64, u64),
     core: &mut crate::images::pb::TaskCore,
 ) -> Result<()> {
-    let e = proc::smaps(pid)?
-        .into_iter()
-        .find(|e| e.start == parasite.0 && e.end == parasite.1)
-        .context("the parasite's region is missing from smaps")?;
+    let first = proc::first_smaps_entry(pid)?;
+    let e = if (first.start, first.end) == parasite {
+        first
+    } else {
+        proc::smaps(pid)?
+            .into_iter()
+            .find(|e| e.start == parasite.0 && e.end == parasite.1)
+            .context("the parasite's region is missing from smaps")?
+    };
     if e.has_flag("lo") {
         core.mlockall = libc::MCL_FUTURE as u32;
         if e.has_flag("lf") {
