@@ -575,13 +575,24 @@ pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of hole the premapped VMAs need, gaps included.
+/// Bytes of hole the premapped VMAs need, gaps and alignment included.
 pub fn premap_size(mm: &MmEntry) -> u64 {
     mm.vmas
         .iter()
         .filter(|v| premapped(v))
-        .map(|v| v.end - v.start + GAP)
+        .map(|v| v.end - v.start + GAP + HUGE)
         .sum()
+}
+
+/// A transparent huge page (PMD) of x86-64.
+const HUGE: u64 = 2 << 20;
+
+/// Where in the hole, from `at` on, VMA `v` is premapped: the first
+/// address at the same offset within a huge page as its final place (less
+/// than `HUGE` on), so that the restorer's mremap moves whole huge pages
+/// instead of splitting them.
+fn premap_slot(v: &VmaEntry, at: u64) -> u64 {
+    at + (v.start.wrapping_sub(at) & (HUGE - 1))
 }
 
 /// Space kept between premapped VMAs, so that none merge and a growsdown
@@ -641,9 +652,15 @@ pub struct Premapped<'a> {
 
 impl Premapped<'_> {
     /// Where this process premapped its private anonymous VMA like `v`.
+    /// Not when this one was premapped with huge page advice and `v` has
+    /// none: the copy carries the advice, and no madvise takes it away
+    /// (the restorer gives `v` its own advice, if any, over the copy's).
     fn copy_of(&self, v: &VmaEntry) -> Option<u64> {
         self.mm.vmas.iter().find(|p| {
-            p.start == v.start && p.end == v.end && p.kind() == VmaKind::VmaAnonPrivate
+            p.start == v.start
+                && p.end == v.end
+                && p.kind() == VmaKind::VmaAnonPrivate
+                && (p.advice & THP_ADVICE == 0 || v.advice & THP_ADVICE != 0)
         })?;
         self.moves
             .iter()
@@ -669,12 +686,12 @@ fn move_of(v: &VmaEntry, src: u64) -> VmaMove {
     }
 }
 
-/// Maps every VMA of `mm` into the hole from `at` on, taking over what the
+/// Maps every VMA of `mm` into the hole `[at, end)`, taking over what the
 /// parent premapped where it can; returns the moves the restorer must make.
 /// Runs in the restored task before the restorer.
 pub fn premap_vmas<'a>(
     mm: &'a MmEntry,
-    mut at: u64,
+    (mut at, end): (u64, u64),
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
     objects: &TreeObjects,
     parent: Option<&Premapped>,
@@ -686,6 +703,15 @@ pub fn premap_vmas<'a>(
         inherited.push(false);
     }
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
+        at = premap_slot(v, at);
+        // MAP_FIXED past the hole would land on crust's own memory.
+        if at + (v.end - v.start) > end {
+            bail!(
+                "VMA {:#x}-{:#x} does not fit in the hole planned for it; this is a bug in crust",
+                v.start,
+                v.end
+            );
+        }
         let copy = match v.kind() {
             VmaKind::VmaAnonPrivate => parent.and_then(|p| p.copy_of(v)),
             _ => None,
@@ -803,7 +829,255 @@ fn premap_vma(
             std::io::Error::last_os_error()
         );
     }
+    // The fill faults in huge pages where the task had asked for them
+    // (and none where it had refused them); the restorer sets the same
+    // advice again in the VMA's final place.
+    if v.kind() == VmaKind::VmaAnonPrivate && v.advice & THP_ADVICE != 0 {
+        let advice = if v.advice & abi::VMA_ADV_HUGEPAGE != 0 {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advice on the VMA just premapped.
+        if unsafe { libc::madvise(at as *mut _, len as usize, advice) } != 0 {
+            bail!(
+                "huge page advice on premapped VMA {:#x}-{:#x}: {}",
+                v.start,
+                v.end,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     Ok(())
+}
+
+/// The huge page advice a VMA carries (smaps `hg`, `nh`).
+const THP_ADVICE: u64 = abi::VMA_ADV_HUGEPAGE | abi::VMA_ADV_NOHUGEPAGE;
+
+/// Bytes one step of the fill faults in and reads: many pages per system
+/// call, few enough that the checksum finds them still in the cache.
+const FILL_STEP: u64 = 4 << 20;
+/// Runs shorter than this are faulted in by the read itself: a madvise
+/// call per small run would cost about as much as the faults it saves.
+const POPULATE_MIN: u64 = 16 * PAGE;
+/// Most ranges one preadv takes (UIO_MAXIOV).
+const FILL_IOVS: usize = 1024;
+
+/// Puts the page stream of an image in place, two ways:
+///
+/// - Private anonymous memory without huge pages: UFFDIO_COPY from the
+///   image mapped read-only allocates each page and copies into it, with
+///   no fault per page and no zeroing of a page about to be overwritten.
+/// - The rest (huge pages, shared and file memory, or where userfaultfd is
+///   refused), in steps: each step faults its destination in with one
+///   MADV_POPULATE_WRITE per run (whole huge pages where the VMA has them),
+///   and reads its runs with one preadv straight into place.
+///
+/// Either way the bytes are checksummed while they are hot.
+struct Filler<'a> {
+    pages: &'a File,
+    /// Offset in the image of the next byte of the stream, and of its end.
+    off: u64,
+    end: u64,
+    crc: crc32fast::Hasher,
+    /// The step being gathered: destination ranges, consecutive in the image.
+    step: Vec<(u64, u64)>,
+    step_len: u64,
+    /// MADV_POPULATE_WRITE is there (Linux 5.14); the read faults otherwise.
+    populate: bool,
+    /// The userfaultfd once made (None: not yet; Some(None): refused here),
+    /// the premapped VMAs registered with it, and the image's data mapped.
+    uffd: Option<Option<crate::sys::Uffd>>,
+    registered: Vec<(u64, u64)>,
+    src: Option<u64>,
+    /// Bytes placed with UFFDIO_COPY.
+    copied: u64,
+}
+
+impl<'a> Filler<'a> {
+    fn new(pages: &'a File, len: u64) -> Self {
+        Filler {
+            pages,
+            off: PAGES_HEADER_LEN,
+            end: PAGES_HEADER_LEN + len,
+            crc: crc32fast::Hasher::new(),
+            step: Vec::new(),
+            step_len: 0,
+            populate: true,
+            uffd: None,
+            registered: Vec::new(),
+            src: None,
+            copied: 0,
+        }
+    }
+
+    /// Copies the next `len` bytes of the stream into `[dst, dst+len)`,
+    /// missing pages of the premapped private anonymous VMA `vma`, with
+    /// UFFDIO_COPY; false (nothing done) where userfaultfd is refused.
+    fn copy(&mut self, vma: (u64, u64), dst: u64, len: u64) -> Result<bool> {
+        if self.uffd.is_none() {
+            self.uffd = Some(crate::sys::Uffd::new().ok());
+        }
+        if self.uffd.as_ref().is_some_and(|u| u.is_none()) {
+            return Ok(false);
+        }
+        // In stream order: what is queued goes first.
+        self.flush()?;
+        if self.off + len > self.end {
+            bail!("pages image is truncated");
+        }
+        let src = match self.src {
+            Some(s) => s,
+            None => {
+                let data = self.end - PAGES_HEADER_LEN;
+                // SAFETY: a fresh read-only shared mapping of the image's
+                // data, which is `data` bytes long (checked at open), so
+                // every byte read through it exists.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        data as usize,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        self.pages.as_raw_fd(),
+                        PAGES_HEADER_LEN as i64,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    bail!(
+                        "mapping the pages image: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                self.src = Some(p as u64);
+                p as u64
+            }
+        };
+        let uffd = self
+            .uffd
+            .as_ref()
+            .and_then(|u| u.as_ref())
+            .expect("made above");
+        if !self.registered.contains(&vma) {
+            uffd.register_missing(vma.0, vma.1 - vma.0)
+                .with_context(|| format!("registering premapped memory at {:#x}", vma.0))?;
+            self.registered.push(vma);
+        }
+        let from = src + (self.off - PAGES_HEADER_LEN);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(FILL_STEP);
+            uffd.copy(dst + done, from + done, n)
+                .with_context(|| format!("placing pages at {:#x}", dst + done))?;
+            // SAFETY: inside the image's data mapped above (bounds checked).
+            self.crc.update(unsafe {
+                std::slice::from_raw_parts((from + done) as *const u8, n as usize)
+            });
+            done += n;
+        }
+        self.off += len;
+        self.copied += len;
+        Ok(true)
+    }
+
+    /// Undoes what `copy` set up: the premapped VMAs must reach the
+    /// restorer unregistered.
+    fn finish(&mut self) -> Result<()> {
+        if let Some(Some(uffd)) = &self.uffd {
+            for &(s, e) in &self.registered {
+                uffd.unregister(s, e - s)
+                    .with_context(|| format!("unregistering premapped memory at {s:#x}"))?;
+            }
+        }
+        self.registered.clear();
+        self.uffd = None;
+        if let Some(p) = self.src.take() {
+            // SAFETY: unmapping the image's data mapped in `copy`.
+            unsafe { libc::munmap(p as *mut _, (self.end - PAGES_HEADER_LEN) as usize) };
+        }
+        Ok(())
+    }
+
+    /// Queues the next `len` bytes of the stream for `[dst, dst+len)`, a
+    /// premapped, writable range of this process.
+    fn queue(&mut self, mut dst: u64, len: u64) -> Result<()> {
+        let end = dst + len;
+        while dst < end {
+            let take = (end - dst).min(FILL_STEP - self.step_len);
+            match self.step.last_mut() {
+                Some((a, l)) if *a + *l == dst => *l += take,
+                _ => self.step.push((dst, take)),
+            }
+            self.step_len += take;
+            dst += take;
+            if self.step_len == FILL_STEP || self.step.len() == FILL_IOVS {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.step.is_empty() {
+            return Ok(());
+        }
+        if self.populate {
+            for &(a, l) in self.step.iter().filter(|(_, l)| *l >= POPULATE_MIN) {
+                // SAFETY: [a, a+l) lies in a premapped, writable VMA of this process.
+                let r =
+                    unsafe { libc::madvise(a as *mut _, l as usize, libc::MADV_POPULATE_WRITE) };
+                if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    self.populate = false;
+                    break;
+                }
+                // Out of memory here is out of memory in the read below,
+                // which says so.
+            }
+        }
+        let mut bufs: Vec<std::io::IoSliceMut> = self
+            .step
+            .iter()
+            // SAFETY: each range lies in a premapped, writable VMA of this
+            // process, and the ranges do not overlap.
+            .map(|&(a, l)| {
+                std::io::IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(a as *mut u8, l as usize)
+                })
+            })
+            .collect();
+        let mut bufs = &mut bufs[..];
+        let mut off = self.off;
+        while !bufs.is_empty() {
+            let n = nix::sys::uio::preadv(self.pages, bufs, off as i64)
+                .context("reading the pages image")?;
+            if n == 0 {
+                bail!("pages image is truncated");
+            }
+            off += n as u64;
+            std::io::IoSliceMut::advance_slices(&mut bufs, n);
+        }
+        for &(a, l) in &self.step {
+            // SAFETY: the range was just filled, as above.
+            self.crc
+                .update(unsafe { std::slice::from_raw_parts(a as *const u8, l as usize) });
+        }
+        self.off = off;
+        self.step.clear();
+        self.step_len = 0;
+        Ok(())
+    }
+
+    /// Reads the next `buf.len()` bytes of the stream into `buf` (after
+    /// what is queued).
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.flush()?;
+        self.pages
+            .read_exact_at(buf, self.off)
+            .context("pages image is truncated")?;
+        self.crc.update(buf);
+        self.off += buf.len() as u64;
+        Ok(())
+    }
 }
 
 /// Reads the pages image into the premapped VMAs, checking its CRC. In a
@@ -811,10 +1085,57 @@ fn premap_vma(
 /// and the pages the image does not hold are dropped (they read as zeros,
 /// as they did in the dumped task), so the rest stays shared.
 pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u32) -> Result<()> {
+    let mut fill = Filler::new(pages, expect_len);
+    let filled = fill_runs(pre, &mut fill);
+    let finished = fill.finish();
+    let (shared, written) = filled?;
+    finished?;
+    if shared + written > 0 {
+        tracing::debug!("{shared} pages left shared with the parent, {written} written");
+    }
+    tracing::debug!(
+        "{} of {expect_len} bytes of pages placed with UFFDIO_COPY",
+        fill.copied
+    );
+    if fill.off - PAGES_HEADER_LEN != expect_len {
+        bail!(
+            "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
+            expect_len,
+            fill.off - PAGES_HEADER_LEN
+        );
+    }
+    if fill.crc.finalize() != expect_crc {
+        bail!("pages image checksum mismatch; the images are corrupt");
+    }
+    Ok(())
+}
+
+/// The fill of `fill_pages`: the image's runs into place, in order.
+/// Returns the pages of inherited VMAs left shared with the parent, and
+/// those written there.
+fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
     let mm = pre.mm;
-    let mut off = PAGES_HEADER_LEN;
-    let mut crc = crc32fast::Hasher::new();
     let mut scratch = Vec::new();
+    // Where UFFDIO_COPY places pages as a fault would: private anonymous
+    // memory of this process's own (not taken from the parent), which
+    // gets no huge pages (those come from faults).
+    let thp_always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]"));
+    let by_copy: Vec<bool> = pre
+        .moves
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            !pre.inherited[i]
+                && mm.vmas.iter().any(|v| {
+                    v.start == m.dst
+                        && v.kind() == VmaKind::VmaAnonPrivate
+                        && !v.droppable
+                        && v.advice & abi::VMA_ADV_HUGEPAGE == 0
+                        && (!thp_always || v.advice & abi::VMA_ADV_NOHUGEPAGE != 0)
+                })
+        })
+        .collect();
     let (mut shared, mut written) = (0u64, 0u64);
     for run in &mm.pagemap {
         let len = run.nr_pages * PAGE;
@@ -830,23 +1151,18 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             })?;
         let m = &pre.moves[i];
         let dst = m.src + (run.vaddr - m.dst);
-        // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
-        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
-        if !pre.inherited[i] {
-            pages
-                .read_exact_at(buf, off)
-                .context("pages image is truncated")?;
-            crc.update(buf);
-            off += len;
+        if by_copy[i] && fill.copy((m.src, m.src + m.len), dst, len)? {
             continue;
         }
+        if !pre.inherited[i] {
+            fill.queue(dst, len)?;
+            continue;
+        }
+        // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
         for chunk in buf.chunks_mut(256 * PAGE as usize) {
             scratch.resize(chunk.len(), 0);
-            pages
-                .read_exact_at(&mut scratch, off)
-                .context("pages image is truncated")?;
-            crc.update(&scratch);
-            off += chunk.len() as u64;
+            fill.read(&mut scratch)?;
             for (have, want) in chunk
                 .chunks_mut(PAGE as usize)
                 .zip(scratch.chunks(PAGE as usize))
@@ -860,6 +1176,7 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             }
         }
     }
+    fill.flush()?;
     // In an inherited VMA, what neither the image nor the parent's copy
     // (`parent_pages`) holds reads as zeros again.
     for (_, m) in pre
@@ -895,20 +1212,7 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             );
         }
     }
-    if shared + written > 0 {
-        tracing::debug!("{shared} pages left shared with the parent, {written} written");
-    }
-    if off - PAGES_HEADER_LEN != expect_len {
-        bail!(
-            "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
-            expect_len,
-            off - PAGES_HEADER_LEN
-        );
-    }
-    if crc.finalize() != expect_crc {
-        bail!("pages image checksum mismatch; the images are corrupt");
-    }
-    Ok(())
+    Ok((shared, written))
 }
 
 /// mlockall(MCL_FUTURE) leaves no trace in /proc but in the VMAs mapped
@@ -977,7 +1281,9 @@ pub fn vdso_target(mm: &MmEntry) -> Result<u64> {
         return Ok(0);
     }
     let base = special.iter().map(|v| v.start).min().unwrap();
-    let own = proc::smaps(std::process::id() as i32)?;
+    // maps, not smaps: this runs in a restored task whose memory is in
+    // place, and smaps would count all of its pages.
+    let own = proc::maps(std::process::id() as i32)?;
     let own: Vec<&MapsEntry> = own
         .iter()
         .filter(|e| matches!(e.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
@@ -1005,4 +1311,39 @@ pub fn vdso_target(mm: &MmEntry) -> Result<u64> {
         );
     }
     Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn premap_slots_keep_the_huge_page_offset_within_the_planned_slack() {
+        for start in [
+            0x7f00_0000_0000u64,
+            0x7f00_0000_1000,
+            0x7f00_001f_f000,
+            0x5555_5555_4000,
+        ] {
+            let v = VmaEntry {
+                start,
+                end: start + 0x40_0000,
+                ..Default::default()
+            };
+            for at in [
+                0x1_0000_0000u64,
+                0x1_0000_1000,
+                0x1_001f_f000,
+                0x1_0020_0000,
+            ] {
+                let slot = premap_slot(&v, at);
+                assert_eq!(slot % HUGE, start % HUGE, "start {start:#x} at {at:#x}");
+                // premap_size plans HUGE of slack per VMA.
+                assert!(
+                    slot >= at && slot < at + HUGE,
+                    "start {start:#x} at {at:#x}"
+                );
+            }
+        }
+    }
 }
