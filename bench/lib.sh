@@ -2,8 +2,14 @@
 # and a cleanup that kills the benchmark's own process and unmounts.
 # Sets: crust, work, tmpfs; uses: pid (the process under test, if any),
 # tool (crust, or criu with $criu the path of its binary), warm_mib.
-cargo build --release -q
-crust=$PWD/target/release/crust
+# $CRUST: another crust binary to measure (an older build, for before and
+# after figures); by default the one built from this tree.
+if [ -n "${CRUST:-}" ]; then
+    crust=$(realpath "$CRUST")
+else
+    cargo build --release -q
+    crust=$PWD/target/release/crust
+fi
 criu=${criu:-}
 tool=crust
 warm_mib=0
@@ -57,6 +63,8 @@ bench_cycle() {
     rm -f "$work/ready"
     ZDTM_READY="$work/ready" setsid "$@" </dev/null >"$log" 2>&1 &
     pid=$!
+    # Killed by the dump on purpose: no "Killed" job report from bash.
+    disown "$pid"
     while [ ! -e "$work/ready" ]; do sleep 0.05; done
     if declare -F bench_before_dump >/dev/null; then bench_before_dump; fi
     rm -rf "$tmpfs/img"

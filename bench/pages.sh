@@ -6,7 +6,8 @@
 # each. Images on tmpfs; each timed step starts from the same memory state
 # (bench/warm.c). Ratios above 1 mean crust is faster.
 # Usage: bench/pages.sh [-c CRIU_BINARY] [-r ROUNDS] [-p PROCS] [-t THREADS] [SIZE_MIB...]
-# (defaults: 3 rounds, sizes 1024 2048 4096, a tree of 31 processes with 3 threads each)
+# (defaults: 3 rounds, sizes 1024 2048 4096, a tree of 31 processes with 3
+# threads each; CRUST=path measures another crust binary than this tree's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=3
@@ -38,9 +39,11 @@ tools=(crust)
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # range FILE: "min-max" of the numbers in FILE.
 range() { sort -g "$1" | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
-# The seconds the pages of a dump took, from crust's log ("N MiB of pages in T").
-pages_s() {
-    sed -n 's/.* MiB of pages in \([0-9.]*\)\(m\?s\).*/\1 \2/p' "$tmpfs/img/dump.log" |
+# When crust's images were complete and durable, from its log ("images of
+# PID complete in T"): the dump without the wait for the dumped tree to
+# die (its exit frees its memory, which write() does not have to do).
+images_s() {
+    sed -n 's/.* images of [0-9]* complete in \([0-9.]*\)\(m\?s\).*/\1 \2/p' "$tmpfs/img/dump.log" |
         awk '{ t += ($2 == "ms") ? $1 / 1000 : $1 } END { printf "%.3f", t }'
 }
 
@@ -62,12 +65,15 @@ for size in "${sizes[@]}"; do
             echo "$restore_s" >>"$stats/$tool-restore"
             line+=" | $tool dump $dump_s s"
             if [ "$tool" = crust ]; then
-                p=$(pages_s)
-                line+=" (pages $p s)"
                 div "$w" "$dump_s" >>"$stats/write-ratio"
                 echo >>"$stats/write-ratio"
-                div "$w" "$p" >>"$stats/pages-ratio"
-                echo >>"$stats/pages-ratio"
+                p=$(images_s)
+                # An older crust does not log it.
+                if [ "$p" != 0.000 ]; then
+                    line+=" (images complete $p s)"
+                    div "$w" "$p" >>"$stats/images-ratio"
+                    echo >>"$stats/images-ratio"
+                fi
                 crust_dump=$dump_s
                 crust_restore=$restore_s
             else
@@ -83,7 +89,8 @@ for size in "${sizes[@]}"; do
         echo "$line"
     done
     sum="$size MiB: crust dump $(range "$stats/crust-dump") s ($(awk -v s="$size" '{ print $1 * 1024 / s }' "$stats/crust-dump" >"$stats/pergib"; range "$stats/pergib") s/GiB), restore $(range "$stats/crust-restore") s"
-    sum+="; write/dump $(range "$stats/write-ratio") (write/pages $(range "$stats/pages-ratio"))"
+    sum+="; write/dump $(range "$stats/write-ratio")"
+    [ -s "$stats/images-ratio" ] && sum+=" (write/images complete $(range "$stats/images-ratio"))"
     if [ -n "$criu" ]; then
         sum+="; criu dump $(range "$stats/criu-dump") s, restore $(range "$stats/criu-restore") s"
         sum+="; criu/crust dump $(range "$stats/criu-dump-ratio"), restore $(range "$stats/criu-restore-ratio")"
