@@ -27,6 +27,7 @@ fn main() {
     for f in [
         "parasite/abi.rs",
         "parasite/rt.rs",
+        "parasite/crc32.rs",
         "parasite/parasite.rs",
         "parasite/restorer.rs",
         "proto",

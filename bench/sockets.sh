@@ -12,7 +12,7 @@ rounds=${2:-3}
 . bench/lib.sh
 bench_mount 256m
 cc -O2 -o "$work/socks" bench/manysockets.c
-crust_opts="--tcp-established"
+tool_opts="--tcp-established"
 echo "N=$n (connections, socketpairs), rounds: $rounds, kernel $(uname -r), $(nproc) cores, network lock: $(command -v nft >/dev/null && echo nftables || echo iptables)"
 for r in $(seq "$rounds"); do
     for mix in "tcp $n 0" "unix 0 $n" "both $n $n"; do

@@ -14,22 +14,33 @@ pub const NSIG: usize = 64;
 /// RLIMIT_NLIMITS on x86-64.
 pub const NR_RLIMITS: usize = 16;
 
-/// Most iovecs the parasite takes for one `vmsplice` batch.
-pub const MAX_IOVS: usize = 1024;
+/// Most iovecs one `PARASITE_CMD_DUMP_PAGES` takes, for all its pipes.
+pub const MAX_IOVS: usize = 4096;
+/// Most iovecs one vmsplice call takes (UIO_MAXIOV).
+pub const VMSPLICE_MAX_IOVS: usize = 1024;
+/// Most page pipes a parasite holds: crust drains some while the parasite
+/// fills others.
+pub const MAX_PAGE_PIPES: usize = 16;
 
 // ---- parasite commands -------------------------------------------------
 
-/// Create the page pipe and size it to `ParasiteCtl::pipe_size`.
+/// Create the link to crust (`ParasiteCtl::link`), a socketpair whose one
+/// end crust takes (pidfd_getfd) and the parasite then closes: every later
+/// command runs free and ends on that link (see `ParasiteCtl::free_run`).
 pub const PARASITE_CMD_INIT: u64 = 1;
-/// `vmsplice` `ParasiteCtl::iovs[..nr_iovs]` into the page pipe.
+/// Fill page pipes: for each of `ParasiteCtl::fills[..nr_fills]`, checksum
+/// its iovecs (the next `nr_iovs` of `ParasiteCtl::iovs`) and `vmsplice`
+/// them into its pipe, which crust emptied. Returns the bytes spliced in all.
 pub const PARASITE_CMD_DUMP_PAGES: u64 = 2;
 /// Fill `ParasiteCtl::misc` with the state only the task can read about itself.
 pub const PARASITE_CMD_GET_MISC: u64 = 3;
-/// Close the page pipe.
+/// Close the page pipes and the link.
 pub const PARASITE_CMD_FINI: u64 = 4;
 /// Fill the settings and overrun of `ParasiteCtl::timers[..nr_timers]`
 /// (whose ids crust filled in).
 pub const PARASITE_CMD_GET_TIMERS: u64 = 5;
+/// Create `ParasiteCtl::nr_pipes` page pipes (crust sizes them).
+pub const PARASITE_CMD_PIPES: u64 = 6;
 
 /// prctl that makes timer_create take the id it is given (Linux 6.15);
 /// argument 0 off, 1 on, 2 query.
@@ -43,6 +54,22 @@ pub const MAX_POSIX_TIMERS: usize = 64;
 pub struct IoVec {
     pub base: u64,
     pub len: u64,
+}
+
+/// One page pipe to fill in a `PARASITE_CMD_DUMP_PAGES`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PipeFill {
+    /// Index into `ParasiteCtl::pipes`.
+    pub pipe: u32,
+    /// Its iovecs: the next ones in `ParasiteCtl::iovs`.
+    pub nr_iovs: u32,
+    /// Bytes those iovecs name.
+    pub len: u64,
+    /// Back from the parasite: bytes spliced into the pipe, and their CRC-32.
+    pub done: u64,
+    pub crc: u32,
+    pub _pad: u32,
 }
 
 /// The kernel's `struct sigaction` as rt_sigaction(2) takes it on x86-64.
@@ -154,14 +181,28 @@ pub struct ParasiteCtl {
     /// task's own state: every command ends with rt_sigreturn through it,
     /// so the task is itself again even if crust died meanwhile.
     pub sigframe_uc: u64,
+    /// Set by crust when it built a new frame: the parasite then fills in
+    /// the frame's alternate signal stack (rt_sigreturn sets it again), once.
+    pub fresh_frame: u64,
+    /// The command runs free (PTRACE_CONT, no stop per system call) and
+    /// ends with a handshake on the link: the parasite sends one byte when
+    /// done and reads one back before its rt_sigreturn. crust, woken by the
+    /// first, stops the thread (PTRACE_INTERRUPT), sends the second and
+    /// traces the rest; with crust gone the read ends at once (crust held
+    /// the link's only other end), and the thread returns into its own
+    /// code. Never waits on anything but crust.
+    pub free_run: u64,
+    /// The parasite's end of the link and crust's (-1 once the parasite
+    /// closed its copy, which it does first thing in a free command).
+    pub link: [i32; 2],
     /// Zero or positive on success, `-errno` on failure.
     pub ret: i64,
-    pub pipe_size: u64,
-    /// The parasite's page pipe in the task, while it is open (-1 before
-    /// INIT and after FINI): a cure after a crust that died reads it here.
-    pub pipe_rd: i32,
-    pub pipe_wr: i32,
-    pub nr_iovs: u64,
+    pub nr_pipes: u64,
+    /// Read and write ends of each page pipe; -1 for none.
+    pub pipes: [[i32; 2]; MAX_PAGE_PIPES],
+    /// DUMP_PAGES: the pipes to fill and, one after the other, their iovecs.
+    pub nr_fills: u64,
+    pub fills: [PipeFill; MAX_PAGE_PIPES],
     pub iovs: [IoVec; MAX_IOVS],
     pub misc: MiscState,
     pub nr_timers: u64,

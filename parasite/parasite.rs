@@ -10,6 +10,8 @@
 
 #[path = "abi.rs"]
 mod abi;
+#[path = "crc32.rs"]
+mod crc32;
 #[path = "rt.rs"]
 mod rt;
 
@@ -28,67 +30,170 @@ core::arch::global_asm!(
     main = sym parasite_main,
 );
 
-const F_SETPIPE_SZ: u64 = 1031;
 const O_CLOEXEC: u64 = 0o2000000;
+const MSG_DONTWAIT: u64 = 0x40;
 
 extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
     // SAFETY: crust points rdi at the control block it placed in our region.
     let ctl = unsafe { &mut *ctl };
+    let free = ctl.free_run != 0;
+    if free {
+        // An answer left over from a command crust gave up on must not
+        // end this one's handshake before crust stops the thread.
+        let mut b = [0u8; 16];
+        // SAFETY: reads at most 16 bytes into b; never blocks.
+        while unsafe { syscall6(SYS_RECVFROM, ctl.link[0] as u64, b.as_mut_ptr() as u64, 16, MSG_DONTWAIT, 0, 0) } > 0 {}
+    }
+    if free && ctl.link[1] >= 0 {
+        // crust holds its own copy of this end now: with ours closed, the
+        // link breaks when crust dies, and the handshake below cannot wait
+        // for a dead crust.
+        // SAFETY: closing the end of the link this parasite made.
+        unsafe { syscall2(SYS_CLOSE, ctl.link[1] as u64, 0) };
+        ctl.link[1] = -1;
+    }
+    // rt_sigreturn also sets the alternate signal stack from the frame:
+    // give it the task's current one, once per frame (the frame stays as
+    // it is between commands, and nothing here changes the stack).
+    if ctl.fresh_frame != 0 {
+        let uc = ctl.sigframe_uc as *mut UContext;
+        // SAFETY: crust built the frame in our region; sigaltstack writes one stack_t.
+        unsafe { syscall2(SYS_SIGALTSTACK, 0, core::ptr::addr_of_mut!((*uc).uc_stack) as u64) };
+        ctl.fresh_frame = 0;
+    }
     ctl.ret = match ctl.cmd {
         PARASITE_CMD_INIT => init(ctl),
+        PARASITE_CMD_PIPES => make_pipes(ctl),
         PARASITE_CMD_DUMP_PAGES => dump_pages(ctl),
         PARASITE_CMD_GET_MISC => get_misc(ctl),
         PARASITE_CMD_FINI => fini(ctl),
         PARASITE_CMD_GET_TIMERS => get_timers(ctl),
         _ => -22,
     };
-    // rt_sigreturn also sets the alternate signal stack from the frame:
-    // give it the task's current one.
-    let uc = ctl.sigframe_uc as *mut UContext;
-    // SAFETY: crust built the frame in our region; sigaltstack writes one stack_t.
-    unsafe { syscall2(SYS_SIGALTSTACK, 0, core::ptr::addr_of_mut!((*uc).uc_stack) as u64) };
+    if free {
+        handshake(ctl);
+        if ctl.cmd == PARASITE_CMD_FINI {
+            // SAFETY: closing this parasite's end of the link, used no more.
+            unsafe { syscall2(SYS_CLOSE, ctl.link[0] as u64, 0) };
+            ctl.link[0] = -1;
+        }
+    }
     ctl.sigframe_uc
 }
 
+/// The end of a free command (see `ParasiteCtl::free_run`): "done" to
+/// crust, then wait for its "go", or for the link to break.
+fn handshake(ctl: &mut ParasiteCtl) {
+    const EINTR: i64 = -4;
+    // With crust gone, a send raises no SIGPIPE: pending behind the
+    // parasite's mask, it would kill the task once its own mask is back.
+    const MSG_NOSIGNAL: u64 = 0x4000;
+    let mut b = 1u8;
+    // SAFETY: sends one byte from b; never blocks.
+    unsafe {
+        syscall6(SYS_SENDTO, ctl.link[0] as u64, &b as *const u8 as u64, 1, MSG_DONTWAIT | MSG_NOSIGNAL, 0, 0)
+    };
+    loop {
+        // SAFETY: reads at most one byte into b.
+        let r = unsafe { syscall4(SYS_READ, ctl.link[0] as u64, &mut b as *mut u8 as u64, 1, 0) };
+        if r != EINTR {
+            break;
+        }
+    }
+}
+
 fn init(ctl: &mut ParasiteCtl) -> i64 {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two ints into fds.
-    let r = unsafe { syscall2(SYS_PIPE2, fds.as_mut_ptr() as u64, O_CLOEXEC) };
+    const AF_UNIX: u64 = 1;
+    const SOCK_STREAM: u64 = 1;
+    const SOCK_CLOEXEC: u64 = 0o2000000;
+    for p in ctl.pipes.iter_mut() {
+        *p = [-1, -1];
+    }
+    let mut sv = [-1i32; 2];
+    // SAFETY: socketpair writes two ints into sv.
+    let r = unsafe { syscall4(SYS_SOCKETPAIR, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv.as_mut_ptr() as u64) };
     if r < 0 {
         return r;
     }
-    ctl.pipe_rd = fds[0];
-    ctl.pipe_wr = fds[1];
-    // SAFETY: fcntl on our own pipe.
-    let r = unsafe { syscall4(SYS_FCNTL, fds[1] as u64, F_SETPIPE_SZ, ctl.pipe_size, 0) };
-    if r < 0 {
-        return r;
+    ctl.link = sv;
+    0
+}
+
+fn make_pipes(ctl: &mut ParasiteCtl) -> i64 {
+    let nr = ctl.nr_pipes as usize;
+    if nr > MAX_PAGE_PIPES {
+        return -22;
     }
-    ctl.pipe_size = r as u64;
+    for i in 0..nr {
+        if ctl.pipes[i][0] >= 0 {
+            continue;
+        }
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two ints into fds.
+        let r = unsafe { syscall2(SYS_PIPE2, fds.as_mut_ptr() as u64, O_CLOEXEC) };
+        if r < 0 {
+            return r;
+        }
+        // Recorded at once: crust (or the dump's guardian) closes what is listed.
+        ctl.pipes[i] = fds;
+    }
     0
 }
 
 fn dump_pages(ctl: &mut ParasiteCtl) -> i64 {
-    let nr = ctl.nr_iovs as usize;
-    if nr > MAX_IOVS {
+    let nr = ctl.nr_fills as usize;
+    if nr > MAX_PAGE_PIPES {
         return -22;
     }
+    let mut first = 0;
+    let mut total = 0;
+    for f in 0..nr {
+        let fill = ctl.fills[f];
+        let n = fill.nr_iovs as usize;
+        let pipe = fill.pipe as usize;
+        if first + n > MAX_IOVS || pipe >= MAX_PAGE_PIPES || ctl.pipes[pipe][1] < 0 {
+            return -22;
+        }
+        let iovs = &mut ctl.iovs[first..first + n];
+        // The checksum crust records for these bytes: computed here, where
+        // the pages are, so that nobody reads them back from the image.
+        let mut crc = crc32::Crc32::new();
+        for v in iovs.iter() {
+            // SAFETY: the iovecs name readable ranges of this task, checked by crust.
+            crc.update(unsafe { core::slice::from_raw_parts(v.base as *const u8, v.len as usize) });
+        }
+        let r = splice_into(ctl.pipes[pipe][1], iovs);
+        if r < 0 {
+            return r;
+        }
+        ctl.fills[f].crc = crc.finish();
+        ctl.fills[f].done = r as u64;
+        total += r;
+        if r as u64 != fill.len {
+            // A pipe that could not take its batch: crust sees `done` short.
+            return total;
+        }
+        first += n;
+    }
+    total
+}
+
+/// vmsplices `iovs` into the pipe whose write end is `fd`; returns the
+/// bytes it took, or -errno.
+fn splice_into(fd: i32, iovs: &mut [IoVec]) -> i64 {
+    // Never block: with crust gone nobody empties the pipe, and the task
+    // must get out of the parasite. crust hands over an empty pipe that
+    // holds the whole batch; a full pipe ends the batch early.
+    const SPLICE_F_NONBLOCK: u64 = 2;
+    let nr = iovs.len();
     let mut total = 0i64;
     let mut i = 0;
-    // Never block: with crust gone nobody empties the pipe, and the task
-    // must get out of the parasite. A full pipe ends the batch early.
-    const SPLICE_F_NONBLOCK: u64 = 2;
     // vmsplice may take a batch in parts; go on from where it stopped.
     while i < nr {
+        let n = (nr - i).min(VMSPLICE_MAX_IOVS);
         // SAFETY: the iovecs name readable ranges of this task, checked by crust.
         let r = unsafe {
-            syscall4(
-                SYS_VMSPLICE,
-                ctl.pipe_wr as u64,
-                ctl.iovs.as_ptr().add(i) as u64,
-                (nr - i) as u64,
-                SPLICE_F_NONBLOCK,
-            )
+            syscall4(SYS_VMSPLICE, fd as u64, iovs.as_ptr().add(i) as u64, n as u64, SPLICE_F_NONBLOCK)
         };
         if r == -11 && total > 0 {
             return total;
@@ -98,13 +203,13 @@ fn dump_pages(ctl: &mut ParasiteCtl) -> i64 {
         }
         total += r;
         let mut done = r as u64;
-        while i < nr && done >= ctl.iovs[i].len {
-            done -= ctl.iovs[i].len;
+        while i < nr && done >= iovs[i].len {
+            done -= iovs[i].len;
             i += 1;
         }
         if i < nr {
-            ctl.iovs[i].base += done;
-            ctl.iovs[i].len -= done;
+            iovs[i].base += done;
+            iovs[i].len -= done;
         }
     }
     total
@@ -201,13 +306,20 @@ fn get_misc(ctl: &mut ParasiteCtl) -> i64 {
 }
 
 fn fini(ctl: &mut ParasiteCtl) -> i64 {
-    // SAFETY: closing the pipe this parasite made.
-    unsafe {
-        syscall2(SYS_CLOSE, ctl.pipe_rd as u64, 0);
-        syscall2(SYS_CLOSE, ctl.pipe_wr as u64, 0);
+    for p in ctl.pipes.iter_mut() {
+        for fd in p.iter_mut().filter(|fd| **fd >= 0) {
+            // SAFETY: closing a pipe this parasite made.
+            unsafe { syscall2(SYS_CLOSE, *fd as u64, 0) };
+            *fd = -1;
+        }
     }
-    // No pipe any more: a cure after a crust that died closes none (their
-    // numbers may be the task's own files again by then).
-    (ctl.pipe_rd, ctl.pipe_wr) = (-1, -1);
+    if ctl.free_run == 0 {
+        // Not freed by the handshake's end: the whole link goes here.
+        for fd in ctl.link.iter_mut().filter(|fd| **fd >= 0) {
+            // SAFETY: closing the link this parasite made.
+            unsafe { syscall2(SYS_CLOSE, *fd as u64, 0) };
+            *fd = -1;
+        }
+    }
     0
 }

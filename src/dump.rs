@@ -453,6 +453,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // Durable before the tree is killed: a dump from a shutdown hook
     // survives the power cut that follows.
     dir.sync()?;
+    info!("images of {} complete in {:?}", opts.pid, t0.elapsed());
     if let Some(s) = stats.as_mut() {
         s.stage("writing images");
     }
@@ -486,11 +487,15 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     }
     fault_point("kept");
     let mut killed = Vec::new();
+    let mut pidfds = Vec::new();
     for threads in seized {
         let mut threads = threads.into_iter();
         let leader = threads.next().expect("a process has a leader");
         killed.push(leader.pid.as_raw());
         if tree_ends {
+            // Opened while the process is still ours (its PID cannot be
+            // reused before the kill).
+            pidfds.extend(sys::pidfd_open(leader.pid.as_raw()).ok());
             // SIGKILL to the leader ends the whole thread group.
             leader.kill()?;
             for t in threads {
@@ -509,6 +514,12 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         }
     }
     if tree_ends {
+        // A dying process frees its memory page by page; process_mrelease
+        // frees it from crust too, on the other core, so a big one is gone
+        // sooner. Best effort: the exit frees it anyway.
+        for fd in &pidfds {
+            let _ = sys::process_mrelease(fd);
+        }
         wait_dead(&killed);
         // What the dead tree held, crust's copies keep: connections go back
         // into repair mode before their last close.
@@ -647,7 +658,7 @@ fn dump_task(
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
     let mut pages = PagesWriter::create(dir, pid)?;
-    memory::dump_pages(&mut parasite, &mm, &mut pages)?;
+    memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
     fault_point("pages-drained");
     parasite.cure()?;
     let bytes = pages.len;

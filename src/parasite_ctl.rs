@@ -8,6 +8,7 @@
 //! (`cure_orphaned`).
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{Ordering, compiler_fence};
@@ -115,22 +116,49 @@ pub fn remote_syscall(task: &SeizedTask, nr: i64, args: [u64; 6]) -> Result<i64>
 
 const STACK_SIZE: u64 = 64 * 1024;
 
+/// Bytes crust asks each page pipe to hold. Past pipe-max-size (1 MiB by
+/// default) this takes CAP_SYS_RESOURCE, which crust may have and the task
+/// may not: the parasite makes the pipes, crust sizes them.
+const PAGE_PIPE_SIZE: usize = 4 << 20;
+
+/// Grows a pipe to `PAGE_PIPE_SIZE`, or to pipe-max-size without
+/// CAP_SYS_RESOURCE; returns the size it has.
+fn grow_pipe(f: &File) -> usize {
+    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(1 << 20);
+    for want in [PAGE_PIPE_SIZE, max.min(PAGE_PIPE_SIZE)] {
+        // SAFETY: fcntl on an fd we own.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+        if r > 0 {
+            return r as usize;
+        }
+    }
+    // SAFETY: as above.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    r.max(0) as usize
+}
+
 const NR_REGS: usize = std::mem::size_of::<Regs>() / 8;
 pub const INFECTION_LEN: usize = 32 + NR_REGS * 8;
 
-/// What a cure needs to know of a parasite: its region, where its control
-/// block is (which names the pipe it holds open), and the thread it runs
-/// in now with that thread's registers as the freeze found them. The dump's
+/// What a cure needs to know of a parasite: its region, where in the task
+/// its control block lists the page pipes, and the thread it runs in now
+/// with that thread's registers as the freeze found them. The dump's
 /// guardian is told it at every change (size 0: no parasite), to cure the
 /// task should crust die (`cure_orphaned`).
 #[derive(Clone, Copy)]
 pub struct Infection {
     base: u64,
     size: u64,
+    /// Address of the control block in the task once crust marked every
+    /// fd absent there (0 before): the parasite records each pipe and its
+    /// link there as soon as it makes them, and marks them closed when it
+    /// closes them, so what to close is read from the task, whenever crust
+    /// died.
+    ctl_at: u64,
     tid: i32,
-    /// Where the control block is in the region, once crust has set it up
-    /// (0 before).
-    ctl_off: u32,
     stop_regs: Regs,
 }
 
@@ -141,8 +169,8 @@ impl Infection {
         Infection {
             base,
             size,
+            ctl_at: 0,
             tid: 0,
-            ctl_off: 0,
             stop_regs,
         }
     }
@@ -156,8 +184,8 @@ impl Infection {
         let mut b = [0u8; INFECTION_LEN];
         b[0..8].copy_from_slice(&self.base.to_le_bytes());
         b[8..16].copy_from_slice(&self.size.to_le_bytes());
-        b[16..20].copy_from_slice(&self.tid.to_le_bytes());
-        b[20..24].copy_from_slice(&self.ctl_off.to_le_bytes());
+        b[16..24].copy_from_slice(&self.ctl_at.to_le_bytes());
+        b[24..28].copy_from_slice(&self.tid.to_le_bytes());
         // SAFETY: user_regs_struct is NR_REGS plain u64s.
         let words: [u64; NR_REGS] = unsafe { std::mem::transmute(self.stop_regs) };
         for (i, w) in words.iter().enumerate() {
@@ -174,8 +202,8 @@ impl Infection {
         Infection {
             base: u64::from_le_bytes(b[0..8].try_into().unwrap()),
             size: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            tid: i32::from_le_bytes(b[16..20].try_into().unwrap()),
-            ctl_off: u32::from_le_bytes(b[20..24].try_into().unwrap()),
+            ctl_at: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            tid: i32::from_le_bytes(b[24..28].try_into().unwrap()),
             // SAFETY: user_regs_struct is NR_REGS plain u64s.
             stop_regs: unsafe { std::mem::transmute::<[u64; NR_REGS], Regs>(words) },
         }
@@ -185,8 +213,8 @@ impl Infection {
 /// Cures task `task` of the parasite `last` when crust died with it in
 /// (run by the dump's guardian, `crate::guardian`, once crust is gone): the
 /// kernel has detached the task, or is about to; seizes it again, unmaps
-/// the parasite and closes its pipe. False when the task could not be
-/// seized within 10 s.
+/// the parasite and closes its pipes and link. False when the task could
+/// not be seized within 10 s.
 pub fn cure_orphaned(task: nix::unistd::Pid, last: Infection) -> bool {
     // crust died. Its ptrace link goes away a moment after its files close,
     // and a thread may still be inside the parasite, finishing a command
@@ -219,31 +247,66 @@ pub fn cure_orphaned(task: nix::unistd::Pid, last: Infection) -> bool {
         }
     }
     let leader = &threads[0];
-    // The pipe the parasite holds open, as its control block says (INIT
-    // writes it, FINI clears it): right at every instant crust may have
-    // died, which what crust last read of it is not.
-    let mut pipe = (-1, -1);
-    if last.ctl_off != 0 {
-        let at =
-            last.base + last.ctl_off as u64 + std::mem::offset_of!(ParasiteCtl, pipe_rd) as u64;
-        let mut b = [0u8; 8];
-        if leader.mem.read_exact_at(&mut b, at).is_ok() {
-            pipe = (
-                i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")),
-                i32::from_ne_bytes(b[4..].try_into().expect("4 bytes")),
-            );
+    // The pipes and the link the parasite made and did not close, from
+    // its control block, read before the region goes.
+    let mut fds = Vec::new();
+    if last.ctl_at != 0 {
+        for (off, n) in [
+            (
+                std::mem::offset_of!(ParasiteCtl, pipes),
+                2 * abi::MAX_PAGE_PIPES,
+            ),
+            (std::mem::offset_of!(ParasiteCtl, link), 2),
+        ] {
+            let mut b = vec![0u8; 4 * n];
+            if leader
+                .mem
+                .read_exact_at(&mut b, last.ctl_at + off as u64)
+                .is_ok()
+            {
+                fds.extend(
+                    b.chunks_exact(4)
+                        .map(|w| i32::from_le_bytes(w.try_into().unwrap())),
+                );
+            }
         }
     }
-    let _ = remote_syscall(leader, libc::SYS_munmap, [last.base, last.size, 0, 0, 0, 0]);
-    for fd in [pipe.0, pipe.1] {
-        if fd >= 0 {
-            let _ = remote_syscall(leader, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
-        }
+    // Armed before its mmap, the region may not be there: then nothing is
+    // unmapped (the task may have mapped something of its own meanwhile).
+    if parasite_region_mapped(task.as_raw(), last.base, last.size) {
+        let _ = remote_syscall(leader, libc::SYS_munmap, [last.base, last.size, 0, 0, 0, 0]);
+    }
+    for &fd in fds.iter().filter(|&&fd| fd >= 0) {
+        let _ = remote_syscall(leader, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
     }
     for th in threads.into_iter().rev() {
         let _ = th.release();
     }
     true
+}
+
+/// The lowest `size` bytes of address space free in task `pid` below all
+/// its mappings (from mmap_min_addr on, with a page to spare), if any.
+fn low_free_range(pid: i32, size: u64) -> Option<u64> {
+    let min = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(65536)
+        .max(65536)
+        .next_multiple_of(abi::PAGE_SIZE);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let first = u64::from_str_radix(maps.split('-').next()?, 16).ok()?;
+    (min + size + abi::PAGE_SIZE <= first).then_some(min)
+}
+
+/// Whether task `pid` maps a parasite's region (shared, rwx, anonymous)
+/// exactly at [base, base+size).
+fn parasite_region_mapped(pid: i32, base: u64, size: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let want = format!("{:08x}-{:08x} rwxs ", base, base + size);
+    maps.lines().any(|l| l.starts_with(&want))
 }
 
 /// A parasite loaded into a seized task. `cure` (or drop) removes it.
@@ -259,9 +322,13 @@ pub struct Parasite<'a> {
     framed_tid: i32,
     /// What the dump's guardian was last told.
     inf: Infection,
-    /// crust's end of the page pipe (opened through /proc/PID/fd).
-    pub pipe: Option<File>,
+    /// crust's ends of the page pipes (opened through /proc/PID/fd).
+    pub pipes: Vec<File>,
+    /// Bytes each page pipe holds.
     pub pipe_size: usize,
+    /// crust's end of the link (see `ParasiteCtl::free_run`): once there,
+    /// every command runs free.
+    link: Option<File>,
     guardian: &'a Guardian,
     cured: bool,
 }
@@ -279,12 +346,34 @@ impl<'a> Parasite<'a> {
         let size = frame_off + frame_size + STACK_SIZE;
         let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
         let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS;
+        // Below every mapping of the task where there is room: its smaps
+        // entry is then the first (`memory::dump_mlockall`), and with the
+        // place known beforehand the guardian knows of the region before
+        // the mmap, so a crust killed meanwhile leaves none behind.
+        let low = low_free_range(task.pid.as_raw(), size);
+        let mut inf = Infection {
+            tid: task.pid.as_raw(),
+            stop_regs: task.stop_regs,
+            base: low.unwrap_or(0),
+            size,
+            ctl_at: 0,
+        };
+        let (hint, flags) = match low {
+            Some(at) => {
+                guardian.infected(task.pid.as_raw(), inf)?;
+                (at, flags | libc::MAP_FIXED_NOREPLACE)
+            }
+            None => (0, flags),
+        };
         let base = remote_syscall(
             task,
             libc::SYS_mmap,
-            [0, size, prot as u64, flags as u64, u64::MAX, 0],
+            [hint, size, prot as u64, flags as u64, u64::MAX, 0],
         )?;
         if base < 0 {
+            if low.is_some() {
+                guardian.infected(task.pid.as_raw(), Infection::new(0, 0))?;
+            }
             bail!(
                 "mapping the parasite into task {}: errno {}",
                 task.pid,
@@ -292,13 +381,7 @@ impl<'a> Parasite<'a> {
             );
         }
         let base = base as u64;
-        let mut inf = Infection {
-            tid: task.pid.as_raw(),
-            stop_regs: task.stop_regs,
-            base,
-            size,
-            ctl_off: 0,
-        };
+        inf.base = base;
         guardian.infected(task.pid.as_raw(), inf)?;
         let mut p = Parasite {
             task,
@@ -310,8 +393,9 @@ impl<'a> Parasite<'a> {
             frame_size,
             framed_tid: 0,
             inf,
-            pipe: None,
+            pipes: Vec::new(),
             pipe_size: 0,
+            link: None,
             guardian,
             cured: false,
         };
@@ -348,29 +432,72 @@ impl<'a> Parasite<'a> {
             task.pid, PARASITE_BLOB.name
         );
 
-        p.ctl().pipe_size = 1 << 20;
-        (p.ctl().pipe_rd, p.ctl().pipe_wr) = (-1, -1);
-        // From now on the guardian finds the pipe the parasite holds in the
-        // control block.
-        inf.ctl_off = ctl_off as u32;
+        // From here on the guardian closes what the control block lists.
+        p.ctl().pipes = [[-1, -1]; abi::MAX_PAGE_PIPES];
+        p.ctl().link = [-1, -1];
+        inf.ctl_at = base + ctl_off;
         p.inf = inf;
         guardian.infected(task.pid.as_raw(), inf)?;
-        let r = p.run(abi::PARASITE_CMD_INIT);
-        let r = r?;
+        let r = p.run(abi::PARASITE_CMD_INIT)?;
         if r < 0 {
             bail!(
-                "parasite in task {}: creating the page pipe failed: errno {}",
+                "parasite in task {}: creating its link to crust failed: errno {}",
                 task.pid,
                 -r
             );
         }
-        let (rd, sz) = (p.ctl().pipe_rd, p.ctl().pipe_size);
-        let pipe_path = format!("/proc/{}/fd/{rd}", task.pid);
-        p.pipe = Some(
-            File::open(&pipe_path).with_context(|| format!("opening the page pipe {pipe_path}"))?,
-        );
-        p.pipe_size = sz as usize;
+        let pidfd = sys::pidfd_open(task.pid.as_raw())
+            .with_context(|| format!("opening a pidfd of task {}", task.pid))?;
+        let link = sys::pidfd_getfd(&pidfd, p.ctl().link[1])
+            .with_context(|| format!("taking the parasite's link from task {}", task.pid))?;
+        p.link = Some(File::from(link));
         Ok(p)
+    }
+
+    /// Gives the parasite `n` page pipes (at most `abi::MAX_PAGE_PIPES`),
+    /// each as large as crust can make it.
+    pub fn make_pipes(&mut self, n: usize) -> Result<()> {
+        let n = n.clamp(1, abi::MAX_PAGE_PIPES);
+        if self.pipes.len() >= n {
+            return Ok(());
+        }
+        self.ctl().nr_pipes = n as u64;
+        let r = self.run(abi::PARASITE_CMD_PIPES)?;
+        // The pipes come in order; a task short of fds (RLIMIT_NOFILE)
+        // makes do with those it got.
+        let made = self.ctl().pipes.iter().take_while(|p| p[0] >= 0).count();
+        if r < 0 && made == 0 {
+            bail!(
+                "parasite in task {}: creating page pipes failed: errno {}",
+                self.task.pid,
+                -r
+            );
+        }
+        let mut size = if self.pipes.is_empty() {
+            usize::MAX
+        } else {
+            self.pipe_size
+        };
+        for [rd, _] in self
+            .ctl()
+            .pipes
+            .into_iter()
+            .take(made)
+            .skip(self.pipes.len())
+        {
+            let path = format!("/proc/{}/fd/{rd}", self.task.pid);
+            let f = File::open(&path).with_context(|| format!("opening the page pipe {path}"))?;
+            size = size.min(grow_pipe(&f));
+            self.pipes.push(f);
+        }
+        if size < abi::PAGE_SIZE as usize {
+            bail!(
+                "parasite in task {}: its page pipes hold {size} bytes; check /proc/sys/fs/pipe-max-size",
+                self.task.pid
+            );
+        }
+        self.pipe_size = size;
+        Ok(())
     }
 
     /// The parasite's region in the task: [start, end).
@@ -406,6 +533,7 @@ impl<'a> Parasite<'a> {
         let uc =
             regs::build_sigframe(frame, at, &regs::to_pb(&t.regs), &t.xstate, t.sigmask, None)?;
         self.ctl().sigframe_uc = at + uc as u64 + 8;
+        self.ctl().fresh_frame = 1;
         self.framed_tid = t.pid.as_raw();
         Ok(())
     }
@@ -424,6 +552,7 @@ impl<'a> Parasite<'a> {
         self.frame_for(t)?;
         self.ctl().cmd = cmd;
         self.ctl().ret = -1;
+        self.ctl().free_run = self.link.is_some() as u64;
         compiler_fence(Ordering::SeqCst);
         let pid = t.pid;
         let mut r = t.regs;
@@ -436,6 +565,9 @@ impl<'a> Parasite<'a> {
         // parasite's rt_sigreturn puts the mask back).
         ptrace::setregs(pid, r)?;
         sys::set_sigmask(pid, !0)?;
+        if self.link.is_some() {
+            self.run_free(t)?;
+        }
         let region = self.remote_base..self.remote_base + self.size;
         let mut in_sigreturn = false;
         loop {
@@ -465,6 +597,91 @@ impl<'a> Parasite<'a> {
         Ok(self.ctl().ret)
     }
 
+    /// The free part of a command (see `ParasiteCtl::free_run`): thread `t`
+    /// runs the parasite without a stop per system call until the parasite
+    /// says it is done; then crust stops it, answers, and leaves the rest
+    /// (the end of the handshake and the rt_sigreturn) to `run_on`'s
+    /// tracing. A signal stop meanwhile fails the command as in `run_on`.
+    fn run_free(&mut self, t: &SeizedTask) -> Result<()> {
+        let pid = t.pid;
+        let link = self.link.as_ref().expect("a free command has a link");
+        // A "done" left over from a command crust gave up on is not this one's.
+        let mut stale = [0u8; 16];
+        // SAFETY: recv into our own buffer, never blocking.
+        while unsafe {
+            libc::recv(
+                link.as_raw_fd(),
+                stale.as_mut_ptr().cast(),
+                stale.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+        // Gone here, crust leaves the task to run the command alone: it ends
+        // it on a broken link and returns into its own code.
+        crate::dump::fault_point("parasite-free");
+        ptrace::cont(pid, None)?;
+        let deadline = std::time::Instant::now() + crate::seize::STEP_TIMEOUT;
+        loop {
+            match nix::sys::wait::waitpid(
+                pid,
+                Some(nix::sys::wait::WaitPidFlag::__WALL | nix::sys::wait::WaitPidFlag::WNOHANG),
+            )? {
+                WaitStatus::StillAlive => {}
+                WaitStatus::Stopped(_, sig) => {
+                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
+                    t.restore_state()?;
+                    bail!("task {pid} got {sig:?} at {rip:#x} while running the parasite");
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    bail!("task {pid} died running the parasite")
+                }
+                // Another stop (a group-stop): on with the command.
+                WaitStatus::PtraceEvent(..) => ptrace::cont(pid, None)?,
+                other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                // Stopped again before its state is put back.
+                let _ = ptrace::interrupt(pid);
+                let _ = wait_task(pid);
+                t.restore_state()?;
+                bail!(
+                    "the parasite in task {pid} did not finish a command within {} s",
+                    crate::seize::STEP_TIMEOUT.as_secs()
+                );
+            }
+            if sys::poll_fd_or_sigchld(link.as_raw_fd(), left)? {
+                let mut b = [0u8; 1];
+                match (&*link).read(&mut b) {
+                    Ok(1) => break,
+                    Ok(_) => bail!("task {pid} closed the parasite's link: it died"),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("reading the parasite's link"),
+                }
+            }
+        }
+        // Stopped where it waits for the answer (or on its way there); from
+        // here every system call of the thread stops again.
+        ptrace::interrupt(pid)?;
+        match wait_task(pid)? {
+            WaitStatus::PtraceEvent(..) => {}
+            WaitStatus::Stopped(_, sig) => {
+                let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
+                t.restore_state()?;
+                bail!("task {pid} got {sig:?} at {rip:#x} while running the parasite");
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                bail!("task {pid} died running the parasite")
+            }
+            other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
+        }
+        (&*link)
+            .write_all(b"g")
+            .context("answering the parasite on its link")?;
+        Ok(())
+    }
+
     /// Removes the parasite: closes its pipe, unmaps its region in the task.
     pub fn cure(mut self) -> Result<()> {
         self.cure_inner()
@@ -475,8 +692,10 @@ impl<'a> Parasite<'a> {
             return Ok(());
         }
         self.cured = true;
-        self.pipe = None;
+        self.pipes.clear();
+        // FINI runs free: the link goes after it.
         let fini = self.run(abi::PARASITE_CMD_FINI);
+        self.link = None;
         // SAFETY: unmapping crust's own view of the region; nothing refers to it now.
         unsafe { libc::munmap(self.local.cast(), self.size as usize) };
         let r = remote_syscall(

@@ -60,6 +60,37 @@ pub fn smaps(pid: i32) -> Result<Vec<MapsEntry>> {
     parse_smaps(&read(pid, "smaps")?).with_context(|| format!("/proc/{pid}/smaps"))
 }
 
+/// The first entry of /proc/PID/smaps, read in small pieces: the kernel
+/// counts the pages of a VMA only when its entry is read, so the VMAs after
+/// the first cost nothing.
+pub fn first_smaps_entry(pid: i32) -> Result<MapsEntry> {
+    use std::io::Read;
+    let path = format!("/proc/{pid}/smaps");
+    let mut f = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 256];
+    // Up to the end of the first VmFlags line, the last of an entry.
+    let end = loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {path}"))?;
+        text.extend_from_slice(&buf[..n]);
+        let flags = text.windows(9).position(|w| w == b"\nVmFlags:");
+        if let Some(eol) = flags.and_then(|at| text[at + 1..].iter().position(|&c| c == b'\n')) {
+            break flags.unwrap() + 1 + eol + 1;
+        }
+        if n == 0 {
+            break text.len();
+        }
+    };
+    let text = String::from_utf8_lossy(&text[..end]);
+    parse_smaps(&text)
+        .with_context(|| path.clone())?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{path} is empty"))
+}
+
 /// The text of an smaps file, one entry per VMA with its VmFlags.
 pub fn parse_smaps(text: &str) -> Result<Vec<MapsEntry>> {
     let mut out: Vec<MapsEntry> = Vec::new();
@@ -91,6 +122,15 @@ pub fn parse_smaps(text: &str) -> Result<Vec<MapsEntry>> {
         }
     }
     Ok(out)
+}
+
+/// /proc/PID/maps: the VMAs without their VmFlags. Unlike smaps, reading
+/// it does not count the pages of each VMA, which for gigabytes takes long.
+pub fn maps(pid: i32) -> Result<Vec<MapsEntry>> {
+    Ok(read(pid, "maps")?
+        .lines()
+        .filter_map(parse_maps_line)
+        .collect())
 }
 
 /// /proc/self/maps, for finding free address ranges.

@@ -622,6 +622,14 @@ fn zero_pages_not_stored() {
     t.pass();
 }
 
+/// A region backed by transparent huge pages is backed by huge pages again
+/// right after the restore: premapped at the same offset within a huge
+/// page, given its MADV_HUGEPAGE before the fill, and moved whole.
+#[test]
+fn huge_pages_come_back_as_huge_pages() {
+    cycle("thp", &[]);
+}
+
 #[test]
 fn threads() {
     cycle("threads", &[]);

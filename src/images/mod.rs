@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -343,15 +344,26 @@ pub fn read_msg_file<M: Message + Default>(path: &Path, want: Option<ImageKind>)
     M::decode(payload).map_err(|e| ImageError::Undecodable(path.to_owned(), e.to_string()).into())
 }
 
-/// The raw page store of one task, written by splicing from the parasite's
-/// pipe. A second thread checksums each part right after it lands (still
-/// hot in the cache), overlapping the CRC with the drain.
+/// Where a stream of pages goes, in stream order: the pages image of a
+/// dump (`PagesWriter`), or any other file or socket a pipe splices into.
+/// Whoever fills the pipes knows the CRC-32 of what they hold (the parasite
+/// computes it where the pages are), so a sink never reads data back.
+pub trait PageSink: Send {
+    /// Moves `len` bytes out of `pipe`, which is empty afterwards; `crc` is
+    /// their CRC-32.
+    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()>;
+    /// Appends bytes crust holds itself (pages read through /proc/PID/mem).
+    fn take_bytes(&mut self, data: &[u8]) -> Result<()>;
+}
+
+/// The raw page store of one task: the page stream spliced into
+/// `pages-PID.img` after a 4 KiB header, which `finish` seals with the
+/// length and the CRC-32 combined from the parts' own.
 pub struct PagesWriter {
     pub path: PathBuf,
-    pub file: File,
+    file: File,
     pub len: u64,
-    crc_tx: Option<std::sync::mpsc::Sender<u64>>,
-    crc_thread: Option<std::thread::JoinHandle<std::io::Result<u32>>>,
+    crc: crc32fast::Hasher,
 }
 
 impl PagesWriter {
@@ -360,50 +372,17 @@ impl PagesWriter {
         file.write_all_at(&[0u8; PAGES_HEADER_LEN as usize], 0)?;
         use std::io::Seek;
         (&file).seek(std::io::SeekFrom::Start(PAGES_HEADER_LEN))?;
-        let reader = file.try_clone()?;
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
-        let crc_thread = std::thread::spawn(move || {
-            let mut h = crc32fast::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut done = 0u64;
-            // Each message is the new length of the data written so far.
-            for upto in rx {
-                while done < upto {
-                    let n = ((upto - done) as usize).min(buf.len());
-                    reader.read_exact_at(&mut buf[..n], PAGES_HEADER_LEN + done)?;
-                    h.update(&buf[..n]);
-                    done += n as u64;
-                }
-            }
-            Ok(h.finalize())
-        });
         Ok(Self {
             path,
             file,
             len: 0,
-            crc_tx: Some(tx),
-            crc_thread: Some(crc_thread),
+            crc: crc32fast::Hasher::new(),
         })
     }
 
-    /// Records that `n` more bytes were appended to the file.
-    pub fn advance(&mut self, n: u64) {
-        self.len += n;
-        if let Some(tx) = &self.crc_tx {
-            let _ = tx.send(self.len);
-        }
-    }
-
-    /// Waits for the checksum and seals the header.
-    pub fn finish(mut self) -> Result<()> {
-        drop(self.crc_tx.take());
-        let crc = self
-            .crc_thread
-            .take()
-            .unwrap()
-            .join()
-            .map_err(|_| anyhow::anyhow!("the checksum thread panicked"))?
-            .with_context(|| format!("checksumming {}", self.path.display()))?;
+    /// Seals the header with the length and checksum.
+    pub fn finish(self) -> Result<()> {
+        let crc = self.crc.finalize();
         self.file
             .write_all_at(&header(ImageKind::Pages, self.len, crc), 0)
             .and_then(|_| self.file.sync_data())
@@ -412,12 +391,23 @@ impl PagesWriter {
     }
 }
 
-impl Drop for PagesWriter {
-    fn drop(&mut self) {
-        drop(self.crc_tx.take());
-        if let Some(t) = self.crc_thread.take() {
-            let _ = t.join();
-        }
+impl PageSink for PagesWriter {
+    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()> {
+        crate::sys::splice_all(pipe, self.file.as_raw_fd(), len as usize)
+            .with_context(|| format!("splicing pages into {}", self.path.display()))?;
+        self.crc
+            .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+        self.len += len;
+        Ok(())
+    }
+
+    fn take_bytes(&mut self, data: &[u8]) -> Result<()> {
+        (&self.file)
+            .write_all(data)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.crc.update(data);
+        self.len += data.len() as u64;
+        Ok(())
     }
 }
 
@@ -715,11 +705,15 @@ mod tests {
     fn pages_writer_checksums_what_it_wrote() {
         let d = scratch("pages");
         let mut w = PagesWriter::create(&d, 9).unwrap();
-        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7) as u8).collect();
-        std::io::Write::write_all(&mut w.file, &data[..4096]).unwrap();
-        w.advance(4096);
-        std::io::Write::write_all(&mut w.file, &data[4096..]).unwrap();
-        w.advance(2 * 4096);
+        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i * 7) as u8).collect();
+        w.take_bytes(&data[..4096]).unwrap();
+        // Two pages through a pipe, with the checksum its filler computed.
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        let mid = &data[4096..3 * 4096];
+        nix::unistd::write(&wr, mid).unwrap();
+        w.take_pipe(rd.as_raw_fd(), mid.len() as u64, crc32fast::hash(mid))
+            .unwrap();
+        w.take_bytes(&data[3 * 4096..]).unwrap();
         w.finish().unwrap();
         let hdr = verify_pages_file(&d.file(ImageKind::Pages, 9)).unwrap();
         assert_eq!(hdr.len, data.len() as u64);

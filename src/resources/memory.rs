@@ -2,23 +2,26 @@
 //!
 //! Dump: VMAs come from /proc/PID/smaps, the pages to keep from
 //! /proc/PID/pagemap (present or swapped pages of anonymous memory, and the
-//! private copies a task made of file pages); the parasite vmsplices them
-//! into its pipe and crust splices the pipe into `pages-PID.img`.
+//! private copies a task made of file pages); the parasite checksums and
+//! vmsplices them into its page pipes, and a second thread of crust splices
+//! the full pipes into `pages-PID.img` while the parasite fills the next.
 //!
 //! Restore: each VMA is premapped in a hole of the address space that
 //! neither crust nor the task uses, filled from the pages image, and moved
 //! into place by the restorer with mremap.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::files::TreeObjects;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
-use crate::images::{PAGES_HEADER_LEN, PagesWriter};
+use crate::images::{PAGES_HEADER_LEN, PageSink};
 use crate::parasite_ctl::Parasite;
 use crate::proc::{self, MapsEntry};
 
@@ -344,75 +347,227 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     Ok(())
 }
 
-/// Drains the pages named in `mm.pagemap` into the pages image.
-pub fn dump_pages(parasite: &mut Parasite, mm: &MmEntry, out: &mut PagesWriter) -> Result<()> {
+/// One part of the page stream, in stream order: a filled page pipe, or
+/// pages crust read itself.
+enum Part {
+    Pipe { pipe: usize, len: u64, crc: u32 },
+    Bytes(Vec<u8>),
+}
+
+/// Streams the pages of `runs` (page runs of the task's `vmas`, in the
+/// order the image lists them: `mm.pagemap`, or any selection of it) into
+/// `sink`. The parasite checksums and vmsplices a batch into an empty page
+/// pipe per trip; a second thread splices the full pipes into the sink
+/// meanwhile and hands them back empty, so the next batch is taken while
+/// the last is written. Every pipe the parasite gets holds its whole batch:
+/// its non-blocking vmsplice never has to wait for crust.
+pub fn dump_pages(
+    parasite: &mut Parasite,
+    vmas: &[VmaEntry],
+    runs: &[PagemapEntry],
+    sink: &mut dyn PageSink,
+) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    // A pipe per MiB, up to the most a parasite holds: a small task gets
+    // one, and the first trip's worth of pipes is all a big one needs to
+    // keep the writer busy.
+    let bytes: u64 = runs.iter().map(|r| r.nr_pages * PAGE).sum();
+    parasite.make_pipes(bytes.div_ceil(1 << 20) as usize)?;
+    let pipes: Vec<RawFd> = parasite.pipes.iter().map(|f| f.as_raw_fd()).collect();
+    std::thread::scope(|s| {
+        let (part_tx, part_rx) = mpsc::channel::<Part>();
+        let (free_tx, free_rx) = mpsc::channel::<usize>();
+        for i in 0..pipes.len() {
+            free_tx.send(i).expect("the receiver is here");
+        }
+        let pipes = &pipes;
+        let writer = s.spawn(move || -> Result<Duration> {
+            // How long the writer waited for the filler: the pipeline's stall.
+            let mut idle = Duration::ZERO;
+            let mut t = Instant::now();
+            while let Ok(part) = part_rx.recv() {
+                idle += t.elapsed();
+                match part {
+                    Part::Pipe { pipe, len, crc } => {
+                        sink.take_pipe(pipes[pipe], len, crc)?;
+                        crate::progress::bytes_done(len);
+                        // The filler may be done already; then nobody waits for it.
+                        let _ = free_tx.send(pipe);
+                    }
+                    Part::Bytes(data) => {
+                        sink.take_bytes(&data)?;
+                        crate::progress::bytes_done(data.len() as u64);
+                    }
+                }
+                t = Instant::now();
+            }
+            Ok(idle)
+        });
+        let t = Instant::now();
+        let filled = fill_pipes(parasite, vmas, runs, &part_tx, &free_rx);
+        drop(part_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer thread panicked")));
+        // A failed writer stops the filler: its error is the one to report.
+        let (idle, waits) = (written?, filled?);
+        tracing::debug!(
+            "task {}: pages streamed in {:?}, {} trips into the parasite; the writer waited {idle:?}, the parasite {:?}",
+            parasite.task.pid,
+            t.elapsed(),
+            waits.1,
+            waits.0
+        );
+        Ok(())
+    })
+}
+
+/// The batches of one trip into the parasite: per pipe to fill, its number
+/// of iovecs (in `iovs`, one pipe's after the other) and its bytes.
+#[derive(Default)]
+struct Trip {
+    fills: Vec<(u32, u64)>,
+    iovs: Vec<IoVec>,
+}
+
+/// The filling half of `dump_pages`, in the thread that traces the task.
+/// A trip into the parasite fills some of the pipes while the writer
+/// drains the others. Returns how long it waited for empty pipes, and its
+/// trips.
+fn fill_pipes(
+    parasite: &mut Parasite,
+    vmas: &[VmaEntry],
+    runs: &[PagemapEntry],
+    parts: &mpsc::Sender<Part>,
+    free: &mpsc::Receiver<usize>,
+) -> Result<(Duration, usize)> {
     let pid = parasite.task.pid;
-    let pipe_fd = parasite
-        .pipe
-        .as_ref()
-        .context("parasite has no page pipe")?
-        .as_raw_fd();
     let pipe_size = parasite.pipe_size as u64;
+    // A quarter of the pipes per trip: three quarters stay queued for the
+    // writer while the parasite fills the next ones, so a trip held up by
+    // the scheduler does not leave the writer without pages.
+    let per_trip = (parasite.pipes.len() / 4).max(1);
+    let stopped = || anyhow::anyhow!("the page writer of task {pid} stopped");
+    // The pages crust copies itself, in stream order, rather than have the
+    // parasite vmsplice and checksum them: pages vmsplice cannot read
+    // (PROT_NONE; /proc/PID/mem can), and the page of the rseq area of the
+    // thread the parasite runs in. The kernel writes that area each time
+    // the thread returns to user space (cpu and node ids), also while
+    // earlier pages of it wait in a pipe; copied by crust, the bytes
+    // written are the bytes checksummed.
+    let rseq = crate::sys::get_rseq_conf(pid)
+        .ok()
+        .filter(|c| c.rseq_abi_pointer != 0)
+        .map(|c| {
+            let start = c.rseq_abi_pointer & !(PAGE - 1);
+            let end = (c.rseq_abi_pointer + c.rseq_abi_size.max(32) as u64).next_multiple_of(PAGE);
+            (start, end)
+        });
     let readable = |addr: u64| {
-        mm.vmas
-            .iter()
+        vmas.iter()
             .find(|v| v.start <= addr && addr < v.end)
             .is_some_and(|v| v.prot & libc::PROT_READ as u32 != 0)
     };
-    let mut batch: Vec<IoVec> = Vec::new();
-    let mut batch_len = 0u64;
-    let flush = |parasite: &mut Parasite,
-                 batch: &mut Vec<IoVec>,
-                 batch_len: &mut u64,
-                 out: &mut PagesWriter|
-     -> Result<()> {
-        if batch.is_empty() {
+    let mut stats = (Duration::ZERO, 0);
+    let go = |parasite: &mut Parasite, trip: &mut Trip, stats: &mut (Duration, usize)| {
+        if trip.fills.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
+        let pipes = trip
+            .fills
+            .iter()
+            .map(|_| free.recv().map_err(|_| stopped()))
+            .collect::<Result<Vec<usize>>>()?;
+        stats.0 += t.elapsed();
+        stats.1 += 1;
         let ctl = parasite.ctl();
-        ctl.nr_iovs = batch.len() as u64;
-        ctl.iovs[..batch.len()].copy_from_slice(batch);
-        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
-        if r < 0 || r as u64 != *batch_len {
-            bail!("vmsplice of {} bytes in task {pid} returned {r}", batch_len);
+        ctl.nr_fills = trip.fills.len() as u64;
+        for (f, (&(nr_iovs, len), &pipe)) in ctl.fills.iter_mut().zip(trip.fills.iter().zip(&pipes))
+        {
+            *f = abi::PipeFill {
+                pipe: pipe as u32,
+                nr_iovs,
+                len,
+                ..Default::default()
+            };
         }
-        crate::sys::splice_all(pipe_fd, out.file.as_raw_fd(), *batch_len as usize)
-            .context("splicing pages to the image")?;
-        out.advance(*batch_len);
-        crate::progress::bytes_done(*batch_len);
-        batch.clear();
-        *batch_len = 0;
+        ctl.iovs[..trip.iovs.len()].copy_from_slice(&trip.iovs);
+        let want: u64 = trip.fills.iter().map(|f| f.1).sum();
+        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
+        if r < 0 || r as u64 != want {
+            bail!("vmsplice of {want} bytes in task {pid} returned {r}");
+        }
+        // Pages in the pipes, not yet written: the guardian closes them.
+        crate::dump::fault_point("pages-in-pipes");
+        for f in &parasite.ctl().fills[..trip.fills.len()] {
+            parts
+                .send(Part::Pipe {
+                    pipe: f.pipe as usize,
+                    len: f.len,
+                    crc: f.crc,
+                })
+                .map_err(|_| stopped())?;
+        }
+        trip.fills.clear();
+        trip.iovs.clear();
         Ok(())
     };
-    for run in &mm.pagemap {
-        if !readable(run.vaddr) {
-            // vmsplice cannot read PROT_NONE memory; /proc/PID/mem can.
-            flush(parasite, &mut batch, &mut batch_len, out)?;
-            let mut data = vec![0u8; (run.nr_pages * PAGE) as usize];
-            parasite
-                .task
-                .mem
-                .read_exact_at(&mut data, run.vaddr)
-                .context("reading unreadable pages")?;
-            std::io::Write::write_all(&mut out.file, &data)?;
-            out.advance(data.len() as u64);
+    let mut trip = Trip::default();
+    // The runs (each inside one VMA) cut where copied pages begin and end:
+    // (start, end, copied by crust).
+    let pieces = runs.iter().flat_map(|run| {
+        let (start, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
+        let (rs, re) = rseq.unwrap_or((end, end));
+        let cuts = if readable(start) {
+            [
+                (start, end.min(rs), false),
+                (start.max(rs), end.min(re), true),
+                (start.max(re), end, false),
+            ]
+        } else {
+            [(start, end, true), (end, end, true), (end, end, true)]
+        };
+        cuts.into_iter().filter(|&(s, e, _)| s < e)
+    });
+    for (mut addr, end, copy) in pieces {
+        if copy {
+            go(parasite, &mut trip, &mut stats)?;
+            while addr < end {
+                let mut data = vec![0u8; (end - addr).min(pipe_size) as usize];
+                parasite
+                    .task
+                    .mem
+                    .read_exact_at(&mut data, addr)
+                    .with_context(|| format!("reading pages of task {pid} at {addr:#x}"))?;
+                addr += data.len() as u64;
+                parts.send(Part::Bytes(data)).map_err(|_| stopped())?;
+            }
             continue;
         }
-        let (mut addr, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
         while addr < end {
-            let take = (end - addr).min(pipe_size - batch_len);
-            batch.push(IoVec {
+            if trip.fills.last().is_none_or(|f| f.1 == pipe_size) {
+                trip.fills.push((0, 0));
+            }
+            let fill = trip.fills.last_mut().expect("just pushed");
+            let take = (end - addr).min(pipe_size - fill.1);
+            trip.iovs.push(IoVec {
                 base: addr,
                 len: take,
             });
-            batch_len += take;
+            fill.0 += 1;
+            fill.1 += take;
             addr += take;
-            if batch_len == pipe_size || batch.len() == abi::MAX_IOVS {
-                flush(parasite, &mut batch, &mut batch_len, out)?;
+            let full = fill.1 == pipe_size && trip.fills.len() == per_trip;
+            if full || trip.iovs.len() == abi::MAX_IOVS {
+                go(parasite, &mut trip, &mut stats)?;
             }
         }
     }
-    flush(parasite, &mut batch, &mut batch_len, out)
+    go(parasite, &mut trip, &mut stats)?;
+    Ok(stats)
 }
 
 // ------------------------------------------------------------- restore ---
@@ -447,13 +602,24 @@ pub fn check_mapped_files(mm: &MmEntry) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of hole the premapped VMAs need, gaps included.
+/// Bytes of hole the premapped VMAs need, gaps and alignment included.
 pub fn premap_size(mm: &MmEntry) -> u64 {
     mm.vmas
         .iter()
         .filter(|v| premapped(v))
-        .map(|v| v.end - v.start + GAP)
+        .map(|v| v.end - v.start + GAP + HUGE)
         .sum()
+}
+
+/// A transparent huge page (PMD) of x86-64.
+const HUGE: u64 = 2 << 20;
+
+/// Where in the hole, from `at` on, VMA `v` is premapped: the first
+/// address at the same offset within a huge page as its final place (less
+/// than `HUGE` on), so that the restorer's mremap moves whole huge pages
+/// instead of splitting them.
+fn premap_slot(v: &VmaEntry, at: u64) -> u64 {
+    at + (v.start.wrapping_sub(at) & (HUGE - 1))
 }
 
 /// Space kept between premapped VMAs, so that none merge and a growsdown
@@ -513,9 +679,15 @@ pub struct Premapped<'a> {
 
 impl Premapped<'_> {
     /// Where this process premapped its private anonymous VMA like `v`.
+    /// Not when this one was premapped with huge page advice and `v` has
+    /// none: the copy carries the advice, and no madvise takes it away
+    /// (the restorer gives `v` its own advice, if any, over the copy's).
     fn copy_of(&self, v: &VmaEntry) -> Option<u64> {
         self.mm.vmas.iter().find(|p| {
-            p.start == v.start && p.end == v.end && p.kind() == VmaKind::VmaAnonPrivate
+            p.start == v.start
+                && p.end == v.end
+                && p.kind() == VmaKind::VmaAnonPrivate
+                && (p.advice & THP_ADVICE == 0 || v.advice & THP_ADVICE != 0)
         })?;
         self.moves
             .iter()
@@ -541,12 +713,12 @@ fn move_of(v: &VmaEntry, src: u64) -> VmaMove {
     }
 }
 
-/// Maps every VMA of `mm` into the hole from `at` on, taking over what the
+/// Maps every VMA of `mm` into the hole `[at, end)`, taking over what the
 /// parent premapped where it can; returns the moves the restorer must make.
 /// Runs in the restored task before the restorer.
 pub fn premap_vmas<'a>(
     mm: &'a MmEntry,
-    mut at: u64,
+    (mut at, end): (u64, u64),
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
     objects: &TreeObjects,
     parent: Option<&Premapped>,
@@ -558,6 +730,15 @@ pub fn premap_vmas<'a>(
         inherited.push(false);
     }
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
+        at = premap_slot(v, at);
+        // MAP_FIXED past the hole would land on crust's own memory.
+        if at + (v.end - v.start) > end {
+            bail!(
+                "VMA {:#x}-{:#x} does not fit in the hole planned for it; this is a bug in crust",
+                v.start,
+                v.end
+            );
+        }
         let copy = match v.kind() {
             VmaKind::VmaAnonPrivate => parent.and_then(|p| p.copy_of(v)),
             _ => None,
@@ -688,7 +869,258 @@ fn premap_vma(
             std::io::Error::last_os_error()
         );
     }
+    // The fill faults in huge pages where the task had asked for them
+    // (and none where it had refused them); the restorer sets the same
+    // advice again in the VMA's final place.
+    if v.kind() == VmaKind::VmaAnonPrivate && v.advice & THP_ADVICE != 0 {
+        let advice = if v.advice & abi::VMA_ADV_HUGEPAGE != 0 {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advice on the VMA just premapped.
+        if unsafe { libc::madvise(at as *mut _, len as usize, advice) } != 0 {
+            bail!(
+                "huge page advice on premapped VMA {:#x}-{:#x}: {}",
+                v.start,
+                v.end,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     Ok(())
+}
+
+/// The huge page advice a VMA carries (smaps `hg`, `nh`).
+const THP_ADVICE: u64 = abi::VMA_ADV_HUGEPAGE | abi::VMA_ADV_NOHUGEPAGE;
+
+/// Bytes one step of the fill faults in and reads: many pages per system
+/// call, few enough that the checksum finds them still in the cache.
+const FILL_STEP: u64 = 4 << 20;
+/// Runs shorter than this are faulted in by the read itself: a madvise
+/// call per small run would cost about as much as the faults it saves.
+const POPULATE_MIN: u64 = 16 * PAGE;
+/// Most ranges one preadv takes (UIO_MAXIOV).
+const FILL_IOVS: usize = 1024;
+
+/// Puts the page stream of an image in place, two ways:
+///
+/// - Private anonymous memory without huge pages: UFFDIO_COPY from the
+///   image mapped read-only allocates each page and copies into it, with
+///   no fault per page and no zeroing of a page about to be overwritten.
+/// - The rest (huge pages, shared and file memory, or where userfaultfd is
+///   refused), in steps: each step faults its destination in with one
+///   MADV_POPULATE_WRITE per run (whole huge pages where the VMA has them),
+///   and reads its runs with one preadv straight into place.
+///
+/// Either way the bytes are checksummed while they are hot.
+struct Filler<'a> {
+    pages: &'a File,
+    /// Offset in the image of the next byte of the stream, and of its end.
+    off: u64,
+    end: u64,
+    crc: crc32fast::Hasher,
+    /// The step being gathered: destination ranges, consecutive in the image.
+    step: Vec<(u64, u64)>,
+    step_len: u64,
+    /// MADV_POPULATE_WRITE is there (Linux 5.14); the read faults otherwise.
+    populate: bool,
+    /// The userfaultfd once made (None: not yet; Some(None): refused here),
+    /// the premapped VMAs registered with it, and the image's data mapped.
+    uffd: Option<Option<crate::sys::Uffd>>,
+    registered: Vec<(u64, u64)>,
+    src: Option<u64>,
+    /// Bytes placed with UFFDIO_COPY.
+    copied: u64,
+}
+
+impl<'a> Filler<'a> {
+    fn new(pages: &'a File, len: u64) -> Self {
+        Filler {
+            pages,
+            off: PAGES_HEADER_LEN,
+            end: PAGES_HEADER_LEN + len,
+            crc: crc32fast::Hasher::new(),
+            step: Vec::new(),
+            step_len: 0,
+            populate: true,
+            uffd: None,
+            registered: Vec::new(),
+            src: None,
+            copied: 0,
+        }
+    }
+
+    /// Copies the next `len` bytes of the stream into `[dst, dst+len)`,
+    /// missing pages of the premapped private anonymous VMA `vma`, with
+    /// UFFDIO_COPY; false (nothing done) where userfaultfd is refused.
+    fn copy(&mut self, vma: (u64, u64), dst: u64, len: u64) -> Result<bool> {
+        if self.uffd.is_none() {
+            self.uffd = Some(crate::sys::Uffd::new().ok());
+        }
+        if self.uffd.as_ref().is_some_and(|u| u.is_none()) {
+            return Ok(false);
+        }
+        // In stream order: what is queued goes first.
+        self.flush()?;
+        if self.off + len > self.end {
+            bail!("pages image is truncated");
+        }
+        let src = match self.src {
+            Some(s) => s,
+            None => {
+                let data = self.end - PAGES_HEADER_LEN;
+                // SAFETY: a fresh read-only shared mapping of the image's
+                // data, which is `data` bytes long (checked at open), so
+                // every byte read through it exists.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        data as usize,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        self.pages.as_raw_fd(),
+                        PAGES_HEADER_LEN as i64,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    bail!(
+                        "mapping the pages image: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                self.src = Some(p as u64);
+                p as u64
+            }
+        };
+        let uffd = self
+            .uffd
+            .as_ref()
+            .and_then(|u| u.as_ref())
+            .expect("made above");
+        if !self.registered.contains(&vma) {
+            uffd.register_missing(vma.0, vma.1 - vma.0)
+                .with_context(|| format!("registering premapped memory at {:#x}", vma.0))?;
+            self.registered.push(vma);
+        }
+        let from = src + (self.off - PAGES_HEADER_LEN);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(FILL_STEP);
+            uffd.copy(dst + done, from + done, n)
+                .with_context(|| format!("placing pages at {:#x}", dst + done))?;
+            // SAFETY: inside the image's data mapped above (bounds checked).
+            self.crc.update(unsafe {
+                std::slice::from_raw_parts((from + done) as *const u8, n as usize)
+            });
+            done += n;
+        }
+        self.off += len;
+        self.copied += len;
+        crate::progress::bytes_done(len);
+        Ok(true)
+    }
+
+    /// Undoes what `copy` set up: the premapped VMAs must reach the
+    /// restorer unregistered.
+    fn finish(&mut self) -> Result<()> {
+        if let Some(Some(uffd)) = &self.uffd {
+            for &(s, e) in &self.registered {
+                uffd.unregister(s, e - s)
+                    .with_context(|| format!("unregistering premapped memory at {s:#x}"))?;
+            }
+        }
+        self.registered.clear();
+        self.uffd = None;
+        if let Some(p) = self.src.take() {
+            // SAFETY: unmapping the image's data mapped in `copy`.
+            unsafe { libc::munmap(p as *mut _, (self.end - PAGES_HEADER_LEN) as usize) };
+        }
+        Ok(())
+    }
+
+    /// Queues the next `len` bytes of the stream for `[dst, dst+len)`, a
+    /// premapped, writable range of this process.
+    fn queue(&mut self, mut dst: u64, len: u64) -> Result<()> {
+        let end = dst + len;
+        while dst < end {
+            let take = (end - dst).min(FILL_STEP - self.step_len);
+            match self.step.last_mut() {
+                Some((a, l)) if *a + *l == dst => *l += take,
+                _ => self.step.push((dst, take)),
+            }
+            self.step_len += take;
+            dst += take;
+            if self.step_len == FILL_STEP || self.step.len() == FILL_IOVS {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.step.is_empty() {
+            return Ok(());
+        }
+        if self.populate {
+            for &(a, l) in self.step.iter().filter(|(_, l)| *l >= POPULATE_MIN) {
+                // SAFETY: [a, a+l) lies in a premapped, writable VMA of this process.
+                let r =
+                    unsafe { libc::madvise(a as *mut _, l as usize, libc::MADV_POPULATE_WRITE) };
+                if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    self.populate = false;
+                    break;
+                }
+                // Out of memory here is out of memory in the read below,
+                // which says so.
+            }
+        }
+        let mut bufs: Vec<std::io::IoSliceMut> = self
+            .step
+            .iter()
+            // SAFETY: each range lies in a premapped, writable VMA of this
+            // process, and the ranges do not overlap.
+            .map(|&(a, l)| {
+                std::io::IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(a as *mut u8, l as usize)
+                })
+            })
+            .collect();
+        let mut bufs = &mut bufs[..];
+        let mut off = self.off;
+        while !bufs.is_empty() {
+            let n = nix::sys::uio::preadv(self.pages, bufs, off as i64)
+                .context("reading the pages image")?;
+            if n == 0 {
+                bail!("pages image is truncated");
+            }
+            off += n as u64;
+            std::io::IoSliceMut::advance_slices(&mut bufs, n);
+        }
+        for &(a, l) in &self.step {
+            // SAFETY: the range was just filled, as above.
+            self.crc
+                .update(unsafe { std::slice::from_raw_parts(a as *const u8, l as usize) });
+        }
+        crate::progress::bytes_done(off - self.off);
+        self.off = off;
+        self.step.clear();
+        self.step_len = 0;
+        Ok(())
+    }
+
+    /// Reads the next `buf.len()` bytes of the stream into `buf` (after
+    /// what is queued).
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.flush()?;
+        self.pages
+            .read_exact_at(buf, self.off)
+            .context("pages image is truncated")?;
+        self.crc.update(buf);
+        self.off += buf.len() as u64;
+        crate::progress::bytes_done(buf.len() as u64);
+        Ok(())
+    }
 }
 
 /// Reads the pages image into the premapped VMAs, checking its CRC. In a
@@ -696,10 +1128,57 @@ fn premap_vma(
 /// and the pages the image does not hold are dropped (they read as zeros,
 /// as they did in the dumped task), so the rest stays shared.
 pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u32) -> Result<()> {
+    let mut fill = Filler::new(pages, expect_len);
+    let filled = fill_runs(pre, &mut fill);
+    let finished = fill.finish();
+    let (shared, written) = filled?;
+    finished?;
+    if shared + written > 0 {
+        tracing::debug!("{shared} pages left shared with the parent, {written} written");
+    }
+    tracing::debug!(
+        "{} of {expect_len} bytes of pages placed with UFFDIO_COPY",
+        fill.copied
+    );
+    if fill.off - PAGES_HEADER_LEN != expect_len {
+        bail!(
+            "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
+            expect_len,
+            fill.off - PAGES_HEADER_LEN
+        );
+    }
+    if fill.crc.finalize() != expect_crc {
+        bail!("pages image checksum mismatch; the images are corrupt");
+    }
+    Ok(())
+}
+
+/// The fill of `fill_pages`: the image's runs into place, in order.
+/// Returns the pages of inherited VMAs left shared with the parent, and
+/// those written there.
+fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
     let mm = pre.mm;
-    let mut off = PAGES_HEADER_LEN;
-    let mut crc = crc32fast::Hasher::new();
     let mut scratch = Vec::new();
+    // Where UFFDIO_COPY places pages as a fault would: private anonymous
+    // memory of this process's own (not taken from the parent), which
+    // gets no huge pages (those come from faults).
+    let thp_always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]"));
+    let by_copy: Vec<bool> = pre
+        .moves
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            !pre.inherited[i]
+                && mm.vmas.iter().any(|v| {
+                    v.start == m.dst
+                        && v.kind() == VmaKind::VmaAnonPrivate
+                        && !v.droppable
+                        && v.advice & abi::VMA_ADV_HUGEPAGE == 0
+                        && (!thp_always || v.advice & abi::VMA_ADV_NOHUGEPAGE != 0)
+                })
+        })
+        .collect();
     let (mut shared, mut written) = (0u64, 0u64);
     for run in &mm.pagemap {
         let len = run.nr_pages * PAGE;
@@ -715,24 +1194,18 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             })?;
         let m = &pre.moves[i];
         let dst = m.src + (run.vaddr - m.dst);
-        // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
-        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
-        if !pre.inherited[i] {
-            pages
-                .read_exact_at(buf, off)
-                .context("pages image is truncated")?;
-            crc.update(buf);
-            off += len;
-            crate::progress::bytes_done(len);
+        if by_copy[i] && fill.copy((m.src, m.src + m.len), dst, len)? {
             continue;
         }
+        if !pre.inherited[i] {
+            fill.queue(dst, len)?;
+            continue;
+        }
+        // SAFETY: [dst, dst+len) lies in a premapped, writable VMA of this process.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len as usize) };
         for chunk in buf.chunks_mut(256 * PAGE as usize) {
             scratch.resize(chunk.len(), 0);
-            pages
-                .read_exact_at(&mut scratch, off)
-                .context("pages image is truncated")?;
-            crc.update(&scratch);
-            off += chunk.len() as u64;
+            fill.read(&mut scratch)?;
             for (have, want) in chunk
                 .chunks_mut(PAGE as usize)
                 .zip(scratch.chunks(PAGE as usize))
@@ -746,6 +1219,7 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             }
         }
     }
+    fill.flush()?;
     // In an inherited VMA, what neither the image nor the parent's copy
     // (`parent_pages`) holds reads as zeros again.
     for (_, m) in pre
@@ -781,34 +1255,29 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             );
         }
     }
-    if shared + written > 0 {
-        tracing::debug!("{shared} pages left shared with the parent, {written} written");
-    }
-    if off - PAGES_HEADER_LEN != expect_len {
-        bail!(
-            "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
-            expect_len,
-            off - PAGES_HEADER_LEN
-        );
-    }
-    if crc.finalize() != expect_crc {
-        bail!("pages image checksum mismatch; the images are corrupt");
-    }
-    Ok(())
+    Ok((shared, written))
 }
 
 /// mlockall(MCL_FUTURE) leaves no trace in /proc but in the VMAs mapped
 /// after it: the parasite's own region, just mapped, shows whether new
-/// mappings are locked (`lo`) and only on fault (`lf`).
+/// mappings are locked (`lo`) and only on fault (`lf`). smaps counts the
+/// pages of every VMA it shows, which for a big task takes long: the
+/// parasite's region is put below every other mapping where there is room
+/// (`Parasite::infect`), and then only its own entry is read.
 pub fn dump_mlockall(
     pid: i32,
     parasite: (u64, u64),
     core: &mut crate::images::pb::TaskCore,
 ) -> Result<()> {
-    let e = proc::smaps(pid)?
-        .into_iter()
-        .find(|e| e.start == parasite.0 && e.end == parasite.1)
-        .context("the parasite's region is missing from smaps")?;
+    let first = proc::first_smaps_entry(pid)?;
+    let e = if (first.start, first.end) == parasite {
+        first
+    } else {
+        proc::smaps(pid)?
+            .into_iter()
+            .find(|e| e.start == parasite.0 && e.end == parasite.1)
+            .context("the parasite's region is missing from smaps")?
+    };
     if e.has_flag("lo") {
         core.mlockall = libc::MCL_FUTURE as u32;
         if e.has_flag("lf") {
@@ -855,7 +1324,9 @@ pub fn vdso_target(mm: &MmEntry) -> Result<u64> {
         return Ok(0);
     }
     let base = special.iter().map(|v| v.start).min().unwrap();
-    let own = proc::smaps(std::process::id() as i32)?;
+    // maps, not smaps: this runs in a restored task whose memory is in
+    // place, and smaps would count all of its pages.
+    let own = proc::maps(std::process::id() as i32)?;
     let own: Vec<&MapsEntry> = own
         .iter()
         .filter(|e| matches!(e.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
@@ -883,4 +1354,39 @@ pub fn vdso_target(mm: &MmEntry) -> Result<u64> {
         );
     }
     Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn premap_slots_keep_the_huge_page_offset_within_the_planned_slack() {
+        for start in [
+            0x7f00_0000_0000u64,
+            0x7f00_0000_1000,
+            0x7f00_001f_f000,
+            0x5555_5555_4000,
+        ] {
+            let v = VmaEntry {
+                start,
+                end: start + 0x40_0000,
+                ..Default::default()
+            };
+            for at in [
+                0x1_0000_0000u64,
+                0x1_0000_1000,
+                0x1_001f_f000,
+                0x1_0020_0000,
+            ] {
+                let slot = premap_slot(&v, at);
+                assert_eq!(slot % HUGE, start % HUGE, "start {start:#x} at {at:#x}");
+                // premap_size plans HUGE of slack per VMA.
+                assert!(
+                    slot >= at && slot < at + HUGE,
+                    "start {start:#x} at {at:#x}"
+                );
+            }
+        }
+    }
 }

@@ -89,7 +89,8 @@ fn rebuild_memory<'a>(
     };
     let plan = &set.plans[&pid];
     reserve_hole(plan)?;
-    let mem = memory::premap_vmas(&img.mm, plan.premap_at, &set.shared, &set.objects, parent)?;
+    let hole = (plan.premap_at, plan.restorer_at);
+    let mem = memory::premap_vmas(&img.mm, hole, &set.shared, &set.objects, parent)?;
     memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
     Ok(Some(mem))
 }
