@@ -37,6 +37,13 @@ tools=(crust)
 [ -n "$criu" ] && tools+=(criu)
 
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# ratio FILE A B: appends A/B to FILE, one a line.
+ratio() { div "$2" "$3" >>"$1"; echo >>"$1"; }
+# criu_ratios: criu's dump and restore times against crust's of this round.
+criu_ratios() {
+    ratio "$stats/criu-dump-ratio" "$dump_s" "$crust_dump"
+    ratio "$stats/criu-restore-ratio" "$restore_s" "$crust_restore"
+}
 # range FILE: "min-max" of the numbers in FILE.
 range() { sort -g "$1" | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
 # When crust's images were complete and durable, from its log ("images of
@@ -65,22 +72,17 @@ for size in "${sizes[@]}"; do
             echo "$restore_s" >>"$stats/$tool-restore"
             line+=" | $tool dump $dump_s s"
             if [ "$tool" = crust ]; then
-                div "$w" "$dump_s" >>"$stats/write-ratio"
-                echo >>"$stats/write-ratio"
+                ratio "$stats/write-ratio" "$w" "$dump_s"
                 p=$(images_s)
                 # An older crust does not log it.
                 if [ "$p" != 0.000 ]; then
                     line+=" (images complete $p s)"
-                    div "$w" "$p" >>"$stats/images-ratio"
-                    echo >>"$stats/images-ratio"
+                    ratio "$stats/images-ratio" "$w" "$p"
                 fi
                 crust_dump=$dump_s
                 crust_restore=$restore_s
             else
-                div "$dump_s" "$crust_dump" >>"$stats/criu-dump-ratio"
-                echo >>"$stats/criu-dump-ratio"
-                div "$restore_s" "$crust_restore" >>"$stats/criu-restore-ratio"
-                echo >>"$stats/criu-restore-ratio"
+                criu_ratios
             fi
             line+=", restore $restore_s s"
         done
@@ -111,10 +113,7 @@ for r in $(seq "$rounds"); do
             crust_dump=$dump_s
             crust_restore=$restore_s
         else
-            div "$dump_s" "$crust_dump" >>"$stats/criu-dump-ratio"
-            echo >>"$stats/criu-dump-ratio"
-            div "$restore_s" "$crust_restore" >>"$stats/criu-restore-ratio"
-            echo >>"$stats/criu-restore-ratio"
+            criu_ratios
             line+=" criu/crust dump $(div "$dump_s" "$crust_dump") restore $(div "$restore_s" "$crust_restore")"
         fi
     done

@@ -309,6 +309,26 @@ fn parasite_region_mapped(pid: i32, base: u64, size: u64) -> bool {
     maps.lines().any(|l| l.starts_with(&want))
 }
 
+/// The error for thread `t` leaving a parasite command with `status`
+/// instead of finishing it: a signal (its state is put back first, so the
+/// task is itself again), its death, or a stop crust does not expect.
+fn parasite_stopped(t: &SeizedTask, status: WaitStatus) -> anyhow::Error {
+    let pid = t.pid;
+    match status {
+        WaitStatus::Stopped(_, sig) => {
+            let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
+            if let Err(e) = t.restore_state() {
+                return e.context(format!("task {pid} got {sig:?} while running the parasite"));
+            }
+            anyhow::anyhow!("task {pid} got {sig:?} at {rip:#x} while running the parasite")
+        }
+        WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+            anyhow::anyhow!("task {pid} died running the parasite")
+        }
+        other => anyhow::anyhow!("task {pid}: unexpected {other:?} while running the parasite"),
+    }
+}
+
 /// A parasite loaded into a seized task. `cure` (or drop) removes it.
 pub struct Parasite<'a> {
     pub task: &'a SeizedTask,
@@ -581,16 +601,8 @@ impl<'a> Parasite<'a> {
                     in_sigreturn =
                         now.orig_rax == libc::SYS_rt_sigreturn as u64 && region.contains(&now.rip);
                 }
-                WaitStatus::Stopped(_, sig) => {
-                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
-                    t.restore_state()?;
-                    bail!("task {pid} got {sig:?} at {rip:#x} while running the parasite");
-                }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    bail!("task {pid} died running the parasite")
-                }
                 WaitStatus::PtraceEvent(..) => {}
-                other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
+                other => return Err(parasite_stopped(t, other)),
             }
         }
         compiler_fence(Ordering::SeqCst);
@@ -628,17 +640,9 @@ impl<'a> Parasite<'a> {
                 Some(nix::sys::wait::WaitPidFlag::__WALL | nix::sys::wait::WaitPidFlag::WNOHANG),
             )? {
                 WaitStatus::StillAlive => {}
-                WaitStatus::Stopped(_, sig) => {
-                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
-                    t.restore_state()?;
-                    bail!("task {pid} got {sig:?} at {rip:#x} while running the parasite");
-                }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    bail!("task {pid} died running the parasite")
-                }
                 // Another stop (a group-stop): on with the command.
                 WaitStatus::PtraceEvent(..) => ptrace::cont(pid, None)?,
-                other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
+                other => return Err(parasite_stopped(t, other)),
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
