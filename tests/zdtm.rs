@@ -794,6 +794,13 @@ fn event_fds() {
     cycle("eventfds", &[]);
 }
 
+/// AIO contexts: the ring at its address with its head, tail and unreaped
+/// events; new requests complete after them.
+#[test]
+fn aio_rings() {
+    cycle("aio_ring", &[]);
+}
+
 #[test]
 fn file_shared_by_processes() {
     cycle("shared_file", &[]);

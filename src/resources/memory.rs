@@ -58,6 +58,8 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
                 VmaKind::VmaAnonPrivate
             }
         }
+        // An AIO context's ring (shown as a deleted file).
+        p if super::aio::is_ring(p) => VmaKind::VmaAioRing,
         // A deleted file or a memfd: its contents go into the image
         // (`ghost`); SysV shared memory shows as a deleted /SYSV file.
         p if super::ghost::is_ghost_path(p) && !p.starts_with("/SYSV") => {
@@ -143,6 +145,9 @@ pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
             v.ino = e.inode;
             v.map_shared = e.shared;
             v.name = e.path.clone();
+        }
+        if kind == VmaKind::VmaAioRing {
+            v.aio = Some(super::aio::dump_ring(pid, e.start, e.end)?);
         }
         if e.path == "[heap]" {
             mm.brk = e.end;
@@ -792,6 +797,9 @@ fn premap_vma(
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
     objects: &TreeObjects,
 ) -> Result<()> {
+    if v.kind() == VmaKind::VmaAioRing {
+        return super::aio::premap_ring(v, at);
+    }
     let len = v.end - v.start;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let fixed = libc::MAP_FIXED;

@@ -1,5 +1,6 @@
 //! One module per kind of resource, each with its dump and restore side.
 
+pub mod aio;
 pub mod creds;
 pub mod devices;
 pub mod epoll;
