@@ -997,6 +997,14 @@ fn tree_rss_pss(root: i32) -> (u64, u64) {
     (rss, pss)
 }
 
+/// A private file mapping whose copied-on-write pages a parent and child
+/// share: still one frame for both after restore (the child starts from
+/// the parent's copy), each with its own changes and dropped pages.
+#[test]
+fn cow_file_mapping_stays_shared() {
+    cycle("cow_file", &[]);
+}
+
 #[test]
 fn cow_memory_stays_shared_with_children() {
     const MIB: u64 = 128;

@@ -247,6 +247,22 @@ fn zero_page_pfn() -> Option<u64> {
     (pfn != 0).then_some(pfn)
 }
 
+/// Whether `a` and `b` are the same private VMA (anonymous, or of the same
+/// file at the same offset) at the same place: a child's then starts from
+/// its parent's copy at restore, sharing what they shared copy-on-write.
+fn same_private(a: &VmaEntry, b: &VmaEntry) -> bool {
+    a.start == b.start
+        && a.end == b.end
+        && a.kind() == b.kind()
+        && match a.kind() {
+            VmaKind::VmaAnonPrivate => true,
+            VmaKind::VmaFilePrivate => {
+                (a.dev, a.ino, a.pgoff, a.ghost) == (b.dev, b.ino, b.pgoff, b.ghost)
+            }
+            _ => false,
+        }
+}
+
 /// Appends page `addr` of the VMA starting at `vma_start` to the runs,
 /// extending the last run when adjacent within the same VMA (a run never
 /// spans two VMAs: each is filled through its own premapped copy).
@@ -261,7 +277,7 @@ fn push_page(runs: &mut Vec<PagemapEntry>, vma_start: u64, addr: u64) {
 }
 
 /// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
-/// (`parent`: its PID and VMAs, dumped already), a private anonymous page
+/// (`parent`: its PID and VMAs, dumped already), a private page (anonymous, or a file's copied on write)
 /// the task still shares copy-on-write with its parent (the same frame in
 /// both) goes into `mm.parent_pages` instead: the parent's image holds it.
 pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>) -> Result<()> {
@@ -297,12 +313,7 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
             .with_context(|| format!("reading pagemap of {pid}"))?;
         // The parent's entries for the same VMA, when it has one: the
         // restored task then starts from the parent's copy of it.
-        let in_parent = kind == VmaKind::VmaAnonPrivate
-            && parent.is_some_and(|(_, vmas)| {
-                vmas.iter().any(|p| {
-                    p.start == v.start && p.end == v.end && p.kind() == VmaKind::VmaAnonPrivate
-                })
-            });
+        let in_parent = parent.is_some_and(|(_, vmas)| vmas.iter().any(|p| same_private(p, v)));
         let compare = match &parent_pm {
             Some(ppm) if in_parent => {
                 pbuf.resize(n * 8, 0);
@@ -683,16 +694,13 @@ pub struct Premapped<'a> {
 }
 
 impl Premapped<'_> {
-    /// Where this process premapped its private anonymous VMA like `v`.
+    /// Where this process premapped its private VMA like `v` (`same_private`).
     /// Not when this one was premapped with huge page advice and `v` has
     /// none: the copy carries the advice, and no madvise takes it away
     /// (the restorer gives `v` its own advice, if any, over the copy's).
     fn copy_of(&self, v: &VmaEntry) -> Option<u64> {
         self.mm.vmas.iter().find(|p| {
-            p.start == v.start
-                && p.end == v.end
-                && p.kind() == VmaKind::VmaAnonPrivate
-                && (p.advice & THP_ADVICE == 0 || v.advice & THP_ADVICE != 0)
+            same_private(p, v) && (p.advice & THP_ADVICE == 0 || v.advice & THP_ADVICE != 0)
         })?;
         self.moves
             .iter()
@@ -744,10 +752,7 @@ pub fn premap_vmas<'a>(
                 v.end
             );
         }
-        let copy = match v.kind() {
-            VmaKind::VmaAnonPrivate => parent.and_then(|p| p.copy_of(v)),
-            _ => None,
-        };
+        let copy = parent.and_then(|p| p.copy_of(v));
         match copy {
             Some(src) => take_parents_copy(v, src, at)?,
             None => premap_vma(v, at, shared, objects)?,
@@ -1305,7 +1310,8 @@ fn drop_pages(at: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // SAFETY: [at, at+len) is part of a private anonymous VMA we premapped.
+    // SAFETY: [at, at+len) is part of a private VMA we premapped; what it
+    // held is dropped (a private file page reads the file's again).
     if unsafe { libc::madvise(at as *mut _, len as usize, libc::MADV_DONTNEED) } != 0 {
         bail!(
             "dropping pages at {at:#x}: {}",
