@@ -143,24 +143,9 @@ pub fn premap_ring(v: &VmaEntry, at: u64) -> Result<()> {
         );
     }
     let id = ctx.0;
-    // SAFETY: moves the ring io_setup just mapped (the whole VMA, `len`
-    // bytes, checked by the kernel) onto the hole reserved for it.
-    let p = unsafe {
-        libc::mremap(
-            id as *mut _,
-            len as usize,
-            len as usize,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            at as *mut libc::c_void,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        bail!(
-            "moving the AIO ring of {:#x} into the premap hole: {}",
-            v.start,
-            std::io::Error::last_os_error()
-        );
-    }
+    // The whole ring (the kernel refuses to move part of it).
+    super::memory::move_into_hole(id, len, at)
+        .with_context(|| format!("moving the AIO ring of {:#x} into the premap hole", v.start))?;
     // The kernel follows the move: the context's id is its new address.
     ctx.0 = at;
     set_tail(at, ring).with_context(|| format!("restoring the AIO ring at {:#x}", v.start))?;

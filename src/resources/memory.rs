@@ -771,25 +771,30 @@ pub fn premap_vmas<'a>(
 /// Moves the parent's premapped copy of `v` (at `src`, inherited at fork)
 /// to `at` in this process's hole.
 fn take_parents_copy(v: &VmaEntry, src: u64, at: u64) -> Result<()> {
-    let len = (v.end - v.start) as usize;
-    // SAFETY: moves the parent's premapped copy, inherited at fork and used
-    // by nothing else here, onto our own reserved hole.
+    move_into_hole(src, v.end - v.start, at).with_context(|| {
+        format!(
+            "taking over the parent's copy of VMA {:#x}-{:#x}",
+            v.start, v.end
+        )
+    })
+}
+
+/// Moves the whole mapping `[src, src+len)` of this process onto `at` in
+/// its premap hole (mremap, MREMAP_FIXED).
+pub(super) fn move_into_hole(src: u64, len: u64, at: u64) -> std::io::Result<()> {
+    // SAFETY: moves a mapping this process made or inherited for the
+    // restore, used by nothing else here, onto its own reserved hole.
     let p = unsafe {
         libc::mremap(
             src as *mut _,
-            len,
-            len,
+            len as usize,
+            len as usize,
             libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
             at as *mut libc::c_void,
         )
     };
     if p == libc::MAP_FAILED {
-        bail!(
-            "taking over the parent's copy of VMA {:#x}-{:#x}: {}",
-            v.start,
-            v.end,
-            std::io::Error::last_os_error()
-        );
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
