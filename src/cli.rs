@@ -77,6 +77,9 @@ pub enum Cmd {
     Dump(DumpArgs),
     /// Bring a checkpointed process tree back.
     Restore(RestoreArgs),
+    /// Receive one dump's pages over TCP (sent with `dump --page-server`)
+    /// into pages images in -D; exits when the dump is done.
+    PageServer(crate::page_xfer::ServeArgs),
     /// Decode images for people (or scripts, with --json).
     Show {
         /// An images directory or one image file.
@@ -162,6 +165,8 @@ pub struct DumpArgs {
     /// walks it); past them the dump fails and the tree runs on.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub pages: crate::page_xfer::SendArgs,
 }
 
 #[derive(Args, Debug)]
@@ -288,7 +293,7 @@ pub fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
     Ok((n, key.to_string()))
 }
 
-const SUBCOMMANDS: &[&str] = &["check", "dump", "restore", "show", "help"];
+const SUBCOMMANDS: &[&str] = &["check", "dump", "restore", "page-server", "show", "help"];
 
 /// The long boolean options, which `--no-NAME` negates.
 fn boolean_options() -> Vec<String> {
