@@ -250,6 +250,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // its parent is being seized. One entry per live process: its threads,
     // the leader first.
     let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
+    // The tree's frozen time runs from here to its kill or release (logged
+    // at -v3: what a migration's downtime is made of).
+    let frozen = Instant::now();
     loop {
         if t0.elapsed() > opts.freeze_timeout {
             crate::refuse!(
@@ -521,6 +524,12 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             leader.release()?;
         }
     }
+    info!(
+        "the tree of {} was frozen for {:?} (seize to {})",
+        opts.pid,
+        frozen.elapsed(),
+        if tree_ends { "kill" } else { "release" }
+    );
     if tree_ends {
         // A dying process frees its memory page by page; process_mrelease
         // frees it from crust too, on the other core, so a big one is gone
