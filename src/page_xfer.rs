@@ -865,8 +865,9 @@ impl Session<'_> {
                         chan.io
                             .read_exact(&mut buf[..n])
                             .map_err(|e| chan.io_error(e))?;
-                        crc.update(&buf[..n]);
-                        w.take_bytes(&buf[..n])?;
+                        let part = crc32fast::hash(&buf[..n]);
+                        crc.combine(&crc32fast::Hasher::new_with_initial_len(part, n as u64));
+                        w.take_checked(&buf[..n], part)?;
                         left -= n;
                     }
                     if crc.finalize() != f.crc {
