@@ -405,3 +405,53 @@ fn page_server_migrates_memory_to_another_namespace() {
     );
     t.pass();
 }
+
+/// A frame of the page protocol (docs/PAGE-SERVER.md), made by hand.
+fn frame(op: u32, id: i32, crc: u32, len: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"XPRC"); // magic 0x43525058, little-endian
+    b.extend_from_slice(&op.to_le_bytes());
+    b.extend_from_slice(&id.to_le_bytes());
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    let h = crc32fast::hash(&b);
+    b.extend_from_slice(&h.to_le_bytes());
+    b
+}
+
+/// A stream that is no page stream, and pages whose checksum fails: the
+/// server exits non-zero with one line and leaves no pages image behind.
+#[test]
+fn page_server_refuses_corrupt_stream() {
+    use std::io::{Read, Write};
+    let w = WorkDir::new("corrupt-stream");
+    let dir = w.0.join("received");
+    let mut srv = PageServer::start(&[], &dir, "127.0.0.1", &[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n0123456789abcdef")
+        .unwrap();
+    let (ok, err) = srv.exit();
+    assert!(!ok, "the page server took an HTTP request");
+    one_line_error("page server", &err, "no crust page stream");
+
+    let mut srv = PageServer::start(&[], &dir, "127.0.0.1", &[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    s.write_all(&frame(1, 0, 0, 1)).unwrap(); // HELLO, version 1
+    let mut answer = [0u8; 32];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[..8], frame(1, 0, 0, 1)[..8], "no HELLO back");
+    let page = vec![0x5au8; 4096];
+    s.write_all(&frame(2, 77, 0, 0)).unwrap(); // OPEN task 77
+    // PAGES with the checksum of other bytes.
+    s.write_all(&frame(3, 77, crc32fast::hash(b"other"), 4096))
+        .unwrap();
+    s.write_all(&page).unwrap();
+    let (ok, err) = srv.exit();
+    assert!(!ok, "the page server took pages failing their checksum");
+    one_line_error("page server", &err, "fail their checksum");
+    assert!(
+        pages_images(&dir).is_empty(),
+        "the server left a pages image of a failed dump"
+    );
+}
