@@ -735,6 +735,13 @@ impl PageSink for TaskPages<'_> {
 
 /// `crust page-server`: takes one dump's pages and exits when it is done.
 pub fn serve(args: &ServeArgs) -> Result<()> {
+    if args.tls.tls_no_cn_verify {
+        // A dump connects from any address: the server checks no name in
+        // its certificate, only the CA's signature.
+        crate::refuse!(
+            "--tls-no-cn-verify is the dump's option (the page server checks no name in the dump's certificate); drop it here"
+        );
+    }
     let tls = TlsFiles::load(&args.tls)?
         .map(|f| f.server().map(Arc::new))
         .transpose()?;

@@ -233,14 +233,33 @@ fn page_server_tls_dump_restores() {
     through_page_server("tls", "64", &pki.args("server"), &pki.args("client"));
 }
 
+/// The task's mappings and open files (fd and target).
+fn state_of(pid: i32) -> String {
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some(format!(
+                "{} {}",
+                e.file_name().to_string_lossy(),
+                fs::read_link(e.path()).ok()?.display()
+            ))
+        })
+        .collect();
+    fds.sort();
+    fs::read_to_string(format!("/proc/{pid}/maps")).unwrap() + &fds.join("\n")
+}
+
 /// The task runs on after a failed dump: not traced, not stopped, its
-/// mappings and fds as before; `pass` then has it verify its memory.
-fn assert_runs_on(t: Task, maps_before: &str) {
+/// mappings and fds as before (no parasite left); `pass` then has it
+/// verify its memory.
+fn assert_runs_on(t: Task, before: &str) {
     let t0 = Instant::now();
-    while fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap() != maps_before {
+    while state_of(t.pid) != before {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "the task's mappings still differ after the failed dump"
+            "the task's mappings or fds still differ after the failed dump:\n{}\nbefore:\n{before}",
+            state_of(t.pid)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -269,7 +288,7 @@ fn page_server_refuses_wrong_certificate() {
     let w = WorkDir::new("pki-wrong");
     let pki = Pki::new(&w.0);
     let mut t = Spawn::new("bigmem").args(&["16"]).start();
-    let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let maps = state_of(t.pid);
     // The dump presents a stranger's certificate; then the server does.
     for (server, client) in [("server", "stranger"), ("stranger", "client")] {
         let srv_dir = t.work.0.join("received");
@@ -296,7 +315,7 @@ fn page_server_refuses_wrong_certificate() {
 #[test]
 fn page_server_killed_mid_transfer() {
     let t = Spawn::new("bigmem").args(&["512"]).start();
-    let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let maps = state_of(t.pid);
     let srv_dir = t.work.0.join("received");
     let mut srv = PageServer::start(&[], &srv_dir, "127.0.0.1", &[]);
     let mut dump = Command::new(CRUST)
