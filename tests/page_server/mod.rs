@@ -201,17 +201,28 @@ impl Pki {
 /// Dumps bigmem through a page server on the loopback (with `server_tls`
 /// and `dump_tls` options), restores from the two directories put
 /// together, and lets the program check its memory.
-fn through_page_server(name: &str, mib: &str, server_tls: &[String], dump_tls: &[String]) {
-    let mut t = Spawn::new("bigmem").args(&[mib]).start();
+fn through_page_server(
+    name: &str,
+    program: (&str, &str),
+    server_tls: &[String],
+    dump_tls: &[String],
+) {
+    let mut t = Spawn::new(program.0).args(&[program.1]).start();
     let srv_dir = t.work.0.join("received");
     let mut srv = PageServer::start(&[], &srv_dir, "127.0.0.1", server_tls);
+    // One pages image per process of the tree, all on the server.
+    let mut want: Vec<String> = tree_of(t.pid)
+        .iter()
+        .map(|p| format!("pages-{p}.img"))
+        .collect();
+    want.sort();
     let mut args = send_args("127.0.0.1", srv.port);
     args.extend_from_slice(dump_tls);
     t.dump(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let (ok, err) = srv.exit();
     assert!(ok, "{name}: page server failed: {err}");
     let pages = pages_images(&srv_dir);
-    assert_eq!(pages, [format!("pages-{}.img", t.pid)], "{name}");
+    assert_eq!(pages, want, "{name}");
     assert!(
         pages_images(&t.work.images()).is_empty(),
         "{name}: the dump wrote pages images locally"
@@ -223,14 +234,27 @@ fn through_page_server(name: &str, mib: &str, server_tls: &[String], dump_tls: &
 
 #[test]
 fn page_server_dump_restores() {
-    through_page_server("plain", "64", &[], &[]);
+    through_page_server("plain", ("bigmem", "64"), &[], &[]);
+}
+
+/// A parent and 4 children sharing memory copy-on-write: one pages image
+/// per process, each task its own OPEN/CLOSE on one connection; after the
+/// restore each process checks every page of its view.
+#[test]
+fn page_server_dumps_a_tree() {
+    through_page_server("tree", ("cow", "32"), &[], &[]);
 }
 
 #[test]
 fn page_server_tls_dump_restores() {
     let w = WorkDir::new("pki");
     let pki = Pki::new(&w.0);
-    through_page_server("tls", "64", &pki.args("server"), &pki.args("client"));
+    through_page_server(
+        "tls",
+        ("bigmem", "64"),
+        &pki.args("server"),
+        &pki.args("client"),
+    );
 }
 
 /// The task's mappings and open files (fd and target).
