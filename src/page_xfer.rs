@@ -790,7 +790,6 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             chan.refuse(&format!("{e:#}"));
             // No half dump is left behind: without all of its pages
             // images, the directory could not restore anyway.
-            drop(session.open.take());
             for p in &session.written {
                 let _ = std::fs::remove_file(p);
             }
@@ -802,15 +801,33 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     }
 }
 
+/// How the server cuts a PAGES frame for its file writer.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight between the receiving thread and the file writer.
+const CHUNKS: usize = 4;
+
 struct Session<'a> {
     dir: &'a ImageDir,
     /// The pages images created so far.
     written: Vec<PathBuf>,
-    open: Option<(i32, PagesWriter)>,
+    /// The task being received: its PID, and the length and CRC-32 of
+    /// what came so far.
+    open: Option<(i32, u64, crc32fast::Hasher)>,
     received: u64,
 }
 
+/// What the receiving thread hands the file writer, in stream order.
+enum Job {
+    Open(i32),
+    /// A buffer, its bytes in use, and their CRC-32.
+    Data(Vec<u8>, usize, u32),
+    Close,
+}
+
 impl Session<'_> {
+    /// Receives the stream. One thread reads and checks the frames while
+    /// a second writes the pages images: receiving the next chunk overlaps
+    /// writing the last.
     fn run(&mut self, chan: &mut Chan) -> Result<()> {
         match chan.recv()? {
             Some(f) if f.op == Op::Hello && f.len == VERSION => {}
@@ -829,113 +846,163 @@ impl Session<'_> {
         chan.send(Frame::new(Op::Hello, 0, VERSION, 0))
             .and_then(|_| chan.io.flush())
             .map_err(|e| chan.io_error(e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let Some(f) = chan.recv()? else {
-                bail!(
-                    "{} closed the connection before the dump was done (it failed, or crust was killed)",
-                    chan.peer
-                );
-            };
-            match f.op {
-                Op::Open => {
-                    if let Some((pid, ..)) = &self.open {
-                        bail!("{} opened task {} inside task {pid}", chan.peer, f.id);
-                    }
-                    let path = self.dir.file(crate::images::ImageKind::Pages, f.id);
-                    if self.written.contains(&path) {
-                        bail!("{} sent the pages of task {} twice", chan.peer, f.id);
-                    }
-                    let w = PagesWriter::create(self.dir, f.id)?;
-                    self.written.push(path);
-                    self.open = Some((f.id, w));
-                }
-                Op::Pages => {
-                    let Some((pid, w)) = self.open.as_mut().filter(|o| o.0 == f.id) else {
-                        bail!(
-                            "{} sent pages of task {}, which is not open",
-                            chan.peer,
-                            f.id
-                        );
-                    };
-                    if f.len > MAX_PAGES_FRAME {
-                        bail!(
-                            "{} sent a frame of {} bytes; the stream is corrupt",
-                            chan.peer,
-                            f.len
-                        );
-                    }
-                    let mut crc = crc32fast::Hasher::new();
-                    let mut left = f.len as usize;
-                    while left > 0 {
-                        let n = left.min(buf.len());
-                        chan.io
-                            .read_exact(&mut buf[..n])
-                            .map_err(|e| chan.io_error(e))?;
-                        let part = crc32fast::hash(&buf[..n]);
-                        crc.combine(&crc32fast::Hasher::new_with_initial_len(part, n as u64));
-                        w.take_checked(&buf[..n], part)?;
-                        left -= n;
-                    }
-                    if crc.finalize() != f.crc {
-                        bail!(
-                            "pages of task {pid} from {} fail their checksum; the stream is corrupt",
-                            chan.peer
-                        );
-                    }
-                    self.received += f.len;
-                }
-                Op::Close => {
-                    let Some((pid, w)) = self.open.take().filter(|o| o.0 == f.id) else {
-                        bail!("{} closed task {}, which is not open", chan.peer, f.id);
-                    };
-                    if w.len != f.len {
-                        bail!(
-                            "task {pid}: {} sent {} bytes of pages, received {}; the stream is corrupt",
-                            chan.peer,
-                            f.len,
-                            w.len
-                        );
-                    }
-                    if w.crc() != f.crc {
-                        bail!(
-                            "task {pid}: the pages from {} fail their checksum",
-                            chan.peer
-                        );
-                    }
-                    // Sealed and fsynced.
-                    w.finish()?;
-                }
-                Op::End => {
-                    if let Some((pid, ..)) = &self.open {
-                        bail!("{} ended the dump inside task {pid}", chan.peer);
-                    }
-                    if f.len != self.received {
-                        bail!(
-                            "{} sent {} bytes of pages, received {}; the stream is corrupt",
-                            chan.peer,
-                            f.len,
-                            self.received
-                        );
-                    }
-                    self.dir.sync()?;
-                    chan.send(Frame::new(
-                        Op::Ack,
-                        self.written.len() as i32,
-                        self.received,
-                        0,
-                    ))
-                    .and_then(|_| chan.io.flush())
-                    .map_err(|e| chan.io_error(e))?;
-                    return Ok(());
-                }
-                Op::Refuse => {
-                    let why = chan.refusal(f);
-                    bail!("{} gave up: {why}", chan.peer)
-                }
-                Op::Hello | Op::Ack => bail!("{} sent {:?} mid-stream", chan.peer, f.op),
+        let dir = self.dir;
+        std::thread::scope(|s| {
+            let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(CHUNKS);
+            let (free_tx, free) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..CHUNKS {
+                free_tx
+                    .send(vec![0u8; CHUNK])
+                    .expect("the receiver is here");
             }
-        }
+            let writer = s.spawn(move || -> Result<()> {
+                let mut file: Option<PagesWriter> = None;
+                while let Ok(job) = job_rx.recv() {
+                    match job {
+                        Job::Open(pid) => file = Some(PagesWriter::create(dir, pid)?),
+                        Job::Data(buf, n, crc) => {
+                            file.as_mut()
+                                .expect("opened first")
+                                .take_checked(&buf[..n], crc)?;
+                            // The receiver may be done already.
+                            let _ = free_tx.send(buf);
+                        }
+                        // Sealed and fsynced.
+                        Job::Close => file.take().expect("opened first").finish()?,
+                    }
+                }
+                Ok(())
+            });
+            // The writer stopped: its error is the one to report.
+            let stopped = |w: std::thread::ScopedJoinHandle<'_, Result<()>>| -> anyhow::Error {
+                match w.join() {
+                    Ok(Err(e)) => e,
+                    _ => anyhow::anyhow!("the page server's file writer stopped"),
+                }
+            };
+            loop {
+                let Some(f) = chan.recv()? else {
+                    bail!(
+                        "{} closed the connection before the dump was done (it failed, or crust was killed)",
+                        chan.peer
+                    );
+                };
+                match f.op {
+                    Op::Open => {
+                        if let Some((pid, ..)) = &self.open {
+                            bail!("{} opened task {} inside task {pid}", chan.peer, f.id);
+                        }
+                        let path = dir.file(crate::images::ImageKind::Pages, f.id);
+                        if self.written.contains(&path) {
+                            bail!("{} sent the pages of task {} twice", chan.peer, f.id);
+                        }
+                        self.written.push(path);
+                        if jobs.send(Job::Open(f.id)).is_err() {
+                            return Err(stopped(writer));
+                        }
+                        self.open = Some((f.id, 0, crc32fast::Hasher::new()));
+                    }
+                    Op::Pages => {
+                        let Some((pid, len, task_crc)) = self.open.as_mut().filter(|o| o.0 == f.id)
+                        else {
+                            bail!(
+                                "{} sent pages of task {}, which is not open",
+                                chan.peer,
+                                f.id
+                            );
+                        };
+                        if f.len > MAX_PAGES_FRAME {
+                            bail!(
+                                "{} sent a frame of {} bytes; the stream is corrupt",
+                                chan.peer,
+                                f.len
+                            );
+                        }
+                        let mut crc = crc32fast::Hasher::new();
+                        let mut left = f.len as usize;
+                        while left > 0 {
+                            let n = left.min(CHUNK);
+                            let Ok(mut buf) = free.recv() else {
+                                return Err(stopped(writer));
+                            };
+                            chan.io
+                                .read_exact(&mut buf[..n])
+                                .map_err(|e| chan.io_error(e))?;
+                            let part = crc32fast::hash(&buf[..n]);
+                            crc.combine(&crc32fast::Hasher::new_with_initial_len(part, n as u64));
+                            if jobs.send(Job::Data(buf, n, part)).is_err() {
+                                return Err(stopped(writer));
+                            }
+                            left -= n;
+                        }
+                        let crc = crc.finalize();
+                        if crc != f.crc {
+                            bail!(
+                                "pages of task {pid} from {} fail their checksum; the stream is corrupt",
+                                chan.peer
+                            );
+                        }
+                        task_crc.combine(&crc32fast::Hasher::new_with_initial_len(crc, f.len));
+                        *len += f.len;
+                        self.received += f.len;
+                    }
+                    Op::Close => {
+                        let Some((pid, len, crc)) = self.open.take().filter(|o| o.0 == f.id) else {
+                            bail!("{} closed task {}, which is not open", chan.peer, f.id);
+                        };
+                        if len != f.len {
+                            bail!(
+                                "task {pid}: {} sent {} bytes of pages, received {len}; the stream is corrupt",
+                                chan.peer,
+                                f.len,
+                            );
+                        }
+                        if crc.finalize() != f.crc {
+                            bail!(
+                                "task {pid}: the pages from {} fail their checksum",
+                                chan.peer
+                            );
+                        }
+                        if jobs.send(Job::Close).is_err() {
+                            return Err(stopped(writer));
+                        }
+                    }
+                    Op::End => {
+                        if let Some((pid, ..)) = &self.open {
+                            bail!("{} ended the dump inside task {pid}", chan.peer);
+                        }
+                        if f.len != self.received {
+                            bail!(
+                                "{} sent {} bytes of pages, received {}; the stream is corrupt",
+                                chan.peer,
+                                f.len,
+                                self.received
+                            );
+                        }
+                        // Every image written, sealed and synced.
+                        drop(jobs);
+                        writer
+                            .join()
+                            .unwrap_or_else(|_| bail!("the page server's file writer panicked"))?;
+                        dir.sync()?;
+                        chan.send(Frame::new(
+                            Op::Ack,
+                            self.written.len() as i32,
+                            self.received,
+                            0,
+                        ))
+                        .and_then(|_| chan.io.flush())
+                        .map_err(|e| chan.io_error(e))?;
+                        return Ok(());
+                    }
+                    Op::Refuse => {
+                        let why = chan.refusal(f);
+                        bail!("{} gave up: {why}", chan.peer)
+                    }
+                    Op::Hello | Op::Ack => bail!("{} sent {:?} mid-stream", chan.peer, f.op),
+                }
+            }
+        })
     }
 }
 

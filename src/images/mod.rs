@@ -394,11 +394,6 @@ impl PagesWriter {
         Ok(())
     }
 
-    /// The CRC-32 of what was written so far.
-    pub fn crc(&self) -> u32 {
-        self.crc.clone().finalize()
-    }
-
     /// Seals the header with the length and checksum.
     pub fn finish(self) -> Result<()> {
         let crc = self.crc.finalize();
