@@ -77,6 +77,9 @@ pub enum Cmd {
     Dump(DumpArgs),
     /// Bring a checkpointed process tree back.
     Restore(RestoreArgs),
+    /// Receive one dump's pages over TCP (sent with `dump --page-server`)
+    /// into pages images in -D; exits when the dump is done.
+    PageServer(crate::page_xfer::ServeArgs),
     /// Decode images for people (or scripts, with --json).
     Show {
         /// An images directory or one image file.
@@ -162,6 +165,8 @@ pub struct DumpArgs {
     /// walks it); past them the dump fails and the tree runs on.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub pages: crate::page_xfer::SendArgs,
 }
 
 #[derive(Args, Debug)]
@@ -288,7 +293,7 @@ pub fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
     Ok((n, key.to_string()))
 }
 
-const SUBCOMMANDS: &[&str] = &["check", "dump", "restore", "show", "help"];
+const SUBCOMMANDS: &[&str] = &["check", "dump", "restore", "page-server", "show", "help"];
 
 /// The long boolean options, which `--no-NAME` negates.
 fn boolean_options() -> Vec<String> {
@@ -371,7 +376,11 @@ fn read_config(path: &Path) -> Result<Vec<OsString>> {
         let parsed =
             config_line(line).with_context(|| format!("{} line {}", path.display(), n + 1))?;
         if let Some((name, value)) = parsed {
-            if name.starts_with('-') || SUBCOMMANDS.contains(&name.as_str()) {
+            // `page-server` is a command and the dump's option (criu's
+            // spelling for both): in a file, it is the option.
+            if name.starts_with('-')
+                || (SUBCOMMANDS.contains(&name.as_str()) && name != "page-server")
+            {
                 bail!(
                     "{} line {}: {name:?}: options go without their leading --, and commands are not allowed",
                     path.display(),
@@ -546,6 +555,45 @@ mod tests {
     }
 
     #[test]
+    fn page_server_in_criu_spellings() {
+        let cli = parse(&[
+            "page-server",
+            "-D",
+            "/srv",
+            "--port",
+            "27182",
+            "--address",
+            "10.0.0.2",
+            "--tls",
+            "--tls-cacert",
+            "ca",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+        ]);
+        let Cmd::PageServer(p) = cli.cmd else {
+            panic!("not page-server")
+        };
+        assert_eq!((p.port, p.address.as_deref()), (27182, Some("10.0.0.2")));
+        assert!(p.tls.tls && p.tls.tls_key.is_some());
+        let cli = parse(&[
+            "dump",
+            "-t",
+            "1",
+            "--page-server",
+            "--address",
+            "h",
+            "--port",
+            "1",
+            "--tls",
+            "--tls-no-cn-verify",
+        ]);
+        let Cmd::Dump(d) = cli.cmd else { panic!() };
+        assert!(d.pages.page_server && d.pages.tls.tls_no_cn_verify);
+    }
+
+    #[test]
     fn verbosity_forms() {
         assert_eq!(parse(&["check"]).log_level(), 2);
         assert_eq!(parse(&["-v4", "check"]).log_level(), 4);
@@ -584,7 +632,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("crust-cli-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("c.conf");
-        std::fs::write(&conf, "display-stats\nghost-limit 8M\nshell-job\n# done\n").unwrap();
+        std::fs::write(
+            &conf,
+            "display-stats\nghost-limit 8M\nshell-job\npage-server\naddress 10.0.0.2\nport 27\n# done\n",
+        )
+        .unwrap();
         let argv: Vec<OsString> = ["crust", "dump", "-t", "7", "--config"]
             .iter()
             .map(OsString::from)
@@ -594,6 +646,11 @@ mod tests {
         assert!(cli.display_stats);
         let Cmd::Dump(d) = cli.cmd else { panic!() };
         assert_eq!(d.ghost_limit, 8 << 20);
+        assert_eq!(
+            d.pages.target().unwrap(),
+            Some(("10.0.0.2".to_string(), 27)),
+            "page-server in a file is the dump's option"
+        );
         assert!(
             !d.shell_job,
             "--no-shell-job did not cancel the file's shell-job"

@@ -12,7 +12,7 @@ use crate::actions::Action;
 pub use crate::actions::Actions;
 use crate::guardian::Guardian;
 use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
-use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
+use crate::images::{FORMAT_VERSION, ImageDir, ImageKind};
 use crate::parasite_ctl::Parasite;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
@@ -55,6 +55,8 @@ pub struct DumpOpts {
     pub skip_in_flight: bool,
     /// `--network-lock`: how the tree's connections are locked.
     pub network_lock: netlock::Method,
+    /// `--page-server`: where the pages go, if not into -D.
+    pub pages: crate::page_xfer::SendArgs,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -237,6 +239,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
+    // A page server is connected to (and authenticated) before the tree
+    // is touched, and before -D's older dump is removed.
+    let mut pages = crate::page_xfer::PageDest::new(&opts.pages)?;
     let dir = ImageDir::create(&opts.dir)?;
     // From here on, whatever the dump changes outside crust is undone by
     // crust's guards if the dump fails, and by the guardian if crust dies.
@@ -245,6 +250,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // its parent is being seized. One entry per live process: its threads,
     // the leader first.
     let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
+    // The tree's frozen time runs from here to its kill or release (logged
+    // at -v3: what a migration's downtime is made of).
+    let frozen = Instant::now();
     loop {
         if t0.elapsed() > opts.freeze_timeout {
             crate::refuse!(
@@ -389,7 +397,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, &ghosts, parent, &guardian)?;
+        let vmas = dump_task(threads, fds, &dir, &mut pages, &ghosts, parent, &guardian)?;
         vmas_of.insert(pid, vmas);
         crate::progress::task_done();
     }
@@ -447,6 +455,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         crust_net_ns: netlock::netns_ino("self").unwrap_or(0),
         net_ns_loopback_only: netlock::loopback_only(opts.pid),
     };
+    // Every page durable where it went (a page server confirms it synced
+    // them) before the inventory makes the dump whole.
+    pages.finish()?;
     ghosts.write()?;
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
@@ -513,6 +524,12 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             leader.release()?;
         }
     }
+    info!(
+        "the tree of {} was frozen for {:?} (seize to {})",
+        opts.pid,
+        frozen.elapsed(),
+        if tree_ends { "kill" } else { "release" }
+    );
     if tree_ends {
         // A dying process frees its memory page by page; process_mrelease
         // frees it from crust too, on the other core, so a big one is gone
@@ -595,6 +612,7 @@ fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
     dir: &ImageDir,
+    dest: &mut crate::page_xfer::PageDest,
     ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
     guardian: &Guardian,
@@ -657,11 +675,11 @@ fn dump_task(
     core.threads = threads_core;
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
-    let mut pages = PagesWriter::create(dir, pid)?;
+    let mut pages = dest.task(dir, pid)?;
     memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
     fault_point("pages-drained");
     parasite.cure()?;
-    let bytes = pages.len;
+    let bytes = pages.len();
     pages.finish()?;
     info!(
         "PID {pid}: {} MiB of pages in {:?}",

@@ -20,6 +20,7 @@ mod error;
 mod guardian;
 mod images;
 mod log;
+mod page_xfer;
 mod parasite_ctl;
 mod proc;
 mod progress;
@@ -43,6 +44,7 @@ fn work_dir(cli: &Cli) -> PathBuf {
     let images = match &cli.cmd {
         Cmd::Dump(d) => Some(&d.dir),
         Cmd::Restore(r) => Some(&r.dir),
+        Cmd::PageServer(p) => Some(&p.dir),
         _ => None,
     };
     cli.work_dir
@@ -66,7 +68,7 @@ fn init_logging(cli: &Cli, work: &Path) -> anyhow::Result<()> {
             match &cli.cmd {
                 // A dump makes its directories; a restore must not make
                 // anything (a -D that does not exist is bad input).
-                Cmd::Dump(_) => std::fs::create_dir_all(work).ok(),
+                Cmd::Dump(_) | Cmd::PageServer(_) => std::fs::create_dir_all(work).ok(),
                 _ if !work.is_dir() => crate::refuse!(
                     "work directory {} does not exist; pass the -D used for the dump (or an existing -W)",
                     work.display()
@@ -122,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .network_lock
                         .unwrap_or_else(resources::netlock::Method::auto),
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
+                    pages: d.pages.clone(),
                     actions,
                 },
                 stats.as_mut(),
@@ -170,6 +173,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 stats.as_mut(),
                 progress,
             )?
+        }
+        Cmd::PageServer(p) => {
+            page_xfer::serve(p)?;
+            0
         }
         Cmd::Show { path, json } => {
             show::show(path, *json)?;

@@ -2,6 +2,8 @@
 
 mod common;
 use common::*;
+/// Dumps through `crust page-server`, TLS, migration between namespaces.
+mod page_server;
 
 #[test]
 fn counter() {

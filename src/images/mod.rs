@@ -380,6 +380,20 @@ impl PagesWriter {
         })
     }
 
+    /// Appends bytes whose CRC-32 the caller computed already (a page
+    /// server checks each part it receives).
+    pub fn take_checked(&mut self, data: &[u8], crc: u32) -> Result<()> {
+        (&self.file)
+            .write_all(data)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(
+            crc,
+            data.len() as u64,
+        ));
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
     /// Seals the header with the length and checksum.
     pub fn finish(self) -> Result<()> {
         let crc = self.crc.finalize();
