@@ -524,8 +524,8 @@ impl PageClient {
         let err = self.chan.io_error(e);
         if let Some(fd) = self.chan.plain {
             // The reason would be waiting already; do not wait for it.
-            // SAFETY: a plain recv on our own socket into a local buffer.
             let mut b = [0u8; 1];
+            // SAFETY: a plain recv on our own socket into a local buffer.
             let n = unsafe {
                 libc::recv(
                     fd,
