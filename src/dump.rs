@@ -14,6 +14,7 @@ use crate::guardian::Guardian;
 use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
 use crate::parasite_ctl::Parasite;
+use crate::predump::Chain;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
@@ -55,6 +56,14 @@ pub struct DumpOpts {
     pub skip_in_flight: bool,
     /// `--network-lock`: how the tree's connections are locked.
     pub network_lock: netlock::Method,
+    /// `--prev-images-dir`: the previous dump of the chain, relative to
+    /// `dir`.
+    pub prev_images_dir: Option<PathBuf>,
+    /// `--track-mem`: store only what was written since the previous dump,
+    /// and, when the tree runs on, track writes for the next.
+    pub track_mem: bool,
+    /// `--auto-dedup`: punch out of the older images what this one replaced.
+    pub auto_dedup: bool,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -65,7 +74,7 @@ pub fn fault_point(stage: &str) {
     }
 }
 
-fn gone_or_zombie(pid: i32) -> bool {
+pub(crate) fn gone_or_zombie(pid: i32) -> bool {
     proc::status(pid)
         .map(|s| s.state == 'Z' || s.state == 'X')
         .unwrap_or(true)
@@ -74,7 +83,7 @@ fn gone_or_zombie(pid: i32) -> bool {
 /// Refuses, before any task is touched, a tree crust could not bring back
 /// as it was: a task in another PID or mount namespace than the root, or in
 /// a process group whose leader is outside the tree (and not the root's).
-fn check_tree(tree: &[TreeNode]) -> Result<()> {
+pub(crate) fn check_tree(tree: &[TreeNode]) -> Result<()> {
     let root = &tree[0];
     let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
     for n in tree.iter().filter(|n| !n.zombie) {
@@ -128,6 +137,54 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
     Ok(())
 }
 
+/// Seizes every process of the tree until it stands still (a task may fork
+/// or exit while its parent is being seized); returns the tree and, per
+/// live process in tree order, its threads (the leader first).
+pub(crate) fn freeze_tree(
+    pid: i32,
+    mut tree: Vec<TreeNode>,
+    t0: Instant,
+    timeout: std::time::Duration,
+) -> Result<(Vec<TreeNode>, Vec<Vec<SeizedTask>>)> {
+    let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
+    loop {
+        if t0.elapsed() > timeout {
+            crate::refuse!(
+                "the tree of PID {} did not stand still within {} s (it forks or exits faster than crust freezes it); dump again, or raise --timeout",
+                pid,
+                timeout.as_secs()
+            );
+        }
+        for n in tree.iter().filter(|n| !n.zombie) {
+            if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
+                match seize_threads(n.pid) {
+                    Ok(t) => seized.push(t),
+                    // It exited (or died) since the walk: the next walk
+                    // shows it gone, or a zombie.
+                    Err(_) if gone_or_zombie(n.pid) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut now = collect_tree(pid)?;
+        // Seized tasks show as traced ('t'): whether a task was stopped by
+        // job control is what it was first seen as.
+        for n in &mut now {
+            if let Some(old) = tree.iter().find(|o| o.pid == n.pid) {
+                n.stopped = old.stopped;
+            }
+        }
+        if now == tree {
+            break;
+        }
+        tree = now;
+    }
+    seized.retain(|t| tree.iter().any(|n| n.pid == t[0].pid.as_raw() && !n.zombie));
+    // Dump in tree order.
+    seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
+    Ok((tree, seized))
+}
+
 /// Whether the process's group is the foreground group of its terminal.
 fn foreground_of_its_tty(n: &TreeNode) -> bool {
     // Field 8 of stat: tpgid.
@@ -146,19 +203,19 @@ fn group_member_outside(pgid: i32, tree: &[TreeNode]) -> Option<i32> {
 
 /// One process of the tree as /proc shows it.
 #[derive(Clone, Debug, PartialEq)]
-struct TreeNode {
-    pid: i32,
-    ppid: i32,
-    pgid: i32,
-    sid: i32,
-    zombie: bool,
-    stopped: bool,
-    exit_status: i32,
+pub(crate) struct TreeNode {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub zombie: bool,
+    pub stopped: bool,
+    pub exit_status: i32,
 }
 
 /// The process `pid` and all its descendants, parents before children
 /// (children in PID order), found through /proc/PID/task/*/children.
-fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
+pub(crate) fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
     let st = proc::status(pid)
         .map_err(|_| anyhow::anyhow!("no process with PID {pid}; check the PID (ps -p {pid})"))?;
     if st.tgid != pid {
@@ -211,7 +268,7 @@ fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
 
 /// Refuses to dump crust itself or a process crust runs under (the shell
 /// that started it): the dump would have to freeze crust too.
-fn check_not_ancestor(pid: i32) -> Result<()> {
+pub(crate) fn check_not_ancestor(pid: i32) -> Result<()> {
     let mut p = std::process::id() as i32;
     while p > 1 {
         if p == pid {
@@ -233,54 +290,26 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let t0 = Instant::now();
     // A PID that is no process is refused before anything is written.
     check_not_ancestor(opts.pid)?;
-    let mut tree = collect_tree(opts.pid)?;
+    let tree = collect_tree(opts.pid)?;
     check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
     let dir = ImageDir::create(&opts.dir)?;
+    let runs_on = opts.leave_running || opts.leave_stopped;
+    let mut chain = Chain::open(
+        &dir,
+        opts.prev_images_dir.as_deref(),
+        opts.pid,
+        opts.track_mem,
+        opts.track_mem && runs_on,
+    )?;
     // From here on, whatever the dump changes outside crust is undone by
     // crust's guards if the dump fails, and by the guardian if crust dies.
     let guardian = Guardian::spawn()?;
-    // Seize until the tree stands still: a task may fork or exit while
-    // its parent is being seized. One entry per live process: its threads,
-    // the leader first.
-    let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
-    loop {
-        if t0.elapsed() > opts.freeze_timeout {
-            crate::refuse!(
-                "the tree of PID {} did not stand still within {} s (it forks or exits faster than crust freezes it); dump again, or raise --timeout",
-                opts.pid,
-                opts.freeze_timeout.as_secs()
-            );
-        }
-        for n in tree.iter().filter(|n| !n.zombie) {
-            if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
-                match seize_threads(n.pid) {
-                    Ok(t) => seized.push(t),
-                    // It exited (or died) since the walk: the next walk
-                    // shows it gone, or a zombie.
-                    Err(_) if gone_or_zombie(n.pid) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let mut now = collect_tree(opts.pid)?;
-        // Seized tasks show as traced ('t'): whether a task was stopped by
-        // job control is what it was first seen as.
-        for n in &mut now {
-            if let Some(old) = tree.iter().find(|o| o.pid == n.pid) {
-                n.stopped = old.stopped;
-            }
-        }
-        if now == tree {
-            break;
-        }
-        tree = now;
-    }
-    seized.retain(|t| tree.iter().any(|n| n.pid == t[0].pid.as_raw() && !n.zombie));
-    // Dump in tree order.
-    seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
+    let t_freeze = Instant::now();
+    let (tree, seized) = freeze_tree(opts.pid, tree, t0, opts.freeze_timeout)?;
     fault_point("seized");
+    chain.take_tracking();
     info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
     crate::progress::add_tasks(seized.len() as u64);
     if let Some(s) = stats.as_mut() {
@@ -389,7 +418,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, &ghosts, parent, &guardian)?;
+        let vmas = dump_task(threads, fds, &dir, &ghosts, parent, &guardian, &mut chain)?;
         vmas_of.insert(pid, vmas);
         crate::progress::task_done();
     }
@@ -421,9 +450,10 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 .unwrap_or_default(),
             files_of: owners.get(&n.pid).map_or(0, |o| o.0),
             fs_of: owners.get(&n.pid).map_or(0, |o| o.1),
+            start_time: 0,
         });
     }
-    let inv = Inventory {
+    let mut inv = Inventory {
         format_version: FORMAT_VERSION,
         root_pid: opts.pid,
         tasks: refs,
@@ -446,7 +476,11 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         net_ns: netlock::netns_ino(&opts.pid.to_string()).unwrap_or(0),
         crust_net_ns: netlock::netns_ino("self").unwrap_or(0),
         net_ns_loopback_only: netlock::loopback_only(opts.pid),
+        tracking: chain.tracking(),
+        tracking_token: chain.token,
+        ..Default::default()
     };
+    crate::predump::identify(&mut inv);
     ghosts.write()?;
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
@@ -461,7 +495,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
     ghosts.keep();
-    let tree_ends = !(opts.leave_running || opts.leave_stopped);
+    let tree_ends = !runs_on;
     if tree_ends {
         // The dump is complete and the tree ends: should crust die from
         // now on, the guardian ends it.
@@ -486,6 +520,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         fctx.give_back();
     }
     fault_point("kept");
+    info!("tree of {} frozen for {:?}", opts.pid, t_freeze.elapsed());
     let mut killed = Vec::new();
     let mut pidfds = Vec::new();
     for threads in seized {
@@ -527,6 +562,12 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     }
     drop(fctx);
     guardian.finish();
+    if runs_on {
+        chain.finish(&dir.path)?;
+    }
+    if opts.auto_dedup {
+        crate::predump::auto_dedup(&dir.path)?;
+    }
     if let Some(s) = stats.as_mut() {
         s.stage("ending the tree");
         for (name, c) in [
@@ -534,6 +575,10 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             ("pages written", &crate::stats::PAGES_WRITTEN),
             ("pages skipped as zero", &crate::stats::PAGES_ZERO),
             ("pages shared with parent", &crate::stats::PAGES_PARENT),
+            (
+                "pages left to the parent dump",
+                &crate::stats::PAGES_IN_PREV,
+            ),
         ] {
             s.count(name, c.load(std::sync::atomic::Ordering::Relaxed));
         }
@@ -545,7 +590,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
 /// Waits until the killed tasks have died (a big address space takes a
 /// while to tear down): a restore run right after the dump then finds
 /// their PIDs free, or held by zombies it knows to wait for.
-fn wait_dead(pids: &[i32]) {
+pub(crate) fn wait_dead(pids: &[i32]) {
     let t = Instant::now();
     while !pids.iter().all(|&p| gone_or_zombie(p)) {
         if t.elapsed() > std::time::Duration::from_secs(10) {
@@ -598,12 +643,14 @@ fn dump_task(
     ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
     guardian: &Guardian,
+    chain: &mut Chain,
 ) -> Result<Vec<crate::images::pb::VmaEntry>> {
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
     memory::scan_pages(pid, &mut mm, parent)?;
+    chain.select(pid, &mut mm)?;
     let mut threads_core = threads
         .iter()
         .map(|t| dump_thread(t, pid))
@@ -657,6 +704,8 @@ fn dump_task(
     core.threads = threads_core;
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
+    // Before the page pipes: the userfaultfd borrows a pipe's slot.
+    chain.arm_task(pid, &mm.vmas, Some(&mut parasite))?;
     let mut pages = PagesWriter::create(dir, pid)?;
     memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
     fault_point("pages-drained");

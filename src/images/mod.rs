@@ -9,11 +9,13 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use prost::Message;
+
+pub mod chain;
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -236,6 +238,14 @@ impl ImageDir {
             let name = e.file_name().to_string_lossy().into_owned();
             let p = e.path();
             if is_log_name(&name) {
+                continue;
+            }
+            // An older dump's link to its parent, and the socket its write
+            // tracker's holder waited at: they go with its images.
+            if (name == chain::PARENT_LINK && e.file_type()?.is_symlink())
+                || (name == crate::resources::memtrack::SOCKET && e.file_type()?.is_socket())
+            {
+                old_images.push(p);
                 continue;
             }
             if e.file_type()?.is_file() && is_image(&p) {
