@@ -39,7 +39,10 @@ pages_bytes() { stat -c %s "$1"/pages-*.img | awk '{ t += $1 - 4096 } END { prin
 count() {
     rm -f "$work/count"
     kill -USR1 "$pid"
-    while [ ! -s "$work/count" ]; do sleep 0.01; done
+    while [ ! -s "$work/count" ]; do
+        kill -0 "$pid" 2>/dev/null || { echo "the process died: $(cat "$work/test.log")" >&2; exit 1; }
+        sleep 0.01
+    done
     cat "$work/count"
 }
 start() {
@@ -61,6 +64,8 @@ finish() {
     pid=
     grep -q PASS "$work/test.log" || { echo "the restored process failed its check: $(cat "$work/test.log")"; exit 1; }
 }
+# sleep_until T: until INTERVAL s after T.
+sleep_until() { sleep "$(awk -v t="$1" -v n="$(now)" -v i="$interval" 'BEGIN { d = t + i - n; print (d > 0) ? d : 0 }')"; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
@@ -79,18 +84,22 @@ for r in $(seq "$rounds"); do
     rm -rf "$tmpfs"/*
     start
     # The writes counted right before each freeze: those between two
-    # freezes are what the later image has to store.
+    # freezes are what the later image has to store. Freezes INTERVAL s
+    # apart (or as soon as the previous pre-dump is done, when it takes
+    # longer).
     c1=$(count)
+    ta=$(now)
     "$crust" pre-dump -t "$pid" -D "$tmpfs/pre1" -o crust.log -v3
     p1=$(frozen "$tmpfs/pre1")
     b1=$(pages_bytes "$tmpfs/pre1")
-    sleep "$interval"
+    sleep_until "$ta"
     c2=$(count)
+    ta=$(now)
     "$crust" pre-dump -t "$pid" -D "$tmpfs/pre2" --prev-images-dir ../pre1 -o crust.log -v3
     p2=$(frozen "$tmpfs/pre2")
     b2=$(pages_bytes "$tmpfs/pre2")
-    sleep "$interval"
     bench_warm
+    sleep_until "$ta"
     c3=$(count)
     "$crust" dump -t "$pid" -D "$tmpfs/final" --prev-images-dir ../pre2 --track-mem -o crust.log -v3
     fin=$(frozen "$tmpfs/final")

@@ -52,6 +52,8 @@ pub struct Chain {
     arm: bool,
     backend: Backend,
     armed: Vec<(i32, OwnedFd)>,
+    /// Per PID, the ranges the handed-over tracking still covers.
+    still_tracked: HashMap<i32, memtrack::Ranges>,
     pub token: u64,
 }
 
@@ -87,6 +89,7 @@ impl Chain {
             arm,
             backend,
             armed: Vec::new(),
+            still_tracked: HashMap::new(),
             token,
         })
     }
@@ -94,10 +97,17 @@ impl Chain {
     /// Takes the tracking the parent's holder kept (the tree is frozen).
     pub fn take_tracking(&mut self) {
         let Some(p) = &self.parent else { return };
-        if !(self.use_tracking || self.arm)
-            || Backend::from_u32(p.inv.tracking) != Backend::UffdWp
-            || self.backend != Backend::UffdWp
-        {
+        if !self.use_tracking {
+            return;
+        }
+        if Backend::from_u32(p.inv.tracking) == Backend::None {
+            tracing::warn!(
+                "the previous dump in {} left no write tracking: all pages are stored",
+                p.dir.display()
+            );
+            return;
+        }
+        if Backend::from_u32(p.inv.tracking) != Backend::UffdWp || self.backend != Backend::UffdWp {
             return;
         }
         if let Some(t) = memtrack::take_from_holder(&p.dir, p.inv.tracking_token) {
@@ -107,7 +117,7 @@ impl Chain {
 
     /// Leaves to the chain the pages of `mm.pagemap` tracking says were
     /// not written since the parent (the task is frozen).
-    pub fn select(&self, pid: i32, mm: &mut MmEntry) -> Result<()> {
+    pub fn select(&mut self, pid: i32, mm: &mut MmEntry) -> Result<()> {
         let Some(parent) = &self.parent else {
             return Ok(());
         };
@@ -116,7 +126,9 @@ impl Chain {
         }
         let unchanged = match Backend::from_u32(parent.inv.tracking) {
             Backend::UffdWp if self.from_holder.contains_key(&pid) => {
-                memtrack::unchanged_uffd(pid, &mm.vmas)?
+                let (unchanged, tracked) = memtrack::unchanged_uffd(pid, &mm.vmas)?;
+                self.still_tracked.insert(pid, tracked);
+                unchanged
             }
             Backend::SoftDirty if self.backend == Backend::SoftDirty => {
                 memtrack::unchanged_soft_dirty(pid, &mm.vmas)?
@@ -148,7 +160,10 @@ impl Chain {
         match self.backend {
             Backend::UffdWp => {
                 let uffd = match (self.from_holder.remove(&pid), parasite) {
-                    (Some(fd), _) => memtrack::register_protect(fd, pid, vmas)?,
+                    (Some(fd), _) => {
+                        let armed = self.still_tracked.remove(&pid).unwrap_or_default();
+                        memtrack::register_protect(fd, pid, vmas, &armed)?
+                    }
                     (None, Some(p)) => memtrack::arm_uffd(p, vmas)?,
                     (None, None) => None,
                 };
@@ -220,10 +235,14 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
         let task = &threads[0];
         let pid = task.pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
+        let t = Instant::now();
         let mut mm = memory::dump_mm(pid, &ghosts).with_context(|| format!("PID {pid}: memory"))?;
+        let t_mm = t.elapsed();
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
         memory::scan_pages(pid, &mut mm, parent)?;
+        let t_scan = t.elapsed();
         chain.select(pid, &mut mm)?;
+        let t_select = t.elapsed();
         if chain.needs_parasite(pid) {
             let mut p = Parasite::infect(task, &guardian)?;
             dump::fault_point("infected");
@@ -232,6 +251,10 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
         } else {
             chain.arm_task(pid, &mm.vmas, None)?;
         }
+        tracing::debug!(
+            "PID {pid}: smaps read at {t_mm:?}, pagemap at {t_scan:?}, tracking read at {t_select:?}, armed at {:?}",
+            t.elapsed()
+        );
         // Opened while the task is crust's: read once it runs again.
         let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))?;

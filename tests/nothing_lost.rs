@@ -949,3 +949,37 @@ fn bad_chains_are_refused() {
     assert!(err.contains("checksum"), "{err}");
     drop(b);
 }
+
+/// The write tracking a pre-dump leaves ends with its images: once its
+/// directory is removed, the holder drops it (within a second or two), and
+/// a new pre-dump arms its own.
+#[test]
+fn tracking_ends_when_its_pre_dump_is_removed() {
+    let t = Spawn::new("predump").args(&["8"]).start();
+    let dir = t.work.0.join("pre1");
+    let out = pre_dump_cmd(t.pid, &dir, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        tracked_by_userfaultfd(t.pid),
+        "the pre-dump armed no tracking"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+    wait_untracked(t.pid, "a removed pre-dump");
+    let out = pre_dump_cmd(t.pid, &dir, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = fs::read_to_string(dir.join("pre-dump.log")).unwrap();
+    assert!(!log.contains("another userfaultfd"), "{log}");
+    assert!(
+        tracked_by_userfaultfd(t.pid),
+        "the new pre-dump armed no tracking"
+    );
+    t.pass();
+}

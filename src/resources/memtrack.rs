@@ -260,7 +260,7 @@ pub fn arm_uffd(parasite: &mut Parasite, vmas: &[VmaEntry]) -> Result<Option<Own
             std::io::Error::last_os_error()
         );
     }
-    register_protect(uffd, pid, vmas)
+    register_protect(uffd, pid, vmas, &[])
 }
 
 /// Registers every tracked VMA of task `pid` with its userfaultfd `uffd`
@@ -268,8 +268,18 @@ pub fn arm_uffd(parasite: &mut Parasite, vmas: &[VmaEntry]) -> Result<Option<Own
 /// protects all their pages: the task is frozen, and every write from now
 /// on counts towards the next dump. None when a VMA is registered with a
 /// userfaultfd of the task's own (said in the log).
-pub fn register_protect(uffd: OwnedFd, pid: i32, vmas: &[VmaEntry]) -> Result<Option<OwnedFd>> {
+/// VMAs wholly inside `armed` (still tracked, protected again by
+/// `unchanged_uffd`) are left as they are.
+pub fn register_protect(
+    uffd: OwnedFd,
+    pid: i32,
+    vmas: &[VmaEntry],
+    armed: &[(u64, u64)],
+) -> Result<Option<OwnedFd>> {
     for v in vmas.iter().filter(|v| tracked(v)) {
+        if subtract(&[(v.start, v.end)], armed).is_empty() {
+            continue;
+        }
         let range = UffdioRange {
             start: v.start,
             len: v.end - v.start,
@@ -284,7 +294,7 @@ pub fn register_protect(uffd: OwnedFd, pid: i32, vmas: &[VmaEntry]) -> Result<Op
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EBUSY) {
                 warn!(
-                    "PID {pid}: mapping {:#x}-{:#x} is registered with a userfaultfd of the task's own: its writes are not tracked, every dump stores all its pages",
+                    "PID {pid}: mapping {:#x}-{:#x} is registered with another userfaultfd (the task's own, or the tracking of an earlier pre-dump whose holder still runs: pass that one as --prev-images-dir): its writes are not tracked, this dump's successor stores all its pages",
                     v.start, v.end
                 );
                 return Ok(None);
@@ -328,8 +338,9 @@ fn uses_userfaultfd(pid: i32) -> bool {
 
 /// The pages of the task's tracked VMAs not written since tracking was
 /// last armed, with the written ones protected again (the task is frozen):
-/// from here on, its writes count towards the next dump.
-pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry]) -> Result<Ranges> {
+/// from here on, its writes count towards the next dump. Also returns the
+/// ranges still tracked (PAGE_IS_WPALLOWED), which need no arming again.
+pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry]) -> Result<(Ranges, Ranges)> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let mut allowed = Vec::new();
     let mut written = Vec::new();
@@ -339,7 +350,8 @@ pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry]) -> Result<Ranges> {
         written.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WRITTEN, true)?);
         allowed.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WPALLOWED, false)?);
     }
-    Ok(subtract(&normalize(allowed), &normalize(written)))
+    let allowed = normalize(allowed);
+    Ok((subtract(&allowed, &normalize(written)), allowed))
 }
 
 // ---------------------------------------------------------- soft-dirty ---
@@ -579,9 +591,13 @@ fn hold(
     crate::guardian::leave_crusts_things(&keep, c"crust-tracker");
     let end = Instant::now() + HOLD_FOR;
     let mut dead = vec![false; pidfds.len()];
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).map(|m| m.ino()).ok();
     loop {
         let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        // Its images gone (the directory removed, or the socket replaced):
+        // no dump can come for the tracking any more.
+        if left.is_zero() || std::fs::metadata(path).map(|m| m.ino()).ok() != ino {
             break;
         }
         let mut pfd: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
@@ -597,7 +613,8 @@ fn hold(
                 pfd[i + 1].fd = -1;
             }
         }
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // Once a second, to look at the socket's file again.
+        let ms = left.as_millis().min(1000) as i32;
         // SAFETY: poll on pollfds of ours.
         if unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, ms) } < 0 {
             continue;
@@ -650,6 +667,26 @@ impl ReadTimeoutByte for &std::os::unix::net::UnixStream {
         self.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut s: &std::os::unix::net::UnixStream = self;
         s.read(b)
+    }
+}
+
+/// Ends the holder waiting at `sock` (a dump into its directory replaces
+/// the dump that armed it): takes its userfaultfds and drops them, so that
+/// no tracking of a dump that is gone stays registered in the tasks (a new
+/// one could not register over it).
+pub fn release_holder(sock: &Path) {
+    if let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut buf = vec![0u8; 8 + 4 * crate::resources::sockets::RIGHTS_MAX];
+        if let Ok((_, fds, _)) =
+            crate::resources::sockets::recv_with_fds(conn.as_raw_fd(), &mut buf, 0)
+        {
+            info!(
+                "dropped the write tracking of {} task(s) an older dump left at {}",
+                fds.len(),
+                sock.display()
+            );
+        }
     }
 }
 
