@@ -92,7 +92,7 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "userfaultfd",
-        enables: "lazy restore and write tracking (neither is in crust yet)",
+        enables: "write tracking for pre-dump and dump --track-mem (lazy restore is not in crust yet)",
         required: false,
         run: probe_uffd,
     },
@@ -104,19 +104,19 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "uffd_wp_async",
-        enables: "dirty-page tracking for pre-dump without soft-dirty (pre-dump is not in crust yet)",
+        enables: "write tracking for pre-dump and dump --track-mem where soft-dirty bits are missing",
         required: false,
         run: probe_uffd_wp_async,
     },
     Probe {
         name: "pagemap_scan",
-        enables: "write tracking read back in one call (PAGEMAP_SCAN; not used by crust yet)",
+        enables: "reading the pages written since a pre-dump and protecting them again in one walk (PAGEMAP_SCAN)",
         required: false,
         run: probe_pagemap_scan,
     },
     Probe {
         name: "soft_dirty",
-        enables: "dirty-page tracking for pre-dump through soft-dirty bits (pre-dump is not in crust yet)",
+        enables: "write tracking for pre-dump and dump --track-mem through soft-dirty bits (preferred where present)",
         required: false,
         run: probe_soft_dirty,
     },
@@ -182,6 +182,10 @@ pub fn run(all: bool, feature: Option<&str>) -> Result<i32> {
             );
         }
         failed |= r.is_err() && p.required;
+    }
+    if all {
+        let (_, how) = crate::resources::memtrack::probe();
+        println!("{:24} {:8} {how}", "write_tracking", "this kernel:");
     }
     if failed {
         return Ok(1);

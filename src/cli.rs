@@ -75,6 +75,22 @@ pub enum Cmd {
     },
     /// Checkpoint a process tree into an images directory.
     Dump(DumpArgs),
+    /// Save the tree's memory while it runs on (frozen only to find its
+    /// pages and arm write tracking), as the base of a later dump with
+    /// --prev-images-dir that stores only what was written since.
+    PreDump(PreDumpArgs),
+    /// Punch out of the older images of a chain the pages later images
+    /// replaced, so that the chain takes about the disk of one full dump.
+    Dedup {
+        /// The newest dump of the chain.
+        #[arg(
+            short = 'D',
+            long = "images-dir",
+            default_value = ".",
+            value_name = "DIR"
+        )]
+        dir: PathBuf,
+    },
     /// Bring a checkpointed process tree back.
     Restore(RestoreArgs),
     /// Receive one dump's pages over TCP (sent with `dump --page-server`)
@@ -167,6 +183,48 @@ pub struct DumpArgs {
     pub timeout: u64,
     #[command(flatten)]
     pub pages: crate::page_xfer::SendArgs,
+    /// The previous (pre-)dump of this tree, relative to -D as with criu
+    /// (usually ../pre1): -D gets a `parent` link to it. Refused when it
+    /// holds another tree or its chain is broken.
+    #[arg(long, value_name = "DIR")]
+    pub prev_images_dir: Option<PathBuf>,
+    /// With --prev-images-dir, store only the pages written since that
+    /// dump (its write tracking); with --leave-running, also track writes
+    /// for the next dump.
+    #[arg(long)]
+    pub track_mem: bool,
+    /// Punch out of the chain's older images the pages this dump replaced.
+    #[arg(long)]
+    pub auto_dedup: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PreDumpArgs {
+    /// The root of the tree: this process and all its descendants.
+    #[arg(short = 't', long = "tree", value_name = "PID")]
+    pub pid: i32,
+    /// Where the memory images go (new, empty, or an older dump's).
+    #[arg(
+        short = 'D',
+        long = "images-dir",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub dir: PathBuf,
+    /// The previous pre-dump, relative to -D (usually ../pre1): only the
+    /// pages written since are saved.
+    #[arg(long, value_name = "DIR")]
+    pub prev_images_dir: Option<PathBuf>,
+    /// Track writes for the next dump. A pre-dump always does (as criu's
+    /// does); the option is its explicit spelling, taken for scripts.
+    #[arg(long)]
+    pub track_mem: bool,
+    /// Punch out of the chain's older images the pages this one replaced.
+    #[arg(long)]
+    pub auto_dedup: bool,
+    /// Seconds to freeze the whole tree.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -293,7 +351,16 @@ pub fn parse_inherit_fd(s: &str) -> Result<(i32, String), String> {
     Ok((n, key.to_string()))
 }
 
-const SUBCOMMANDS: &[&str] = &["check", "dump", "restore", "page-server", "show", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "check",
+    "dump",
+    "pre-dump",
+    "dedup",
+    "restore",
+    "page-server",
+    "show",
+    "help",
+];
 
 /// The long boolean options, which `--no-NAME` negates.
 fn boolean_options() -> Vec<String> {

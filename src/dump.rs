@@ -14,6 +14,7 @@ use crate::guardian::Guardian;
 use crate::images::pb::{FdTable, Inventory, TaskCore, TaskRef, ThreadCore};
 use crate::images::{FORMAT_VERSION, ImageDir, ImageKind};
 use crate::parasite_ctl::Parasite;
+use crate::predump::Chain;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
@@ -57,6 +58,14 @@ pub struct DumpOpts {
     pub network_lock: netlock::Method,
     /// `--page-server`: where the pages go, if not into -D.
     pub pages: crate::page_xfer::SendArgs,
+    /// `--prev-images-dir`: the previous dump of the chain, relative to
+    /// `dir`.
+    pub prev_images_dir: Option<PathBuf>,
+    /// `--track-mem`: store only what was written since the previous dump,
+    /// and, when the tree runs on, track writes for the next.
+    pub track_mem: bool,
+    /// `--auto-dedup`: punch out of the older images what this one replaced.
+    pub auto_dedup: bool,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -67,7 +76,7 @@ pub fn fault_point(stage: &str) {
     }
 }
 
-fn gone_or_zombie(pid: i32) -> bool {
+pub(crate) fn gone_or_zombie(pid: i32) -> bool {
     proc::status(pid)
         .map(|s| s.state == 'Z' || s.state == 'X')
         .unwrap_or(true)
@@ -76,7 +85,7 @@ fn gone_or_zombie(pid: i32) -> bool {
 /// Refuses, before any task is touched, a tree crust could not bring back
 /// as it was: a task in another PID or mount namespace than the root, or in
 /// a process group whose leader is outside the tree (and not the root's).
-fn check_tree(tree: &[TreeNode]) -> Result<()> {
+pub(crate) fn check_tree(tree: &[TreeNode]) -> Result<()> {
     let root = &tree[0];
     let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
     for n in tree.iter().filter(|n| !n.zombie) {
@@ -130,6 +139,54 @@ fn check_tree(tree: &[TreeNode]) -> Result<()> {
     Ok(())
 }
 
+/// Seizes every process of the tree until it stands still (a task may fork
+/// or exit while its parent is being seized); returns the tree and, per
+/// live process in tree order, its threads (the leader first).
+pub(crate) fn freeze_tree(
+    pid: i32,
+    mut tree: Vec<TreeNode>,
+    t0: Instant,
+    timeout: std::time::Duration,
+) -> Result<(Vec<TreeNode>, Vec<Vec<SeizedTask>>)> {
+    let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
+    loop {
+        if t0.elapsed() > timeout {
+            crate::refuse!(
+                "the tree of PID {} did not stand still within {} s (it forks or exits faster than crust freezes it); dump again, or raise --timeout",
+                pid,
+                timeout.as_secs()
+            );
+        }
+        for n in tree.iter().filter(|n| !n.zombie) {
+            if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
+                match seize_threads(n.pid) {
+                    Ok(t) => seized.push(t),
+                    // It exited (or died) since the walk: the next walk
+                    // shows it gone, or a zombie.
+                    Err(_) if gone_or_zombie(n.pid) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut now = collect_tree(pid)?;
+        // Seized tasks show as traced ('t'): whether a task was stopped by
+        // job control is what it was first seen as.
+        for n in &mut now {
+            if let Some(old) = tree.iter().find(|o| o.pid == n.pid) {
+                n.stopped = old.stopped;
+            }
+        }
+        if now == tree {
+            break;
+        }
+        tree = now;
+    }
+    seized.retain(|t| tree.iter().any(|n| n.pid == t[0].pid.as_raw() && !n.zombie));
+    // Dump in tree order.
+    seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
+    Ok((tree, seized))
+}
+
 /// Whether the process's group is the foreground group of its terminal.
 fn foreground_of_its_tty(n: &TreeNode) -> bool {
     // Field 8 of stat: tpgid.
@@ -148,19 +205,19 @@ fn group_member_outside(pgid: i32, tree: &[TreeNode]) -> Option<i32> {
 
 /// One process of the tree as /proc shows it.
 #[derive(Clone, Debug, PartialEq)]
-struct TreeNode {
-    pid: i32,
-    ppid: i32,
-    pgid: i32,
-    sid: i32,
-    zombie: bool,
-    stopped: bool,
-    exit_status: i32,
+pub(crate) struct TreeNode {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub zombie: bool,
+    pub stopped: bool,
+    pub exit_status: i32,
 }
 
 /// The process `pid` and all its descendants, parents before children
 /// (children in PID order), found through /proc/PID/task/*/children.
-fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
+pub(crate) fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
     let st = proc::status(pid)
         .map_err(|_| anyhow::anyhow!("no process with PID {pid}; check the PID (ps -p {pid})"))?;
     if st.tgid != pid {
@@ -213,7 +270,7 @@ fn collect_tree(pid: i32) -> Result<Vec<TreeNode>> {
 
 /// Refuses to dump crust itself or a process crust runs under (the shell
 /// that started it): the dump would have to freeze crust too.
-fn check_not_ancestor(pid: i32) -> Result<()> {
+pub(crate) fn check_not_ancestor(pid: i32) -> Result<()> {
     let mut p = std::process::id() as i32;
     while p > 1 {
         if p == pid {
@@ -235,7 +292,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let t0 = Instant::now();
     // A PID that is no process is refused before anything is written.
     check_not_ancestor(opts.pid)?;
-    let mut tree = collect_tree(opts.pid)?;
+    let tree = collect_tree(opts.pid)?;
     check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
@@ -243,52 +300,21 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // is touched, and before -D's older dump is removed.
     let mut pages = crate::page_xfer::PageDest::new(&opts.pages)?;
     let dir = ImageDir::create(&opts.dir)?;
+    let runs_on = opts.leave_running || opts.leave_stopped;
+    let mut chain = Chain::open(
+        &dir,
+        opts.prev_images_dir.as_deref(),
+        opts.pid,
+        opts.track_mem,
+        opts.track_mem && runs_on,
+    )?;
     // From here on, whatever the dump changes outside crust is undone by
     // crust's guards if the dump fails, and by the guardian if crust dies.
     let guardian = Guardian::spawn()?;
-    // Seize until the tree stands still: a task may fork or exit while
-    // its parent is being seized. One entry per live process: its threads,
-    // the leader first.
-    let mut seized: Vec<Vec<SeizedTask>> = Vec::new();
-    // The tree's frozen time runs from here to its kill or release (logged
-    // at -v3: what a migration's downtime is made of).
-    let frozen = Instant::now();
-    loop {
-        if t0.elapsed() > opts.freeze_timeout {
-            crate::refuse!(
-                "the tree of PID {} did not stand still within {} s (it forks or exits faster than crust freezes it); dump again, or raise --timeout",
-                opts.pid,
-                opts.freeze_timeout.as_secs()
-            );
-        }
-        for n in tree.iter().filter(|n| !n.zombie) {
-            if !seized.iter().any(|t| t[0].pid.as_raw() == n.pid) {
-                match seize_threads(n.pid) {
-                    Ok(t) => seized.push(t),
-                    // It exited (or died) since the walk: the next walk
-                    // shows it gone, or a zombie.
-                    Err(_) if gone_or_zombie(n.pid) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let mut now = collect_tree(opts.pid)?;
-        // Seized tasks show as traced ('t'): whether a task was stopped by
-        // job control is what it was first seen as.
-        for n in &mut now {
-            if let Some(old) = tree.iter().find(|o| o.pid == n.pid) {
-                n.stopped = old.stopped;
-            }
-        }
-        if now == tree {
-            break;
-        }
-        tree = now;
-    }
-    seized.retain(|t| tree.iter().any(|n| n.pid == t[0].pid.as_raw() && !n.zombie));
-    // Dump in tree order.
-    seized.sort_by_key(|t| tree.iter().position(|n| n.pid == t[0].pid.as_raw()));
+    let t_freeze = Instant::now();
+    let (tree, seized) = freeze_tree(opts.pid, tree, t0, opts.freeze_timeout)?;
     fault_point("seized");
+    chain.take_tracking();
     info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
     crate::progress::add_tasks(seized.len() as u64);
     if let Some(s) = stats.as_mut() {
@@ -397,7 +423,18 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, &mut pages, &ghosts, parent, &guardian)?;
+        let vmas = dump_task(
+            threads,
+            fds,
+            parent,
+            &mut TaskOut {
+                dir: &dir,
+                pages: &mut pages,
+                chain: &mut chain,
+                ghosts: &ghosts,
+                guardian: &guardian,
+            },
+        )?;
         vmas_of.insert(pid, vmas);
         crate::progress::task_done();
     }
@@ -429,9 +466,10 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 .unwrap_or_default(),
             files_of: owners.get(&n.pid).map_or(0, |o| o.0),
             fs_of: owners.get(&n.pid).map_or(0, |o| o.1),
+            start_time: 0,
         });
     }
-    let inv = Inventory {
+    let mut inv = Inventory {
         format_version: FORMAT_VERSION,
         root_pid: opts.pid,
         tasks: refs,
@@ -454,10 +492,14 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         net_ns: netlock::netns_ino(&opts.pid.to_string()).unwrap_or(0),
         crust_net_ns: netlock::netns_ino("self").unwrap_or(0),
         net_ns_loopback_only: netlock::loopback_only(opts.pid),
+        tracking: chain.tracking(),
+        tracking_token: chain.token,
+        ..Default::default()
     };
     // Every page durable where it went (a page server confirms it synced
     // them) before the inventory makes the dump whole.
     pages.finish()?;
+    crate::predump::identify(&mut inv);
     ghosts.write()?;
     fault_point("before-inventory");
     dir.write_msg(ImageKind::Inventory, 0, &inv)?;
@@ -472,7 +514,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
     ghosts.keep();
-    let tree_ends = !(opts.leave_running || opts.leave_stopped);
+    let tree_ends = !runs_on;
     if tree_ends {
         // The dump is complete and the tree ends: should crust die from
         // now on, the guardian ends it.
@@ -527,7 +569,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     info!(
         "the tree of {} was frozen for {:?} (seize to {})",
         opts.pid,
-        frozen.elapsed(),
+        t_freeze.elapsed(),
         if tree_ends { "kill" } else { "release" }
     );
     if tree_ends {
@@ -544,6 +586,12 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     }
     drop(fctx);
     guardian.finish();
+    if runs_on {
+        chain.finish(&dir.path)?;
+    }
+    if opts.auto_dedup {
+        crate::predump::auto_dedup(&dir.path)?;
+    }
     if let Some(s) = stats.as_mut() {
         s.stage("ending the tree");
         for (name, c) in [
@@ -551,6 +599,10 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             ("pages written", &crate::stats::PAGES_WRITTEN),
             ("pages skipped as zero", &crate::stats::PAGES_ZERO),
             ("pages shared with parent", &crate::stats::PAGES_PARENT),
+            (
+                "pages left to the parent dump",
+                &crate::stats::PAGES_IN_PREV,
+            ),
         ] {
             s.count(name, c.load(std::sync::atomic::Ordering::Relaxed));
         }
@@ -562,7 +614,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
 /// Waits until the killed tasks have died (a big address space takes a
 /// while to tear down): a restore run right after the dump then finds
 /// their PIDs free, or held by zombies it knows to wait for.
-fn wait_dead(pids: &[i32]) {
+pub(crate) fn wait_dead(pids: &[i32]) {
     let t = Instant::now();
     while !pids.iter().all(|&p| gone_or_zombie(p)) {
         if t.elapsed() > std::time::Duration::from_secs(10) {
@@ -607,21 +659,38 @@ fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
     })
 }
 
+/// Where each process's dump goes, and what the dump of the whole tree
+/// keeps across its processes.
+struct TaskOut<'a> {
+    dir: &'a ImageDir,
+    /// Where the pages go (-D or a page server).
+    pages: &'a mut crate::page_xfer::PageDest,
+    /// The pages already in the chain's older images, and write tracking.
+    chain: &'a mut Chain,
+    ghosts: &'a GhostStore,
+    guardian: &'a Guardian,
+}
+
 /// Dumps one process; returns its VMAs, for its children's dumps.
 fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
-    dir: &ImageDir,
-    dest: &mut crate::page_xfer::PageDest,
-    ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
-    guardian: &Guardian,
+    out: &mut TaskOut,
 ) -> Result<Vec<crate::images::pb::VmaEntry>> {
+    let TaskOut {
+        dir,
+        pages: dest,
+        chain,
+        ghosts,
+        guardian,
+    } = out;
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
     memory::scan_pages(pid, &mut mm, parent)?;
+    chain.select(pid, &mut mm)?;
     let mut threads_core = threads
         .iter()
         .map(|t| dump_thread(t, pid))
@@ -675,6 +744,8 @@ fn dump_task(
     core.threads = threads_core;
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
+    // Before the page pipes: the userfaultfd borrows a pipe's slot.
+    chain.arm_task(pid, &mm.vmas, Some(&mut parasite))?;
     let mut pages = dest.task(dir, pid)?;
     memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
     fault_point("pages-drained");

@@ -28,6 +28,11 @@ impl std::fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
+/// A `Refusal` as an error value.
+pub fn refused(msg: String) -> anyhow::Error {
+    Refusal(msg).into()
+}
+
 /// Returns from the function with a `Refusal` built like `format!`.
 #[macro_export]
 macro_rules! refuse {

@@ -287,7 +287,10 @@ struct Held {
 /// then settle. Its exit status: 0, or 1 when something could not be
 /// undone (logged).
 fn guard(chan: OwnedFd, crust: OwnedFd, sigchld: RawFd) -> i32 {
-    leave_crusts_things(&[chan.as_raw_fd(), crust.as_raw_fd(), sigchld]);
+    leave_crusts_things(
+        &[chan.as_raw_fd(), crust.as_raw_fd(), sigchld],
+        c"crust-guardian",
+    );
     let mut held = Held::default();
     let mut crust_gone: Option<Instant> = None;
     let mut buf = [0u8; 512];
@@ -356,7 +359,7 @@ fn guard(chan: OwnedFd, crust: OwnedFd, sigchld: RawFd) -> i32 {
 /// Leaves what the guardian inherited from crust and does not need
 /// (every fd but `keep` and a log file, crust's session and terminal, its
 /// cwd), so that it holds nothing anyone waits on; and names itself.
-fn leave_crusts_things(keep: &[RawFd]) {
+pub(crate) fn leave_crusts_things(keep: &[RawFd], name: &std::ffi::CStr) {
     let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&f| f >= 0).collect();
     keep.extend(crate::log::keep_only_a_file());
     keep.sort_unstable();
@@ -385,7 +388,7 @@ fn leave_crusts_things(keep: &[RawFd]) {
         }
         libc::setsid();
         libc::chdir(c"/".as_ptr());
-        libc::prctl(libc::PR_SET_NAME, c"crust-guardian".as_ptr());
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
     }
 }
 

@@ -22,6 +22,7 @@ mod images;
 mod log;
 mod page_xfer;
 mod parasite_ctl;
+mod predump;
 mod proc;
 mod progress;
 mod resources;
@@ -43,6 +44,8 @@ use cli::{Cli, Cmd};
 fn work_dir(cli: &Cli) -> PathBuf {
     let images = match &cli.cmd {
         Cmd::Dump(d) => Some(&d.dir),
+        Cmd::PreDump(d) => Some(&d.dir),
+        Cmd::Dedup { dir } => Some(dir),
         Cmd::Restore(r) => Some(&r.dir),
         Cmd::PageServer(p) => Some(&p.dir),
         _ => None,
@@ -68,7 +71,9 @@ fn init_logging(cli: &Cli, work: &Path) -> anyhow::Result<()> {
             match &cli.cmd {
                 // A dump makes its directories; a restore must not make
                 // anything (a -D that does not exist is bad input).
-                Cmd::Dump(_) | Cmd::PageServer(_) => std::fs::create_dir_all(work).ok(),
+                Cmd::Dump(_) | Cmd::PreDump(_) | Cmd::PageServer(_) => {
+                    std::fs::create_dir_all(work).ok()
+                }
                 _ if !work.is_dir() => crate::refuse!(
                     "work directory {} does not exist; pass the -D used for the dump (or an existing -W)",
                     work.display()
@@ -126,9 +131,37 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
                     pages: d.pages.clone(),
                     actions,
+                    prev_images_dir: d.prev_images_dir.clone(),
+                    track_mem: d.track_mem,
+                    auto_dedup: d.auto_dedup,
                 },
                 stats.as_mut(),
             )?;
+            0
+        }
+        Cmd::PreDump(d) => {
+            let actions = actions::Actions::new(&cli.action_scripts, &d.dir);
+            let _progress = progress::start("pre-dumping");
+            predump::pre_dump(
+                &predump::PreDumpOpts {
+                    pid: d.pid,
+                    dir: d.dir.clone(),
+                    prev_images_dir: d.prev_images_dir.clone(),
+                    auto_dedup: d.auto_dedup,
+                    freeze_timeout: std::time::Duration::from_secs(d.timeout),
+                    actions,
+                },
+                stats.as_mut(),
+            )?;
+            0
+        }
+        Cmd::Dedup { dir } => {
+            let d = images::chain::dedup(dir)?;
+            println!(
+                "{} MiB punched out of {} older image(s)",
+                d.bytes >> 20,
+                d.images
+            );
             0
         }
         Cmd::Restore(r) => {
@@ -186,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(s) = &stats {
         let title = match &cli.cmd {
             Cmd::Dump(_) => "Dump",
+            Cmd::PreDump(_) => "Pre-dump",
             _ => "Restore",
         };
         print!("{}", s.table(title));

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{Ordering, compiler_fence};
 
@@ -285,6 +285,26 @@ pub fn cure_orphaned(task: nix::unistd::Pid, last: Infection) -> bool {
     true
 }
 
+/// The lowest fd number task `pid` does not use.
+fn lowest_free_fd(pid: i32) -> i32 {
+    let mut used: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    used.sort_unstable();
+    let mut n = 0;
+    for u in used {
+        if u == n {
+            n += 1;
+        } else if u > n {
+            break;
+        }
+    }
+    n
+}
+
 /// The lowest `size` bytes of address space free in task `pid` below all
 /// its mappings (from mmap_min_addr on, with a page to spare), if any.
 fn low_free_range(pid: i32, size: u64) -> Option<u64> {
@@ -518,6 +538,50 @@ impl<'a> Parasite<'a> {
         }
         self.pipe_size = size;
         Ok(())
+    }
+
+    /// Has the task make a userfaultfd (`userfaultfd(flags)`: it belongs to
+    /// the mm of its creator), takes it with pidfd_getfd and closes the
+    /// task's copy: the task's fd table ends as it was. Until the close,
+    /// the fd is listed in the control block as a pipe is (the last slot),
+    /// so that the guardian of a crust killed meanwhile closes it.
+    pub fn make_uffd(&mut self, flags: u64) -> Result<OwnedFd> {
+        let pid = self.task.pid.as_raw();
+        let slot = abi::MAX_PAGE_PIPES - 1;
+        if self.ctl().pipes[slot][0] >= 0 {
+            bail!("task {pid}: the parasite's last pipe slot is taken");
+        }
+        // The task is frozen: the kernel gives the userfaultfd the lowest
+        // free fd, listed before it exists so that no instant leaves it
+        // unlisted (closing a number that is no fd is harmless).
+        self.ctl().pipes[slot] = [lowest_free_fd(pid), -1];
+        let fd = remote_syscall(self.task, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0]);
+        let fd = match fd {
+            Ok(fd) if fd >= 0 => fd as i32,
+            Ok(e) => {
+                self.ctl().pipes[slot] = [-1, -1];
+                bail!(
+                    "task {pid}: userfaultfd() for write tracking failed: errno {}; check vm.unprivileged_userfaultfd",
+                    -e
+                );
+            }
+            Err(e) => return Err(e),
+        };
+        self.ctl().pipes[slot] = [fd, -1];
+        let pidfd =
+            sys::pidfd_open(pid).with_context(|| format!("opening a pidfd of task {pid}"))?;
+        let mine = sys::pidfd_getfd(&pidfd, fd)
+            .with_context(|| format!("taking the userfaultfd of task {pid}"));
+        crate::dump::fault_point("uffd-in-task");
+        let r = remote_syscall(self.task, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        if r < 0 {
+            bail!(
+                "task {pid}: closing its copy of the userfaultfd: errno {}",
+                -r
+            );
+        }
+        self.ctl().pipes[slot] = [-1, -1];
+        mine
     }
 
     /// The parasite's region in the task: [start, end).

@@ -60,6 +60,11 @@ pub fn add_bytes(n: u64) {
     counters().bytes_total.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Takes back bytes `add_bytes` announced that will not be written.
+pub fn remove_bytes(n: u64) {
+    counters().bytes_total.fetch_sub(n, Ordering::Relaxed);
+}
+
 pub fn bytes_done(n: u64) {
     counters().bytes_done.fetch_add(n, Ordering::Relaxed);
 }

@@ -54,12 +54,27 @@ impl Describe for Inventory {
             })
             .collect();
         format!(
-            "format version {}, dumped by crust {} on kernel {} at unix time {}{}\nroot PID {}, tasks: {}\nSysV semaphore sets {:?}, message queues {:?}\n",
+            "format version {}, dumped by crust {} on kernel {} at unix time {}{}{}{}{}\nroot PID {}, tasks: {}\nSysV semaphore sets {:?}, message queues {:?}\n",
             self.format_version,
             self.crust_version,
             self.kernel_release,
             self.dump_time_unix,
             if self.shell_job { ", shell job" } else { "" },
+            if self.pre_dump {
+                ", pre-dump (memory only)"
+            } else {
+                ""
+            },
+            match self.tracking {
+                1 => ", writes tracked by userfaultfd (holder at tracker.sock)",
+                2 => ", writes tracked by soft-dirty bits",
+                _ => "",
+            },
+            if self.deduplicated {
+                ", deduplicated (a later dump holds pages punched out here)"
+            } else {
+                ""
+            },
             self.root_pid,
             tasks.join(", "),
             self.sysv_sems.iter().map(|s| s.id).collect::<Vec<_>>(),
@@ -323,6 +338,17 @@ impl Describe for MmEntry {
         );
         for p in &self.pagemap {
             let _ = writeln!(o, "  {:012x} +{}", p.vaddr, p.nr_pages);
+        }
+        if !self.prev_pages.is_empty() {
+            let prev: u64 = self.prev_pages.iter().map(|p| p.nr_pages).sum();
+            let _ = writeln!(
+                o,
+                "{} runs, {prev} pages in the parent dump's chain:",
+                self.prev_pages.len()
+            );
+            for p in &self.prev_pages {
+                let _ = writeln!(o, "  {:012x} +{}", p.vaddr, p.nr_pages);
+            }
         }
         o
     }

@@ -15,8 +15,17 @@ pub static PAGES_ZERO: AtomicU64 = AtomicU64::new(0);
 /// holds them.
 pub static PAGES_PARENT: AtomicU64 = AtomicU64::new(0);
 
+/// Pages left out: not written since the previous dump of the chain,
+/// whose images hold them (`MmEntry.prev_pages`).
+pub static PAGES_IN_PREV: AtomicU64 = AtomicU64::new(0);
+
 pub fn count(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Takes back `n` counted too early.
+pub fn uncount(c: &AtomicU64, n: u64) {
+    c.fetch_sub(n, Ordering::Relaxed);
 }
 
 /// The stages of one run, timed one after the other.

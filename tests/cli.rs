@@ -39,6 +39,18 @@ fn check() {
             .any(|l| l.starts_with("soft_dirty") && l.contains("optional")),
         "{out}"
     );
+    // Which write tracking pre-dump gets here, and no probe says pre-dump
+    // is missing.
+    let tracking = out
+        .lines()
+        .find(|l| l.starts_with("write_tracking"))
+        .unwrap_or_else(|| panic!("--all names no write tracking: {out}"));
+    assert!(
+        tracking.contains("soft-dirty") || tracking.contains("userfaultfd"),
+        "{tracking}"
+    );
+    assert!(!out.contains("not in crust yet: pre-dump"), "{out}");
+    assert!(!out.contains("pre-dump is not in crust"), "{out}");
     let (code, out, _) = run(&["check", "--feature", "ptrace_seize"]);
     assert_eq!(code, 0, "{out}");
     let (code, _, err) = run(&["check", "--feature", "no_such_thing"]);

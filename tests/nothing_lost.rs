@@ -761,3 +761,225 @@ fn dump_refused_by_post_dump_leaves_connection_working() {
     net::wait_flowing([(&server, s0), (&client, c0)], 8 << 20);
     net::end_stream(server, client);
 }
+
+/// Whether any mapping of `pid` is registered with a userfaultfd for
+/// write-protection (smaps VmFlags "uw"): write tracking left behind.
+fn tracked_by_userfaultfd(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:"))
+        .any(|l| l.split_whitespace().any(|f| f == "uw"))
+}
+
+fn wait_untracked(pid: i32, what: &str) {
+    let t0 = std::time::Instant::now();
+    while tracked_by_userfaultfd(pid) {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "{what}: write tracking left in the task"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn pre_dump_cmd(pid: i32, dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(CRUST);
+    c.args(["pre-dump", "-t", &pid.to_string(), "-D"])
+        .arg(dir)
+        .args(["-o", "pre-dump.log", "-v4"])
+        .args(extra);
+    c
+}
+
+/// A pre-dump killed at each of its stages leaves the task running,
+/// unharmed, with its fds and mappings as before and no write tracking
+/// (the userfaultfd the task made for it is closed by the guardian when
+/// crust dies before closing it; crust's own copy dies with crust).
+#[test]
+fn crust_killed_mid_pre_dump_leaves_task_untracked() {
+    for stage in [
+        "seized",
+        "infected",
+        "uffd-in-task",
+        "parasite-free",
+        "armed",
+        "pages-copied",
+        "before-inventory",
+    ] {
+        let t = Spawn::new("predump").args(&["16"]).start();
+        eprintln!("stage {stage}: task {}", t.pid);
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let out = pre_dump_cmd(t.pid, &t.work.0.join("pre1"), &[])
+            .env("CRUST_FAULT", stage)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "stage {stage}: crust was not killed");
+        assert!(
+            !t.work.0.join("pre1/inventory.img").exists(),
+            "stage {stage}: a killed pre-dump left an inventory"
+        );
+        wait_untracked(t.pid, stage);
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
+/// A later pre-dump killed after it took over the tracking from the
+/// first one's holder: the tracking is gone with it, and a final dump on
+/// the first pre-dump stores every page again (said in its log), and
+/// restores a process that verifies all its memory.
+#[test]
+fn tracking_lost_with_a_killed_pre_dump_falls_back_to_full_pages() {
+    let mut t = Spawn::new("predump").args(&["16"]).start();
+    let pid = t.pid;
+    let out = pre_dump_cmd(pid, &t.work.0.join("pre1"), &[])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        tracked_by_userfaultfd(pid),
+        "the pre-dump armed no tracking"
+    );
+    let out = pre_dump_cmd(
+        pid,
+        &t.work.0.join("pre2"),
+        &["--prev-images-dir", "../pre1"],
+    )
+    .env("CRUST_FAULT", "armed")
+    .output()
+    .unwrap();
+    assert!(!out.status.success(), "crust was not killed");
+    wait_untracked(pid, "a killed second pre-dump");
+    t.dump(&["--prev-images-dir", "../pre1", "--track-mem"]);
+    let log = fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    assert!(log.contains("no write tracking"), "{log}");
+    let pages = fs::metadata(t.work.images().join(format!("pages-{pid}.img")))
+        .unwrap()
+        .len();
+    assert!(
+        pages >= 16 << 20,
+        "only {pages} bytes stored without tracking"
+    );
+    t.restore(&[]);
+    t.pass();
+}
+
+/// `--prev-images-dir` of another tree, a chain with a missing or corrupt
+/// parent: refused in one line, the task untouched and still running; a
+/// chain whose parent pages image is corrupt fails the restore.
+#[test]
+fn bad_chains_are_refused() {
+    let mut a = Spawn::new("predump").args(&["8"]).start();
+    let b = Spawn::new("predump").args(&["8"]).start();
+    let w = &a.work.0.clone();
+    let ok = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(&mut pre_dump_cmd(a.pid, &w.join("pre1"), &[]));
+    ok(&mut pre_dump_cmd(
+        a.pid,
+        &w.join("pre2"),
+        &["--prev-images-dir", "../pre1"],
+    ));
+    // Another tree's pre-dump.
+    let other = w.join("other");
+    let (done, err) = crust(&[
+        "pre-dump",
+        "-t",
+        &b.pid.to_string(),
+        "-D",
+        other.to_str().unwrap(),
+        "--prev-images-dir",
+        "../pre2",
+    ]);
+    assert!(!done, "a pre-dump of another tree took its chain");
+    one_line_error(&err);
+    assert!(err.contains("another tree"), "{err}");
+    assert!(pid_alive(b.pid) && pid_alive(a.pid));
+    // A corrupt parent of the parent.
+    let inv = w.join("pre1/inventory.img");
+    let good = fs::read(&inv).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0xff;
+    fs::write(&inv, &bad).unwrap();
+    let (done, err) = crust(&[
+        "pre-dump",
+        "-t",
+        &a.pid.to_string(),
+        "-D",
+        w.join("pre3").to_str().unwrap(),
+        "--prev-images-dir",
+        "../pre2",
+    ]);
+    assert!(!done, "a corrupt chain was taken");
+    one_line_error(&err);
+    assert!(err.contains("chain"), "{err}");
+    // A missing one.
+    fs::remove_file(&inv).unwrap();
+    fs::rename(w.join("pre1"), w.join("gone")).unwrap();
+    let (done, err) = crust(&[
+        "dump",
+        "-t",
+        &a.pid.to_string(),
+        "-D",
+        w.join("final").to_str().unwrap(),
+        "--prev-images-dir",
+        "../pre2",
+        "--track-mem",
+    ]);
+    assert!(!done, "a broken chain was taken");
+    one_line_error(&err);
+    assert!(err.contains("missing") && err.contains("chain"), "{err}");
+    assert!(pid_alive(a.pid), "a refused dump killed the task");
+    // Put back, the chain dumps; a corrupt page in it fails the restore.
+    fs::rename(w.join("gone"), w.join("pre1")).unwrap();
+    fs::write(&inv, &good).unwrap();
+    a.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let pages = w.join(format!("pre1/pages-{}.img", a.pid));
+    let f = fs::OpenOptions::new().write(true).open(&pages).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 8], 4096 * 300).unwrap();
+    let (done, err) = crust(&["restore", "-D", a.work.images().to_str().unwrap()]);
+    assert!(!done, "a corrupt parent image was restored");
+    assert!(err.contains("checksum"), "{err}");
+    drop(b);
+}
+
+/// The write tracking a pre-dump leaves ends with its images: once its
+/// directory is removed, the holder drops it (within a second or two), and
+/// a new pre-dump arms its own.
+#[test]
+fn tracking_ends_when_its_pre_dump_is_removed() {
+    let t = Spawn::new("predump").args(&["8"]).start();
+    let dir = t.work.0.join("pre1");
+    let out = pre_dump_cmd(t.pid, &dir, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        tracked_by_userfaultfd(t.pid),
+        "the pre-dump armed no tracking"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+    wait_untracked(t.pid, "a removed pre-dump");
+    let out = pre_dump_cmd(t.pid, &dir, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = fs::read_to_string(dir.join("pre-dump.log")).unwrap();
+    assert!(!log.contains("another userfaultfd"), "{log}");
+    assert!(
+        tracked_by_userfaultfd(t.pid),
+        "the new pre-dump armed no tracking"
+    );
+    t.pass();
+}

@@ -1728,3 +1728,144 @@ fn leave_running_keeps_connection() {
     );
     net::end_stream(server, client);
 }
+
+/// `crust pre-dump` into `work/NAME` (with `extra`); its output.
+fn pre_dump(t: &Task, name: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(CRUST)
+        .args(["pre-dump", "-t", &t.pid.to_string(), "-D"])
+        .arg(t.work.0.join(name))
+        .args(["-o", "pre-dump.log", "-v4"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn pre_dump_ok(t: &Task, name: &str, extra: &[&str]) {
+    let out = pre_dump(t, name, extra);
+    assert!(
+        out.status.success(),
+        "crust pre-dump {name} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(t.work.0.join(name).join("pre-dump.log")).unwrap_or_default()
+    );
+}
+
+/// Asks the predump test program for a round of writes all over its memory
+/// and waits until it is done.
+fn scatter_writes(t: &Task, round: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    let f = t.work.0.join(format!("usr1-{round}"));
+    let t0 = std::time::Instant::now();
+    while !f.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "round {round} of writes not done"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn pages_len(dir: &std::path::Path, pid: i32) -> u64 {
+    std::fs::metadata(dir.join(format!("pages-{pid}.img")))
+        .unwrap()
+        .len()
+}
+
+fn pages_blocks(dir: &std::path::Path, pid: i32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join(format!("pages-{pid}.img")))
+        .unwrap()
+        .blocks()
+        * 512
+}
+
+/// A process that keeps writing through two pre-dumps and a final dump:
+/// each later image holds only what was written since (a hot sixteenth,
+/// and every 64th page the test asks for between dumps, some written by
+/// the kernel through read()), and the restored process finds every page
+/// of its memory as it last wrote it.
+#[test]
+fn pre_dumps_then_a_final_dump_store_only_what_was_written() {
+    let mut t = Spawn::new("predump").args(&["64"]).start();
+    let pid = t.pid;
+    pre_dump_ok(&t, "pre1", &[]);
+    let full = pages_len(&t.work.0.join("pre1"), pid);
+    assert!(full >= 64 << 20, "the first pre-dump saved {full} bytes");
+    scatter_writes(&t, 1);
+    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    let second = pages_len(&t.work.0.join("pre2"), pid);
+    assert!(
+        second < full / 4,
+        "the second pre-dump saved {second} bytes of {full}"
+    );
+    assert!(t.work.0.join("pre2/parent").is_symlink());
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let last = pages_len(&t.work.images(), pid);
+    assert!(
+        last < full / 4,
+        "the final dump saved {last} bytes of {full}"
+    );
+    // Each image is of its own dump only: a pre-dump is not restored.
+    let out = std::process::Command::new(CRUST)
+        .args(["restore", "-D"])
+        .arg(t.work.0.join("pre2"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pre-dump"), "{err}");
+    t.restore(&[]);
+    t.pass();
+}
+
+/// After dedup the older images of the chain take less disk (st_blocks),
+/// and the chain still restores a process that verifies all its memory.
+#[test]
+fn dedup_shrinks_the_parents_and_the_chain_still_restores() {
+    let mut t = Spawn::new("predump").args(&["64"]).start();
+    let pid = t.pid;
+    pre_dump_ok(&t, "pre1", &[]);
+    scatter_writes(&t, 1);
+    pre_dump_ok(
+        &t,
+        "pre2",
+        &["--prev-images-dir", "../pre1", "--auto-dedup"],
+    );
+    let pre1 = t.work.0.join("pre1");
+    let after_auto = pages_blocks(&pre1, pid);
+    assert!(
+        after_auto < (64 << 20) - (2 << 20),
+        "--auto-dedup left {after_auto} bytes in pre1"
+    );
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let before = pages_blocks(&pre1, pid) + pages_blocks(&t.work.0.join("pre2"), pid);
+    let out = std::process::Command::new(CRUST)
+        .args(["dedup", "-D"])
+        .arg(t.work.images())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = pages_blocks(&pre1, pid) + pages_blocks(&t.work.0.join("pre2"), pid);
+    assert!(
+        after + (2 << 20) < before,
+        "dedup left {after} of {before} bytes"
+    );
+    // A deduplicated parent is not restored alone (it has holes now).
+    let out = std::process::Command::new(CRUST)
+        .args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(t.work.0.join("other"))
+        .args(["--prev-images-dir", "../pre1", "--leave-running"])
+        .output();
+    assert!(out.is_ok_and(|o| !o.status.success()));
+    t.restore(&[]);
+    t.pass();
+}

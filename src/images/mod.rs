@@ -9,11 +9,13 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use prost::Message;
+
+pub mod chain;
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -238,6 +240,17 @@ impl ImageDir {
             if is_log_name(&name) {
                 continue;
             }
+            // An older dump's link to its parent, and the socket its write
+            // tracker's holder waited at: they go with its images.
+            if name == chain::PARENT_LINK && e.file_type()?.is_symlink() {
+                old_images.push(p);
+                continue;
+            }
+            if name == crate::resources::memtrack::SOCKET && e.file_type()?.is_socket() {
+                crate::resources::memtrack::release_holder(&p);
+                old_images.push(p);
+                continue;
+            }
             if e.file_type()?.is_file() && is_image(&p) {
                 old_images.push(p);
                 continue;
@@ -251,7 +264,11 @@ impl ImageDir {
         // holds no whole dump.
         old_images.sort_by_key(|p| !p.ends_with(ImageKind::Inventory.file_name(0)));
         for p in old_images {
-            fs::remove_file(&p).with_context(|| format!("removing old {}", p.display()))?;
+            match fs::remove_file(&p) {
+                // A tracker's holder removes its socket as it ends.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.with_context(|| format!("removing old {}", p.display()))?,
+            }
         }
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("setting mode 0700 on {}", path.display()))?;

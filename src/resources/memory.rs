@@ -363,6 +363,56 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
     Ok(())
 }
 
+/// Leaves out of the pages to store those `unchanged` (not written since
+/// the previous dump, and held by its chain): they go into
+/// `mm.prev_pages`, read from the chain on restore.
+pub fn leave_to_chain(mm: &mut MmEntry, unchanged: &[(u64, u64)]) {
+    use super::memtrack::{intersect, pages_in, subtract};
+    use crate::images::chain::{ranges_to_runs, runs_to_ranges};
+    let runs = runs_to_ranges(&mm.pagemap);
+    let prev = intersect(&runs, unchanged);
+    let kept = subtract(&runs, unchanged);
+    let n = pages_in(&prev);
+    crate::stats::uncount(&crate::stats::PAGES_WRITTEN, n);
+    crate::stats::count(&crate::stats::PAGES_IN_PREV, n);
+    crate::progress::remove_bytes(n * PAGE);
+    mm.pagemap = ranges_to_runs(&kept);
+    mm.prev_pages = ranges_to_runs(&prev);
+}
+
+/// Copies the pages of `runs` from the task's memory (`mem`, its
+/// /proc/PID/mem) into `sink`, with the task running: a pre-dump, whose
+/// write tracking was armed while the task was frozen. A page the task
+/// writes meanwhile may land torn; tracking counts it written, and the
+/// next dump stores it again. A page it unmapped meanwhile reads as zeros
+/// here (no later dump refers to it).
+pub fn copy_pages_running(
+    mem: &File,
+    runs: &[PagemapEntry],
+    sink: &mut dyn PageSink,
+) -> Result<()> {
+    const STEP: u64 = 4 << 20;
+    let mut buf = vec![0u8; STEP as usize];
+    for r in runs {
+        let (mut at, end) = (r.vaddr, r.vaddr + r.nr_pages * PAGE);
+        while at < end {
+            let n = (end - at).min(STEP) as usize;
+            let b = &mut buf[..n];
+            if mem.read_exact_at(b, at).is_err() {
+                for (i, pg) in b.chunks_mut(PAGE as usize).enumerate() {
+                    if mem.read_exact_at(pg, at + i as u64 * PAGE).is_err() {
+                        pg.fill(0);
+                    }
+                }
+            }
+            sink.take_bytes(b)?;
+            crate::progress::bytes_done(n as u64);
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
 /// One part of the page stream, in stream order: a filled page pipe, or
 /// pages crust read itself.
 enum Part {
@@ -1250,6 +1300,7 @@ fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
             .pagemap
             .iter()
             .chain(&mm.parent_pages)
+            .chain(&mm.prev_pages)
             .map(|r| (r.vaddr, r.vaddr + r.nr_pages * PAGE))
             .filter(|&(s, e)| s < m.dst + m.len && e > m.dst)
             .collect();
@@ -1274,6 +1325,62 @@ fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
         }
     }
     Ok((shared, written))
+}
+
+/// Reads the pages the task left to older dumps of the chain (`links`,
+/// newest first, from `images::chain::load`) into the premapped VMAs.
+/// Each older image is streamed whole, its CRC checked, and the pages it is
+/// to give copied out (holes a dedup punched read fast, as zeros, and are
+/// never among them).
+pub fn fill_from_chain(pre: &Premapped, links: &[crate::images::chain::Link]) -> Result<()> {
+    use super::memtrack::intersect;
+    const STEP: u64 = 4 << 20;
+    let mut buf = vec![0u8; STEP as usize];
+    for l in links {
+        let mut crc = crc32fast::Hasher::new();
+        let mut off = 0u64;
+        for r in &l.runs {
+            let (s, e) = (r.vaddr, r.vaddr + r.nr_pages * PAGE);
+            let mut at = s;
+            while at < e {
+                let n = (e - at).min(STEP);
+                let b = &mut buf[..n as usize];
+                l.pages
+                    .read_exact_at(b, PAGES_HEADER_LEN + off)
+                    .map_err(|_| {
+                        crate::images::ImageError::Truncated(l.path.clone(), "truncated".into())
+                    })?;
+                crc.update(b);
+                for (ps, pe) in intersect(&[(at, at + n)], &l.take) {
+                    let m = pre
+                        .moves
+                        .iter()
+                        .find(|m| m.dst <= ps && pe <= m.dst + m.len)
+                        .with_context(|| {
+                            format!(
+                                "pages at {ps:#x} lie outside every VMA; the mm image is corrupt"
+                            )
+                        })?;
+                    let from = &b[(ps - at) as usize..(pe - at) as usize];
+                    // SAFETY: [dst, dst+len) lies in a premapped, writable
+                    // VMA of this process.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (m.src + (ps - m.dst)) as *mut u8,
+                            from.len(),
+                        )
+                    };
+                    dst.copy_from_slice(from);
+                }
+                at += n;
+                off += n;
+            }
+        }
+        if off != l.len || crc.finalize() != l.crc {
+            return Err(crate::images::ImageError::Checksum(l.path.clone()).into());
+        }
+    }
+    Ok(())
 }
 
 /// mlockall(MCL_FUTURE) leaves no trace in /proc but in the VMAs mapped

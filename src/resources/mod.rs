@@ -17,6 +17,7 @@ pub mod inotify;
 pub mod locks;
 pub mod membarrier;
 pub mod memory;
+pub mod memtrack;
 pub mod netlink_sk;
 pub mod netlock;
 pub mod nsfile;

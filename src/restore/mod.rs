@@ -91,6 +91,8 @@ pub struct TaskImages {
     pub pages: File,
     pub pages_len: u64,
     pub pages_crc: u32,
+    /// The older images of the chain `mm.prev_pages` are read from.
+    pub chain: Vec<crate::images::chain::Link>,
 }
 
 fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
@@ -98,6 +100,7 @@ fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
     let mm: MmEntry = dir.read_msg(ImageKind::Mm, pid)?;
     let files: FdTable = dir.read_msg(ImageKind::Files, pid)?;
     let (pages, hdr) = images::open_pages(dir, pid)?;
+    let chain = crate::images::chain::load(dir, pid, &mm.prev_pages)?;
     if core.threads.is_empty()
         || core
             .threads
@@ -116,6 +119,7 @@ fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
         pages,
         pages_len: hdr.len,
         pages_crc: hdr.crc,
+        chain,
     })
 }
 
@@ -330,6 +334,18 @@ pub fn restore(
     // Before anything forks (the init of --pid-ns too): the tree's network
     // namespace, when it had one of its own.
     let inv: Inventory = ImageDir::open(&opts.dir)?.read_msg(ImageKind::Inventory, 0)?;
+    if inv.pre_dump {
+        crate::refuse!(
+            "{} holds a pre-dump (memory only); restore the final dump taken with --prev-images-dir",
+            opts.dir.display()
+        );
+    }
+    if inv.deduplicated {
+        crate::refuse!(
+            "{}: a dedup removed the pages a later dump of its chain replaced; restore that later dump",
+            opts.dir.display()
+        );
+    }
     crate::resources::netlock::enter_tree_netns(&inv)?;
     if opts.pid_ns {
         drop(progress);

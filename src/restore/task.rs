@@ -92,6 +92,7 @@ fn rebuild_memory<'a>(
     let hole = (plan.premap_at, plan.restorer_at);
     let mem = memory::premap_vmas(&img.mm, hole, &set.shared, &set.objects, parent)?;
     memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
+    memory::fill_from_chain(&mem, &img.chain)?;
     Ok(Some(mem))
 }
 

@@ -1,0 +1,104 @@
+/* Memory that keeps changing across pre-dumps: SIZE MiB (argv[1], default
+ * 64) of pages, each holding its index and a generation in every word. A
+ * hot sixteenth of them is rewritten all the time (each with its next
+ * generation); on SIGUSR1 every 64th page of the whole region gets its
+ * next generation too, half by the task's own stores and half by the
+ * kernel (read() from a pipe into the page), and the file "usr1-N" in
+ * $ZDTM_DIR says that round N is done. After restore, SIGTERM makes it
+ * check every page against the generation it recorded. A page being
+ * rewritten at the freeze ("busy") may hold either generation per word. */
+#include "zdtmlib.h"
+#include <stdint.h>
+#include <sys/mman.h>
+
+#define PAGE 4096
+#define WORDS (PAGE / 8)
+
+static volatile sig_atomic_t usr1;
+static void on_usr1(int s) { (void)s; usr1++; }
+
+static inline uint64_t pat(size_t page, uint64_t gen, size_t w)
+{
+	return (page * 0x9e3779b97f4a7c15ULL) ^ (gen << 40) ^ (w * 0x100000001b3ULL);
+}
+
+static uint64_t *mem;
+static uint64_t *gens;
+static volatile int64_t busy = -1;
+static int pfd[2];
+
+static void write_page(size_t p, int by_kernel)
+{
+	uint64_t g = gens[p] + 1;
+	uint64_t buf[WORDS];
+	busy = p;
+	if (by_kernel) {
+		for (size_t w = 0; w < WORDS; w++)
+			buf[w] = pat(p, g, w);
+		if (write(pfd[1], buf, PAGE) != PAGE)
+			fail("write to pipe");
+		size_t got = 0;
+		while (got < PAGE) {
+			ssize_t n = read(pfd[0], (char *)(mem + p * WORDS) + got, PAGE - got);
+			if (n <= 0)
+				fail("read into page %zu", p);
+			got += n;
+		}
+	} else {
+		for (size_t w = 0; w < WORDS; w++)
+			mem[p * WORDS + w] = pat(p, g, w);
+	}
+	gens[p] = g;
+	busy = -1;
+}
+
+int main(int argc, char **argv)
+{
+	size_t pages = ((argc > 1 ? strtoull(argv[1], NULL, 0) : 64) << 20) / PAGE;
+	size_t hot = pages / 16;
+	test_init();
+	struct sigaction sa = { .sa_handler = on_usr1 };
+	sigaction(SIGUSR1, &sa, NULL);
+	if (pipe(pfd))
+		fail("pipe");
+	fcntl(pfd[1], F_SETPIPE_SZ, 1 << 16);
+	mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	gens = mmap(NULL, pages * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED || gens == MAP_FAILED)
+		fail("mmap");
+	for (size_t p = 0; p < pages; p++)
+		for (size_t w = 0; w < WORDS; w++)
+			mem[p * WORDS + w] = pat(p, 0, w);
+	test_ready();
+	int rounds = 0;
+	size_t next = 0;
+	while (!test_done()) {
+		if (usr1 > rounds) {
+			rounds++;
+			for (size_t p = hot + 1; p < pages; p += 64)
+				write_page(p, (p / 64) & 1);
+			char path[4096];
+			snprintf(path, sizeof(path), "%s/usr1-%d", getenv("ZDTM_DIR"), rounds);
+			int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+			if (fd >= 0)
+				close(fd);
+		}
+		write_page(next, 0);
+		next = (next + 1) % hot;
+		if (next % 64 == 0)
+			usleep(1000);
+	}
+	for (size_t p = 0; p < pages; p++) {
+		for (size_t w = 0; w < WORDS; w++) {
+			uint64_t v = mem[p * WORDS + w];
+			if (v == pat(p, gens[p], w))
+				continue;
+			if ((int64_t)p == busy && v == pat(p, gens[p] + 1, w))
+				continue;
+			fail("page %zu word %zu: %#llx, generation %llu wants %#llx", p, w,
+			     (unsigned long long)v, (unsigned long long)gens[p],
+			     (unsigned long long)pat(p, gens[p], w));
+		}
+	}
+	pass();
+}
