@@ -37,12 +37,13 @@ bench_warm() {
 }
 
 # The dump and the restore (detached) with the tool under test. CRIU logs
-# at its default level into the images directory; so does crust (-v2 adds
-# the per-process page times bench scripts read). $tool_opts: options both
+# at its default level into the images directory; crust at -v3, for the
+# lines bench scripts read (per-process page times, "images complete",
+# the frozen time), a few lines per process. $tool_opts: options both
 # take (--tcp-established for a tree with connections).
 bench_dump() {
     case $tool in
-    crust) "$crust" dump -t "$1" -D "$2" -o dump.log -v2 ${tool_opts:-} ;;
+    crust) "$crust" dump -t "$1" -D "$2" -o dump.log -v3 ${tool_opts:-} ;;
     criu) mkdir -p "$2" && "$criu" dump -t "$1" -D "$2" -o dump.log ${tool_opts:-} ;;
     esac
 }
