@@ -77,6 +77,10 @@ pub enum Cmd {
     Dump(DumpArgs),
     /// Bring a checkpointed process tree back.
     Restore(RestoreArgs),
+    /// Serve the memory of a tree restored with --lazy-pages through
+    /// userfaultfd: the pages it touches first, the rest in the
+    /// background; from the images, or from the dump (--page-server).
+    LazyPages(LazyPagesArgs),
     /// Decode images for people (or scripts, with --json).
     Show {
         /// An images directory or one image file.
@@ -162,6 +166,48 @@ pub struct DumpArgs {
     /// walks it); past them the dump fails and the tree runs on.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    /// Lazy migration: write every image but the private memory, and serve
+    /// that memory from the frozen tree on --port to `crust lazy-pages
+    /// --page-server` until it has all, then end the tree (if the daemon
+    /// goes away first, the tree runs on here).
+    #[arg(long, requires = "port", conflicts_with_all = ["leave_running", "leave_stopped"])]
+    pub lazy_pages: bool,
+    /// The address to serve on (with --lazy-pages; all addresses by default).
+    #[arg(long, value_name = "ADDR")]
+    pub address: Option<String>,
+    /// The TCP port to serve on (with --lazy-pages).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+}
+
+#[derive(Args, Debug)]
+pub struct LazyPagesArgs {
+    /// The images directory of the dump being restored.
+    #[arg(
+        short = 'D',
+        long = "images-dir",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub dir: PathBuf,
+    /// Fetch the pages from the dump (dump --lazy-pages) at --address and
+    /// --port instead of the pages images.
+    #[arg(long, requires_all = ["address", "port"])]
+    pub page_server: bool,
+    #[arg(long, value_name = "ADDR")]
+    pub address: Option<String>,
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+}
+
+/// ADDR and PORT as a socket address (a name is resolved).
+pub fn socket_addr(addr: &str, port: u16) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (addr, port)
+        .to_socket_addrs()
+        .with_context(|| format!("address {addr}"))?
+        .next()
+        .with_context(|| format!("address {addr} resolves to nothing"))
 }
 
 #[derive(Args, Debug)]
@@ -241,6 +287,11 @@ pub struct RestoreArgs {
     /// yet, so the restore refuses it rather than ignore it.
     #[arg(short = 'r', long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// Let the tree run before its private memory is in: `crust
+    /// lazy-pages`, started first with the same work directory, fills it
+    /// through userfaultfd as the tree touches it and in the background.
+    #[arg(long)]
+    pub lazy_pages: bool,
 }
 
 /// A size in bytes, with an optional K, M or G suffix (powers of 1024).

@@ -55,6 +55,9 @@ pub struct DumpOpts {
     pub skip_in_flight: bool,
     /// `--network-lock`: how the tree's connections are locked.
     pub network_lock: netlock::Method,
+    /// `--lazy-pages --address A --port P`: private memory stays out of
+    /// the images and is served from the frozen tree (`crate::lazy`).
+    pub lazy_pages: Option<std::net::SocketAddr>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -385,11 +388,21 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // its parent are left to the parent's image.
     let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
         std::collections::HashMap::new();
+    // --lazy-pages: each task's pages to serve once the images are written.
+    let mut lazy_runs = opts.lazy_pages.map(|_| Vec::new());
     for (threads, fds) in seized.iter().zip(tables) {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(threads, fds, &dir, &ghosts, parent, &guardian)?;
+        let vmas = dump_task(
+            threads,
+            fds,
+            &dir,
+            &ghosts,
+            parent,
+            &guardian,
+            lazy_runs.as_mut(),
+        )?;
         vmas_of.insert(pid, vmas);
         crate::progress::task_done();
     }
@@ -460,6 +473,15 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // The images are whole: a post-dump script may copy them away, or say
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
+    if let (Some(addr), Some(runs)) = (opts.lazy_pages, &lazy_runs) {
+        // Still frozen, and still the guardian's to resume should crust
+        // die: served until the daemon has every page, or the dump fails
+        // and the tree runs on.
+        crate::lazy::serve_pages(addr, runs)?;
+        if let Some(s) = stats.as_mut() {
+            s.stage("serving lazy pages");
+        }
+    }
     ghosts.keep();
     let tree_ends = !(opts.leave_running || opts.leave_stopped);
     if tree_ends {
@@ -598,12 +620,17 @@ fn dump_task(
     ghosts: &GhostStore,
     parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
     guardian: &Guardian,
+    lazy: Option<&mut Vec<(i32, Vec<crate::images::pb::PagemapEntry>)>>,
 ) -> Result<Vec<crate::images::pb::VmaEntry>> {
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
     memory::scan_pages(pid, &mut mm, parent)?;
+    if let Some(lazy) = lazy {
+        crate::lazy::split_lazy(&mut mm);
+        lazy.push((pid, mm.lazy_pages.clone()));
+    }
     let mut threads_core = threads
         .iter()
         .map(|t| dump_thread(t, pid))

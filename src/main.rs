@@ -19,6 +19,7 @@ mod dump;
 mod error;
 mod guardian;
 mod images;
+mod lazy;
 mod log;
 mod parasite_ctl;
 mod proc;
@@ -43,6 +44,7 @@ fn work_dir(cli: &Cli) -> PathBuf {
     let images = match &cli.cmd {
         Cmd::Dump(d) => Some(&d.dir),
         Cmd::Restore(r) => Some(&r.dir),
+        Cmd::LazyPages(l) => Some(&l.dir),
         _ => None,
     };
     cli.work_dir
@@ -122,6 +124,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .network_lock
                         .unwrap_or_else(resources::netlock::Method::auto),
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
+                    lazy_pages: match (d.lazy_pages, d.port) {
+                        (false, _) => None,
+                        (true, Some(p)) => Some(cli::socket_addr(
+                            d.address.as_deref().unwrap_or("0.0.0.0"),
+                            p,
+                        )?),
+                        (true, None) => crate::refuse!(
+                            "dump --lazy-pages serves the private memory on a TCP port: give --port (and --address)"
+                        ),
+                    },
                     actions,
                 },
                 stats.as_mut(),
@@ -166,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .network_lock
                         .unwrap_or_else(resources::netlock::Method::auto),
                     actions,
+                    lazy_pages: r.lazy_pages.then(|| work.join(lazy::SOCKET_NAME)),
                 },
                 stats.as_mut(),
                 progress,
@@ -173,6 +186,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Show { path, json } => {
             show::show(path, *json)?;
+            0
+        }
+        Cmd::LazyPages(l) => {
+            let page_server = match (l.page_server, &l.address, l.port) {
+                (false, _, _) => None,
+                (true, Some(a), Some(p)) => Some(cli::socket_addr(a, p)?),
+                (true, _, _) => crate::refuse!(
+                    "lazy-pages --page-server needs --address and --port of the dump (dump --lazy-pages)"
+                ),
+            };
+            lazy::daemon(&lazy::DaemonOpts {
+                dir: l.dir.clone(),
+                socket: work.join(lazy::SOCKET_NAME),
+                page_server,
+            })?;
             0
         }
     };
