@@ -105,7 +105,10 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
     let listener = TcpListener::bind(addr)
         .with_context(|| format!("listening for the lazy-pages daemon on {addr}"))?;
     listener.set_nonblocking(true)?;
-    tracing::info!("serving {} MiB of lazy pages on {addr}", (total * PAGE) >> 20);
+    tracing::info!(
+        "serving {} MiB of lazy pages on {addr}",
+        (total * PAGE) >> 20
+    );
     let t = Instant::now();
     let mut conn = loop {
         match listener.accept() {
@@ -184,6 +187,10 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
         }
         for p in (vaddr..vaddr + len).step_by(PAGE as usize) {
             sent.insert((pid, p));
+        }
+        if sent.len() as u64 * 4 >= total {
+            // A quarter sent: a test kills the dump here.
+            crate::dump::fault_point("lazy-serving");
         }
     }
 }
@@ -999,6 +1006,10 @@ impl Daemon {
             if running && !events && !self.served.is_empty() {
                 next = (next + 1) % self.served.len();
                 self.busy = false;
+                // The tree runs on pages half in: a test kills the daemon here.
+                if self.sources.from_images + self.sources.from_remote >= 64 << 20 {
+                    crate::dump::fault_point("lazy-copying");
+                }
                 if self.background(next, step)? {
                     stalled = 0;
                 } else if !self.busy {
