@@ -58,13 +58,20 @@ const STEP_REMOTE: u64 = 1 << 20;
 /// Whether the pages of a VMA are left to the lazy-pages daemon: private
 /// anonymous memory, the bulk of a task, but not what the kernel may
 /// drop (MAP_DROPPABLE), a growsdown stack, locked memory (mlock would
-/// fault it all in at once) or PROT_NONE areas (guards hold no pages).
+/// fault it all in at once), PROT_NONE areas (guards hold no pages), nor
+/// memory a fork does not copy as it is (MADV_DONTFORK, MADV_WIPEONFORK:
+/// the daemon gives a fork's child what its parent still misses).
 pub fn is_lazy(v: &VmaEntry) -> bool {
     v.kind() == VmaKind::VmaAnonPrivate
         && !v.droppable
         && !v.growsdown
         && v.prot != 0
-        && v.advice & (abi::VMA_ADV_LOCKED | abi::VMA_ADV_LOCKONFAULT) == 0
+        && v.advice
+            & (abi::VMA_ADV_LOCKED
+                | abi::VMA_ADV_LOCKONFAULT
+                | abi::VMA_ADV_DONTFORK
+                | abi::VMA_ADV_WIPEONFORK)
+            == 0
 }
 
 fn in_lazy_vma(mm: &MmEntry, r: &PagemapEntry) -> bool {
@@ -383,6 +390,13 @@ pub struct RestoreLink {
     daemon: OwnedFd,
     copies_rx: OwnedFd,
     copies_tx: Option<OwnedFd>,
+    /// Watches the daemon until the tree runs (`forked`): the stop flag,
+    /// whether it saw the daemon go, and the thread.
+    guard: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl RestoreLink {
@@ -417,6 +431,7 @@ impl RestoreLink {
             daemon,
             copies_rx,
             copies_tx: Some(copies_tx),
+            guard: None,
         })
     }
 
@@ -442,8 +457,60 @@ impl RestoreLink {
     }
 
     /// In crust, once the root is forked: the tasks hold the sending end.
-    pub fn forked(&mut self) {
+    /// Until the tree runs, a thread watches the daemon: should it go, a
+    /// task waiting for a page would wait until the restore's deadline, so
+    /// the root is killed at once, and the restore fails.
+    pub fn forked(&mut self, root: i32) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
         self.copies_tx = None;
+        let stop = Arc::new(AtomicBool::new(false));
+        let died = Arc::new(AtomicBool::new(false));
+        let fd = match self.daemon.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("watching the lazy-pages daemon during the restore: {e}");
+                return;
+            }
+        };
+        let (s, d) = (stop.clone(), died.clone());
+        let t = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut p = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+                // The daemon says nothing before the tree runs: anything
+                // here is its end.
+                let gone = nix::poll::PollFlags::POLLHUP
+                    | nix::poll::PollFlags::POLLIN
+                    | nix::poll::PollFlags::POLLERR;
+                if p[0].revents().is_some_and(|r| r.intersects(gone)) {
+                    d.store(true, Ordering::Relaxed);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(root),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return;
+                }
+            }
+        });
+        self.guard = Some((stop, died, t));
+    }
+
+    /// Whether the daemon went away while the tree was being restored.
+    pub fn daemon_died(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(|(_, d, _)| d.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn stop_guard(&mut self) {
+        if let Some((stop, _, t)) = self.guard.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
     }
 
     /// The tree runs: tells the daemon (which now copies the rest in the
@@ -452,7 +519,11 @@ impl RestoreLink {
     /// in, the watcher kills the tree, which cannot run without its
     /// memory (and whose faults, the userfaultfds held, wait instead of
     /// reading zeros meanwhile).
-    pub fn tree_runs(self) -> Result<()> {
+    pub fn tree_runs(mut self) -> Result<()> {
+        self.stop_guard();
+        if self.daemon_died() {
+            bail!("the lazy-pages daemon went away as the tree started to run");
+        }
         send_with_fd(self.daemon.as_raw_fd(), &[MSG_DONE], &[])
             .context("telling the lazy-pages daemon that the tree runs")?;
         let mut uffds = Vec::new();
@@ -1067,6 +1138,9 @@ impl Daemon {
                     pending,
                     dead: false,
                 });
+                // A task's memory registered, the tree not yet running: a
+                // test kills the daemon here.
+                crate::dump::fault_point("lazy-registered");
             }
             (Some(&MSG_DONE), _, _) => *running = true,
             _ => bail!("an unknown message on the lazy-pages socket"),

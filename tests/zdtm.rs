@@ -1832,6 +1832,46 @@ fn lazy_daemon_dies() {
     assert_eq!(images_digest(&t.work.images()), before);
 }
 
+/// The daemon dies while the tree is being restored: the restore fails at
+/// once (not at its deadline), says why, and leaves nothing running and
+/// the images as they were.
+#[test]
+fn lazy_daemon_dies_during_restore() {
+    let mut t = Spawn::new("lazy").args(&["64"]).start();
+    t.dump(&[]);
+    let before = images_digest(&t.work.images());
+    let mut cmd = std::process::Command::new(CRUST);
+    cmd.arg("lazy-pages")
+        .arg("-D")
+        .arg(t.work.images())
+        .env("CRUST_FAULT", "lazy-registered")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let mut daemon = cmd.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = t
+        .restore_cmd(&["--lazy-pages"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    wait_with_deadline(&mut daemon, 20);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the restore went on without the daemon"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "the restore waited {:?}",
+        t0.elapsed()
+    );
+    assert!(err.contains("lazy-pages daemon went away"), "{err}");
+    assert!(!pid_alive(t.pid), "a restored task was left behind");
+    assert_eq!(images_digest(&t.work.images()), before);
+}
+
 /// The dump side of a lazy migration: `dump --lazy-pages` in namespace
 /// `ns` serving on SERVER_ADDR:`port`.
 fn lazy_dump(t: &Task, ns: &str, port: u16, env: &[(&str, &str)]) -> std::process::Child {

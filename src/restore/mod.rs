@@ -599,7 +599,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     drop(status_wr);
     drop(sync_rd);
     if let Some(l) = set.lazy.as_mut() {
-        l.forked();
+        l.forked(child);
     }
     // The tree holds its files now; crust's copies would keep them open
     // (a pipe's reader would never see EOF).
@@ -645,6 +645,11 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         let _ = kill(child, Signal::SIGKILL);
         // (A sibling's parent reaps it; its threads are crust's tracees.)
         reap_killed_root(child);
+        if set.lazy.as_ref().is_some_and(|l| l.daemon_died()) {
+            return Err(e.context(
+                "the lazy-pages daemon went away before the tree ran; its memory cannot come back",
+            ));
+        }
         return Err(e);
     }
     if let Some(l) = set.lazy.take() {
