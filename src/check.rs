@@ -92,7 +92,7 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "userfaultfd",
-        enables: "lazy restore and write tracking (neither is in crust yet)",
+        enables: "lazy restore (restore --lazy-pages, lazy-pages; with fork, mremap and unmap events) and write tracking",
         required: false,
         run: probe_uffd,
     },
@@ -391,7 +391,8 @@ fn uffd_api(features: u64) -> Result<u64> {
 }
 
 fn probe_uffd() -> Result<()> {
-    uffd_api(0).map(|_| ())
+    // As a lazy restore makes it: with the events its daemon follows.
+    crate::lazy::make_uffd().map(drop)
 }
 
 fn probe_uffd_wp() -> Result<()> {
