@@ -1714,6 +1714,19 @@ fn leave_running_keeps_connection() {
 
 // ------------------------------------------------------------ lazy restore ---
 
+/// A child of the test (crust dump, lazy-pages, restore) killed and reaped
+/// if the test fails before it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `crust lazy-pages` with `extra`, run through `prefix` (nsenter into a
 /// namespace, or nothing), logging into `dir`.
 fn lazy_daemon(prefix: &[String], dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
@@ -1770,7 +1783,7 @@ fn images_digest(dir: &std::path::Path) -> Vec<(String, u64, u32)> {
 fn lazy_local() {
     let mut t = Spawn::new("lazy").args(&["256"]).start();
     t.dump(&[]);
-    let mut daemon = lazy_daemon(&[], &t.work.images(), &[]);
+    let mut daemon = Reaped(lazy_daemon(&[], &t.work.images(), &[]));
     t.restore(&["--lazy-pages"]);
     // At once: the program checks its memory while pages still arrive.
     nix::sys::signal::kill(
@@ -1778,14 +1791,39 @@ fn lazy_local() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let st = wait_with_deadline(&mut daemon, 60);
+    let st = wait_with_deadline(&mut daemon.0, 60);
     let log = std::fs::read_to_string(t.work.images().join("lazy.log")).unwrap_or_default();
     assert!(
         st.success(),
         "lazy-pages failed: {}\n{log}",
-        stderr_of(&mut daemon)
+        stderr_of(&mut daemon.0)
     );
     assert!(log.contains("every page is in"), "{log}");
+    let (st, out) = t.wait_exit();
+    assert!(st.success() && out.contains("PASS"), "{st}: {out}");
+}
+
+/// A tree whose children share memory copy-on-write with their parent at
+/// the dump (their images leave those pages to the parent's): restored
+/// lazily, each process gets its own and its parent's pages right.
+#[test]
+fn lazy_cow_tree() {
+    let mut t = Spawn::new("cow").args(&["64"]).start();
+    t.dump(&[]);
+    let mut daemon = Reaped(lazy_daemon(&[], &t.work.images(), &[]));
+    t.restore(&["--lazy-pages"]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    let log = std::fs::read_to_string(t.work.images().join("lazy.log")).unwrap_or_default();
+    assert!(
+        st.success(),
+        "lazy-pages failed: {}\n{log}",
+        stderr_of(&mut daemon.0)
+    );
     let (st, out) = t.wait_exit();
     assert!(st.success() && out.contains("PASS"), "{st}: {out}");
 }
@@ -1809,9 +1847,9 @@ fn lazy_daemon_dies() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     close_inherited_fds(&mut cmd);
-    let mut daemon = cmd.spawn().unwrap();
+    let mut daemon = Reaped(cmd.spawn().unwrap());
     t.restore(&["--lazy-pages"]);
-    let st = wait_with_deadline(&mut daemon, 60);
+    let st = wait_with_deadline(&mut daemon.0, 60);
     assert_eq!(st.signal(), Some(libc::SIGKILL), "the daemon was to die");
     let mut restore = t.take_restorer().unwrap();
     let st = wait_with_deadline(&mut restore, 60);
@@ -1849,14 +1887,14 @@ fn lazy_daemon_dies_during_restore() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     close_inherited_fds(&mut cmd);
-    let mut daemon = cmd.spawn().unwrap();
+    let mut daemon = Reaped(cmd.spawn().unwrap());
     let t0 = std::time::Instant::now();
     let out = t
         .restore_cmd(&["--lazy-pages"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    wait_with_deadline(&mut daemon, 20);
+    wait_with_deadline(&mut daemon.0, 20);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -1998,35 +2036,46 @@ fn lazy_migration_between_namespaces() {
     let hosts = net::Hosts::new();
     let mut t = lazy_program_in(&hosts.first);
     let port = 27000 + (std::process::id() % 1000) as u16;
-    let mut dump = lazy_dump(&t, &hosts.first, port, &[]);
+    let mut dump = Reaped(lazy_dump(&t, &hosts.first, port, &[]));
     let dst = t.work.0.join("dst");
     copy_images(&t.work.images(), &dst);
-    let (mut daemon, mut restore) = lazy_restore_in(&hosts.client, &dst, port);
-    let _end = EndTree(restore.id() as i32);
-    let pid = restored_under(&restore);
+    // Without --lazy-pages these images cannot come back: refused.
+    let out = std::process::Command::new(CRUST)
+        .args(["restore", "-D"])
+        .arg(&dst)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("dumped with --lazy-pages"), "{err}");
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
+    let _end = EndTree(restore.0.id() as i32);
+    let pid = restored_under(&restore.0);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let st = wait_with_deadline(&mut restore, 60);
+    let st = wait_with_deadline(&mut restore.0, 60);
     assert!(
         st.success(),
         "the migrated program failed ({st}): {}",
         t.log_text()
     );
     assert!(t.log_text().contains("PASS"), "{}", t.log_text());
-    let st = wait_with_deadline(&mut daemon, 60);
+    let st = wait_with_deadline(&mut daemon.0, 60);
     assert!(
         st.success(),
         "lazy-pages failed: {}",
-        stderr_of(&mut daemon)
+        stderr_of(&mut daemon.0)
     );
-    let st = wait_with_deadline(&mut dump, 60);
+    let st = wait_with_deadline(&mut dump.0, 60);
     assert!(
         st.success(),
         "dump --lazy-pages failed: {}",
-        stderr_of(&mut dump)
+        stderr_of(&mut dump.0)
     );
     // The source's tree ended with the dump.
     let mut orig = t.take_original().unwrap();
@@ -2042,21 +2091,27 @@ fn lazy_migration_source_dies() {
     let hosts = net::Hosts::new();
     let t = lazy_program_in(&hosts.first);
     let port = 28000 + (std::process::id() % 1000) as u16;
-    let mut dump = lazy_dump(&t, &hosts.first, port, &[("CRUST_FAULT", "lazy-serving")]);
+    let mut dump = Reaped(lazy_dump(
+        &t,
+        &hosts.first,
+        port,
+        &[("CRUST_FAULT", "lazy-serving")],
+    ));
     let dst = t.work.0.join("dst");
     copy_images(&t.work.images(), &dst);
-    let (mut daemon, mut restore) = lazy_restore_in(&hosts.client, &dst, port);
-    let _end = EndTree(restore.id() as i32);
-    let st = wait_with_deadline(&mut dump, 60);
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
+    let _end = EndTree(restore.0.id() as i32);
+    let st = wait_with_deadline(&mut dump.0, 60);
     assert_eq!(st.signal(), Some(libc::SIGKILL), "the dump was to die");
-    let st = wait_with_deadline(&mut daemon, 60);
-    let err = stderr_of(&mut daemon);
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    let err = stderr_of(&mut daemon.0);
     assert!(!st.success(), "lazy-pages went on without its source");
     assert!(
         err.contains("killed the restored tree") && err.trim().lines().count() == 1,
         "{err}"
     );
-    let st = wait_with_deadline(&mut restore, 60);
+    let st = wait_with_deadline(&mut restore.0, 60);
     assert_eq!(
         st.code(),
         Some(128 + libc::SIGKILL),
