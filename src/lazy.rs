@@ -390,13 +390,11 @@ pub struct RestoreLink {
     daemon: OwnedFd,
     copies_rx: OwnedFd,
     copies_tx: Option<OwnedFd>,
-    /// Watches the daemon until the tree runs (`forked`): the stop flag,
-    /// whether it saw the daemon go, and the thread.
-    guard: Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<()>,
-    )>,
+    /// Watches the daemon until the tree runs (`forked`): the end of a pipe
+    /// whose closing stops the watch, and the thread.
+    guard: Option<(OwnedFd, std::thread::JoinHandle<()>)>,
+    /// Whether the watch saw the daemon go.
+    died: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RestoreLink {
@@ -432,6 +430,7 @@ impl RestoreLink {
             copies_rx,
             copies_tx: Some(copies_tx),
             guard: None,
+            died: Default::default(),
         })
     }
 
@@ -461,33 +460,36 @@ impl RestoreLink {
     /// task waiting for a page would wait until the restore's deadline, so
     /// the root is killed at once, and the restore fails.
     pub fn forked(&mut self, root: i32) {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
         self.copies_tx = None;
-        let stop = Arc::new(AtomicBool::new(false));
-        let died = Arc::new(AtomicBool::new(false));
-        let fd = match self.daemon.try_clone() {
-            Ok(fd) => fd,
+        let fds = self
+            .daemon
+            .try_clone()
+            .and_then(|d| Ok((d, nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)));
+        let (fd, (stop_rd, stop_wr)) = match fds {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!("watching the lazy-pages daemon during the restore: {e}");
                 return;
             }
         };
-        let (s, d) = (stop.clone(), died.clone());
+        let died = self.died.clone();
         let t = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let mut p = [nix::poll::PollFd::new(
-                    fd.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+            loop {
+                let mut p = [
+                    PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(stop_rd.as_fd(), PollFlags::POLLIN),
+                ];
+                if nix::poll::poll(&mut p, PollTimeout::NONE).is_err() {
+                    continue;
+                }
+                if p[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return;
+                }
                 // The daemon says nothing before the tree runs: anything
                 // here is its end.
-                let gone = nix::poll::PollFlags::POLLHUP
-                    | nix::poll::PollFlags::POLLIN
-                    | nix::poll::PollFlags::POLLERR;
-                if p[0].revents().is_some_and(|r| r.intersects(gone)) {
-                    d.store(true, Ordering::Relaxed);
+                if p[0].revents().is_some_and(|r| !r.is_empty()) {
+                    died.store(true, std::sync::atomic::Ordering::Relaxed);
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(root),
                         nix::sys::signal::Signal::SIGKILL,
@@ -496,19 +498,17 @@ impl RestoreLink {
                 }
             }
         });
-        self.guard = Some((stop, died, t));
+        self.guard = Some((stop_wr, t));
     }
 
     /// Whether the daemon went away while the tree was being restored.
     pub fn daemon_died(&self) -> bool {
-        self.guard
-            .as_ref()
-            .is_some_and(|(_, d, _)| d.load(std::sync::atomic::Ordering::Relaxed))
+        self.died.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn stop_guard(&mut self) {
-        if let Some((stop, _, t)) = self.guard.take() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some((stop, t)) = self.guard.take() {
+            drop(stop);
             let _ = t.join();
         }
     }
@@ -766,6 +766,26 @@ impl Sources {
         }
         self.from_images += len;
         Ok(())
+    }
+
+    /// The bytes of `len` pages at `src` where they lie whole in one run
+    /// of a mapped image: placed from there, without a copy through a
+    /// buffer.
+    fn mapped(&self, src: Src, len: u64) -> Option<&[u8]> {
+        if src.remote {
+            return None;
+        }
+        let img = self.images.get(&src.pid)?;
+        let i = img.runs.partition_point(|r| r.0 + r.1 <= src.addr);
+        let &(start, rlen, off) = img.runs.get(i).filter(|r| r.0 <= src.addr)?;
+        if src.addr + len > start + rlen {
+            return None;
+        }
+        // SAFETY: inside the image's mapping, which lives as long as
+        // `self` (the run lies in the data, checked at load).
+        Some(unsafe {
+            std::slice::from_raw_parts(img.map.add((off + src.addr - start) as usize), len as usize)
+        })
     }
 
     /// Tells the dump it may end the tree there.
@@ -1232,16 +1252,33 @@ impl Daemon {
     /// it was placed (or found there already).
     fn copy_run(&mut self, i: usize, addr: u64, src: Src, len: u64) -> Result<bool> {
         let mut buf = std::mem::take(&mut self.buf);
-        let fetched = self.sources.fetch(src, len, &mut buf);
-        if let Err(e) = fetched {
-            self.buf = buf;
-            return Err(e.context(format!("fetching pages at {addr:#x} of task {}", src.pid)));
-        }
+        let mapped = self.sources.mapped(src, len).map(|m| (m.as_ptr(), m.len()));
+        let from: &[u8] = match mapped {
+            Some((p, n)) => {
+                self.sources.from_images += len;
+                // SAFETY: the image mapping outlives this call; the slice
+                // is detached from the borrow of `self.sources` only so
+                // that `self.served` can change below, which does not
+                // touch the images.
+                unsafe { std::slice::from_raw_parts(p, n) }
+            }
+            None => {
+                if let Err(e) = self.sources.fetch(src, len, &mut buf) {
+                    self.buf = buf;
+                    return Err(
+                        e.context(format!("fetching pages at {addr:#x} of task {}", src.pid))
+                    );
+                }
+                // SAFETY: as above: `buf` is ours until it is put back,
+                // after the last use of this slice.
+                unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) }
+            }
+        };
         let fd = self.served[i].uffd.as_raw_fd();
         let mut done = 0;
         let mut progress = false;
         while done < len {
-            let placed = place(fd, addr + done, Some(&buf[done as usize..]), len - done)?;
+            let placed = place(fd, addr + done, Some(&from[done as usize..]), len - done)?;
             let (n, skip) = match placed {
                 Placed::Done => (len - done, 0),
                 // Faulted in meanwhile, or a zero page: it stays.
