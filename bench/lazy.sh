@@ -96,11 +96,14 @@ for size in "${sizes[@]}"; do
         start "$size"
         "$crust" dump -t "$pid" -D "$img" -o dump.log
         gone "$pid"
+        t1=$(now)
         "$crust" lazy-pages -D "$img" -o lazy.log &
         daemon=$!
         # Timed from when the daemon listens (it checks the images first).
         while [ ! -S "$img/lazy-pages.socket" ]; do sleep 0.002; done
         t2=$(now)
+        sec "$t1" "$t2" >>"$s/lazy-start"
+        echo >>"$s/lazy-start"
         "$crust" restore -D "$img" -d --lazy-pages -o restore.log
         t3=$(now)
         wait "$daemon"
@@ -149,11 +152,11 @@ for size in "${sizes[@]}"; do
         sec "$t0" "$t4" >>"$s/mig-allin"
         echo >>"$s/mig-allin"
     done
-    for f in full-frozen full-restore lazy-restore lazy-allin mig-down mig-frozen mig-allin; do
+    for f in full-frozen full-restore lazy-start lazy-restore lazy-allin mig-down mig-frozen mig-allin; do
         sed -i '/^$/d' "$s/$f"
     done
     echo "$size MiB:"
     echo "  full:    frozen (dump) $(range "$s/full-frozen") s, restore until it runs $(range "$s/full-restore") s"
-    echo "  lazy:    restore until it runs $(range "$s/lazy-restore") s, until every page is in $(range "$s/lazy-allin") s"
+    echo "  lazy:    daemon's start (images checked) $(range "$s/lazy-start") s; then restore until it runs $(range "$s/lazy-restore") s, until every page is in $(range "$s/lazy-allin") s"
     echo "  migrate: downtime (dump start to running there) $(range "$s/mig-down") s, source frozen $(range "$s/mig-frozen") s, every page in $(range "$s/mig-allin") s after the dump's start"
 done
