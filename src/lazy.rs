@@ -53,7 +53,11 @@ const MAX_REQUEST: u64 = 16 << 20;
 const FAULT_BLOCK: u64 = 16 * PAGE;
 /// Bytes placed per background step, between looks at the faults.
 const STEP_LOCAL: u64 = 4 << 20;
-const STEP_REMOTE: u64 = 1 << 20;
+const STEP_REMOTE: u64 = 4 << 20;
+/// From a page server: runs of at most this many bytes, this many asked
+/// for at once.
+const REMOTE_RUN: u64 = 512 << 10;
+const REMOTE_IN_FLIGHT: usize = 16;
 
 /// Whether the pages of a VMA are left to the lazy-pages daemon: private
 /// anonymous memory, the bulk of a task, but not what the kernel may
@@ -788,6 +792,40 @@ impl Sources {
         })
     }
 
+    /// Asks the page server for every run of `asks` at once, then reads
+    /// the answers into `bufs` (one per run, in order).
+    fn fetch_many(&mut self, asks: &[(Src, u64)], bufs: &mut Vec<Vec<u8>>) -> Result<()> {
+        let conn = self
+            .remote
+            .as_mut()
+            .context("pages of the dump, and no --page-server to ask")?;
+        let mut reqs = Vec::with_capacity(asks.len() * REQ_LEN);
+        for &(src, len) in asks {
+            reqs.extend(src.pid.to_le_bytes());
+            reqs.extend(src.addr.to_le_bytes());
+            reqs.extend(len.to_le_bytes());
+        }
+        conn.write_all(&reqs)
+            .context("asking the dump's page server for pages")?;
+        bufs.resize_with(asks.len(), Vec::new);
+        for (&(_, len), buf) in asks.iter().zip(bufs.iter_mut()) {
+            let mut n = [0u8; 8];
+            conn.read_exact(&mut n)
+                .context("reading pages from the dump's page server")?;
+            if u64::from_le_bytes(n) != len {
+                bail!(
+                    "the dump's page server answered {} bytes for {len}",
+                    u64::from_le_bytes(n)
+                );
+            }
+            buf.resize(len as usize, 0);
+            conn.read_exact(buf)
+                .context("reading pages from the dump's page server")?;
+            self.from_remote += len;
+        }
+        Ok(())
+    }
+
     /// Tells the dump it may end the tree there.
     fn bye(&mut self) {
         if let Some(c) = self.remote.as_mut() {
@@ -973,6 +1011,7 @@ pub fn daemon(opts: &DaemonOpts) -> Result<()> {
         sources,
         pidfds: Vec::new(),
         buf: Vec::new(),
+        bufs: Vec::new(),
         faults: 0,
         busy: false,
     };
@@ -1014,6 +1053,8 @@ struct Daemon {
     sources: Sources,
     pidfds: Vec<(i32, OwnedFd)>,
     buf: Vec<u8>,
+    /// The answers of one background step from a page server.
+    bufs: Vec<Vec<u8>>,
     faults: u64,
     /// A copy met an mm that is changing: its event is next.
     busy: bool,
@@ -1251,29 +1292,29 @@ impl Daemon {
     /// Places the run of `len` bytes at `addr` from `src`; true if any of
     /// it was placed (or found there already).
     fn copy_run(&mut self, i: usize, addr: u64, src: Src, len: u64) -> Result<bool> {
+        if let Some((p, n)) = self.sources.mapped(src, len).map(|m| (m.as_ptr(), m.len())) {
+            self.sources.from_images += len;
+            // SAFETY: the image mapping lives as long as the daemon; the
+            // slice is detached from the borrow of `self.sources` only so
+            // that `self.served` can change while it is placed, which does
+            // not touch the images.
+            let from = unsafe { std::slice::from_raw_parts(p, n) };
+            return self.place_run(i, addr, from);
+        }
         let mut buf = std::mem::take(&mut self.buf);
-        let mapped = self.sources.mapped(src, len).map(|m| (m.as_ptr(), m.len()));
-        let from: &[u8] = match mapped {
-            Some((p, n)) => {
-                self.sources.from_images += len;
-                // SAFETY: the image mapping outlives this call; the slice
-                // is detached from the borrow of `self.sources` only so
-                // that `self.served` can change below, which does not
-                // touch the images.
-                unsafe { std::slice::from_raw_parts(p, n) }
-            }
-            None => {
-                if let Err(e) = self.sources.fetch(src, len, &mut buf) {
-                    self.buf = buf;
-                    return Err(
-                        e.context(format!("fetching pages at {addr:#x} of task {}", src.pid))
-                    );
-                }
-                // SAFETY: as above: `buf` is ours until it is put back,
-                // after the last use of this slice.
-                unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) }
-            }
+        let fetched = self.sources.fetch(src, len, &mut buf);
+        let placed = match fetched {
+            Ok(()) => self.place_run(i, addr, &buf),
+            Err(e) => Err(e.context(format!("fetching pages at {addr:#x} of task {}", src.pid))),
         };
+        self.buf = buf;
+        placed
+    }
+
+    /// Places the pages `from` at `addr` of served[i]; true if any of it
+    /// was placed (or found there already).
+    fn place_run(&mut self, i: usize, addr: u64, from: &[u8]) -> Result<bool> {
+        let len = from.len() as u64;
         let fd = self.served[i].uffd.as_raw_fd();
         let mut done = 0;
         let mut progress = false;
@@ -1290,12 +1331,10 @@ impl Daemon {
                     if matches!(placed, Placed::Busy(_)) {
                         self.busy = true;
                     }
-                    self.buf = buf;
                     return Ok(progress || n > 0);
                 }
                 Placed::Dead => {
                     self.served[i].dead = true;
-                    self.buf = buf;
                     return Ok(true);
                 }
             };
@@ -1305,7 +1344,6 @@ impl Daemon {
             progress = true;
             done += n + skip;
         }
-        self.buf = buf;
         Ok(progress)
     }
 
@@ -1346,6 +1384,9 @@ impl Daemon {
     /// One step of the background copy in served[i]; false when it made no
     /// progress (its memory moved, and the event is still to be read).
     fn background(&mut self, i: usize, step: u64) -> Result<bool> {
+        if self.sources.remote.is_some() {
+            return self.background_remote(i, step);
+        }
         let mut budget = step;
         let mut progress = false;
         while budget > 0 {
@@ -1365,6 +1406,53 @@ impl Daemon {
             }
         }
         Ok(progress)
+    }
+
+    /// The background step from a page server: the next runs asked for
+    /// all at once (the dump answers one while the next travels), then
+    /// placed in turn.
+    fn background_remote(&mut self, i: usize, step: u64) -> Result<bool> {
+        let mut runs = Vec::new();
+        let mut total = 0;
+        let mut at = 0;
+        while total < step && runs.len() < REMOTE_IN_FLIGHT {
+            let Some((&addr, _)) = self.served[i].pending.range(at..).next() else {
+                break;
+            };
+            let Some((src, len)) = self.run_at(i, addr, REMOTE_RUN, u64::MAX) else {
+                break;
+            };
+            runs.push((addr, src, len));
+            total += len;
+            at = addr + len;
+        }
+        if runs.is_empty() {
+            return Ok(true);
+        }
+        let asks: Vec<(Src, u64)> = runs.iter().map(|&(_, s, l)| (s, l)).collect();
+        let mut bufs = std::mem::take(&mut self.bufs);
+        if let Err(e) = self.sources.fetch_many(&asks, &mut bufs) {
+            self.bufs = bufs;
+            return Err(e.context(format!("fetching pages of task {}", runs[0].1.pid)));
+        }
+        let mut progress = false;
+        let mut placed = Ok(());
+        for (&(addr, _, _), data) in runs.iter().zip(&bufs) {
+            match self.place_run(i, addr, data) {
+                Ok(true) if !self.served[i].dead => progress = true,
+                // Gone, busy or dead: the rest waits for the events.
+                Ok(p) => {
+                    progress |= p;
+                    break;
+                }
+                Err(e) => {
+                    placed = Err(e);
+                    break;
+                }
+            }
+        }
+        self.bufs = bufs;
+        placed.map(|_| progress)
     }
 }
 
