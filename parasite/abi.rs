@@ -241,6 +241,10 @@ pub const VMA_ADV_LOCKED: u64 = 1 << 6;
 pub const VMA_ADV_LOCKONFAULT: u64 = 1 << 7;
 pub const VMA_ADV_SEQUENTIAL: u64 = 1 << 8;
 pub const VMA_ADV_RANDOM: u64 = 1 << 9;
+/// Not an advice of the dumped VMA: the restorer registers the VMA, once
+/// in place, with `RestorerArgs::uffd` for missing pages (lazy restore:
+/// the lazy-pages daemon fills it).
+pub const VMA_ADV_LAZY: u64 = 1 << 63;
 
 /// (advice bit, smaps VmFlags mnemonic, madvise advice; 0 for the locks).
 pub const VMA_ADVICE: [(u64, &str, u64); 10] = [
@@ -326,6 +330,7 @@ pub const RSTEP_MADVISE: u32 = 15;
 pub const RSTEP_SECCOMP: u32 = 16;
 pub const RSTEP_SHMAT: u32 = 17;
 pub const RSTEP_GUARD: u32 = 18;
+pub const RSTEP_UFFD: u32 = 19;
 
 pub fn restorer_step_name(step: u32) -> &'static str {
     match step {
@@ -347,6 +352,7 @@ pub fn restorer_step_name(step: u32) -> &'static str {
         RSTEP_SECCOMP => "installing seccomp filters",
         RSTEP_SHMAT => "attaching a SysV shared memory segment",
         RSTEP_GUARD => "installing a guard region",
+        RSTEP_UFFD => "registering a lazy VMA with the userfaultfd",
         _ => "unknown step",
     }
 }
@@ -401,6 +407,10 @@ pub struct RestorerArgs {
     /// POSIX timers, created with their ids once every thread exists.
     pub nr_posix_timers: u64,
     pub posix_timers: [PosixTimer; MAX_POSIX_TIMERS],
+    /// Lazy restore: the userfaultfd the VMAs with `VMA_ADV_LAZY` are
+    /// registered with once in place (the lazy-pages daemon holds its
+    /// copy); closed at the end. -1 without.
+    pub uffd: i64,
 }
 
 /// What a thread other than the leader restores of its own. The restorer

@@ -307,6 +307,9 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
         let r = unsafe { syscall4(SYS_MPROTECT, v.dst, v.len, v.prot, 0) };
         check(args, RSTEP_MPROTECT, r);
         install_guards(args, base, &v);
+        if v.advice & VMA_ADV_LAZY != 0 {
+            register_lazy(args, &v);
+        }
         restore_vma_advice(args, &v);
     }
 
@@ -369,8 +372,12 @@ extern "C" fn restorer_main(args_ptr: *mut RestorerArgs) -> Finish {
         check(args, RSTEP_ITIMER, r);
     }
 
-    // SAFETY: the status pipe is crust's, the task never had it.
+    // SAFETY: the status pipe is crust's, the task never had it; nor the
+    // userfaultfd, which the lazy-pages daemon holds.
     unsafe {
+        if args.uffd >= 0 {
+            syscall2(SYS_CLOSE, args.uffd as u64, 0);
+        }
         syscall2(SYS_CLOSE, args.status_fd as u64, 0);
         if args.log_fd >= 0 {
             syscall2(SYS_CLOSE, args.log_fd as u64, 0);
@@ -455,6 +462,21 @@ fn install_guards(args: &RestorerArgs, base: u64, v: &VmaMove) {
             check(args, RSTEP_GUARD, r);
         }
     }
+}
+
+/// Registers VMA `v`, just moved into place, with the lazy restore's
+/// userfaultfd for missing pages: a fault in it waits for the lazy-pages
+/// daemon, which copies the page in. Registered here and not where it was
+/// premapped: the move would carry the registration only with remap events
+/// for the daemon to follow.
+fn register_lazy(args: &RestorerArgs, v: &VmaMove) {
+    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+    // struct uffdio_register: start, len, mode, ioctls (written back).
+    let mut reg: [u64; 4] = [v.dst, v.len, UFFDIO_REGISTER_MODE_MISSING, 0];
+    // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack.
+    let r = unsafe { syscall4(SYS_IOCTL, args.uffd as u64, UFFDIO_REGISTER, reg.as_mut_ptr() as u64, 0) };
+    check(args, RSTEP_UFFD, r);
 }
 
 /// Gives a VMA back its madvise() state and its mlock (crust's privileges

@@ -18,6 +18,7 @@ pub const SYS_GETITIMER: u64 = 36;
 pub const SYS_SETITIMER: u64 = 38;
 pub const SYS_MREMAP: u64 = 25;
 pub const SYS_FCNTL: u64 = 72;
+pub const SYS_IOCTL: u64 = 16;
 pub const SYS_SETRESUID: u64 = 117;
 pub const SYS_SETRESGID: u64 = 119;
 pub const SYS_SETFSUID: u64 = 122;

@@ -92,7 +92,7 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         name: "userfaultfd",
-        enables: "write tracking for pre-dump and dump --track-mem (lazy restore is not in crust yet)",
+        enables: "lazy restore (restore --lazy-pages, lazy-pages; with fork, mremap and unmap events) and write tracking for pre-dump and dump --track-mem",
         required: false,
         run: probe_uffd,
     },
@@ -395,7 +395,8 @@ fn uffd_api(features: u64) -> Result<u64> {
 }
 
 fn probe_uffd() -> Result<()> {
-    uffd_api(0).map(|_| ())
+    // As a lazy restore makes it: with the events its daemon follows.
+    crate::lazy::make_uffd().map(drop)
 }
 
 fn probe_uffd_wp() -> Result<()> {

@@ -96,6 +96,10 @@ pub enum Cmd {
     /// Receive one dump's pages over TCP (sent with `dump --page-server`)
     /// into pages images in -D; exits when the dump is done.
     PageServer(crate::page_xfer::ServeArgs),
+    /// Serve the memory of a tree restored with --lazy-pages through
+    /// userfaultfd: the pages it touches first, the rest in the
+    /// background; from the images, or from the dump (--page-server).
+    LazyPages(LazyPagesArgs),
     /// Decode images for people (or scripts, with --json).
     Show {
         /// An images directory or one image file.
@@ -196,6 +200,12 @@ pub struct DumpArgs {
     /// Punch out of the chain's older images the pages this dump replaced.
     #[arg(long)]
     pub auto_dedup: bool,
+    /// Lazy migration: write every image but the private memory, and serve
+    /// that memory from the frozen tree on --port to `crust lazy-pages
+    /// --page-server` until it has all, then end the tree (if the daemon
+    /// goes away first, the tree runs on here).
+    #[arg(long, conflicts_with_all = ["leave_running", "leave_stopped", "page_server", "prev_images_dir"])]
+    pub lazy_pages: bool,
 }
 
 #[derive(Args, Debug)]
@@ -225,6 +235,36 @@ pub struct PreDumpArgs {
     /// Seconds to freeze the whole tree.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct LazyPagesArgs {
+    /// The images directory of the dump being restored.
+    #[arg(
+        short = 'D',
+        long = "images-dir",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub dir: PathBuf,
+    /// Fetch the pages from the dump (dump --lazy-pages) at --address and
+    /// --port instead of the pages images.
+    #[arg(long, requires_all = ["address", "port"])]
+    pub page_server: bool,
+    #[arg(long, value_name = "ADDR")]
+    pub address: Option<String>,
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+}
+
+/// ADDR and PORT as a socket address (a name is resolved).
+pub fn socket_addr(addr: &str, port: u16) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (addr, port)
+        .to_socket_addrs()
+        .with_context(|| format!("address {addr}"))?
+        .next()
+        .with_context(|| format!("address {addr} resolves to nothing"))
 }
 
 #[derive(Args, Debug)]
@@ -304,6 +344,11 @@ pub struct RestoreArgs {
     /// yet, so the restore refuses it rather than ignore it.
     #[arg(short = 'r', long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// Let the tree run before its private memory is in: `crust
+    /// lazy-pages`, started first with the same work directory, fills it
+    /// through userfaultfd as the tree touches it and in the background.
+    #[arg(long)]
+    pub lazy_pages: bool,
 }
 
 /// A size in bytes, with an optional K, M or G suffix (powers of 1024).
@@ -358,6 +403,7 @@ const SUBCOMMANDS: &[&str] = &[
     "dedup",
     "restore",
     "page-server",
+    "lazy-pages",
     "show",
     "help",
 ];
@@ -443,10 +489,11 @@ fn read_config(path: &Path) -> Result<Vec<OsString>> {
         let parsed =
             config_line(line).with_context(|| format!("{} line {}", path.display(), n + 1))?;
         if let Some((name, value)) = parsed {
-            // `page-server` is a command and the dump's option (criu's
-            // spelling for both): in a file, it is the option.
+            // `page-server` and `lazy-pages` are commands and the dump's
+            // options (criu's spelling for both): in a file, the option.
             if name.starts_with('-')
-                || (SUBCOMMANDS.contains(&name.as_str()) && name != "page-server")
+                || (SUBCOMMANDS.contains(&name.as_str())
+                    && !matches!(name.as_str(), "page-server" | "lazy-pages"))
             {
                 bail!(
                     "{} line {}: {name:?}: options go without their leading --, and commands are not allowed",

@@ -66,6 +66,9 @@ pub struct DumpOpts {
     pub track_mem: bool,
     /// `--auto-dedup`: punch out of the older images what this one replaced.
     pub auto_dedup: bool,
+    /// `--lazy-pages --address A --port P`: private memory stays out of
+    /// the images and is served from the frozen tree (`crate::lazy`).
+    pub lazy_pages: Option<std::net::SocketAddr>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -419,6 +422,8 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // its parent are left to the parent's image.
     let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
         std::collections::HashMap::new();
+    // --lazy-pages: each task's pages to serve once the images are written.
+    let mut lazy_runs = opts.lazy_pages.map(|_| Vec::new());
     for (threads, fds) in seized.iter().zip(tables) {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
@@ -433,6 +438,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 chain: &mut chain,
                 ghosts: &ghosts,
                 guardian: &guardian,
+                lazy: lazy_runs.as_mut(),
             },
         )?;
         vmas_of.insert(pid, vmas);
@@ -513,6 +519,15 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // The images are whole: a post-dump script may copy them away, or say
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
+    if let (Some(addr), Some(runs)) = (opts.lazy_pages, &lazy_runs) {
+        // Still frozen, and still the guardian's to resume should crust
+        // die: served until the daemon has every page, or the dump fails
+        // and the tree runs on.
+        crate::lazy::serve_pages(addr, runs)?;
+        if let Some(s) = stats.as_mut() {
+            s.stage("serving lazy pages");
+        }
+    }
     ghosts.keep();
     let tree_ends = !runs_on;
     if tree_ends {
@@ -669,6 +684,9 @@ struct TaskOut<'a> {
     chain: &'a mut Chain,
     ghosts: &'a GhostStore,
     guardian: &'a Guardian,
+    /// With --lazy-pages: each process's runs of private pages, served
+    /// from the frozen tree instead of written.
+    lazy: Option<&'a mut Vec<(i32, Vec<crate::images::pb::PagemapEntry>)>>,
 }
 
 /// Dumps one process; returns its VMAs, for its children's dumps.
@@ -684,6 +702,7 @@ fn dump_task(
         chain,
         ghosts,
         guardian,
+        lazy,
     } = out;
     let task = &threads[0];
     let pid = task.pid.as_raw();
@@ -691,6 +710,10 @@ fn dump_task(
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
     memory::scan_pages(pid, &mut mm, parent)?;
     chain.select(pid, &mut mm)?;
+    if let Some(lazy) = lazy {
+        crate::lazy::split_lazy(&mut mm);
+        lazy.push((pid, mm.lazy_pages.clone()));
+    }
     let mut threads_core = threads
         .iter()
         .map(|t| dump_thread(t, pid))

@@ -19,6 +19,7 @@ mod dump;
 mod error;
 mod guardian;
 mod images;
+mod lazy;
 mod log;
 mod page_xfer;
 mod parasite_ctl;
@@ -48,6 +49,7 @@ fn work_dir(cli: &Cli) -> PathBuf {
         Cmd::Dedup { dir } => Some(dir),
         Cmd::Restore(r) => Some(&r.dir),
         Cmd::PageServer(p) => Some(&p.dir),
+        Cmd::LazyPages(l) => Some(&l.dir),
         _ => None,
     };
     cli.work_dir
@@ -129,7 +131,30 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .network_lock
                         .unwrap_or_else(resources::netlock::Method::auto),
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
-                    pages: d.pages.clone(),
+                    pages: if d.lazy_pages {
+                        // --address and --port are where the lazy pages
+                        // are served, not a page server's.
+                        crate::page_xfer::SendArgs {
+                            address: None,
+                            port: None,
+                            ..d.pages.clone()
+                        }
+                    } else {
+                        d.pages.clone()
+                    },
+                    lazy_pages: if d.lazy_pages {
+                        match d.pages.port {
+                            Some(p) => Some(cli::socket_addr(
+                                d.pages.address.as_deref().unwrap_or("0.0.0.0"),
+                                p,
+                            )?),
+                            None => crate::refuse!(
+                                "dump --lazy-pages serves the private memory on a TCP port: give --port (and --address)"
+                            ),
+                        }
+                    } else {
+                        None
+                    },
                     actions,
                     prev_images_dir: d.prev_images_dir.clone(),
                     track_mem: d.track_mem,
@@ -202,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .network_lock
                         .unwrap_or_else(resources::netlock::Method::auto),
                     actions,
+                    lazy_pages: r.lazy_pages.then(|| work.join(lazy::SOCKET_NAME)),
                 },
                 stats.as_mut(),
                 progress,
@@ -213,6 +239,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Show { path, json } => {
             show::show(path, *json)?;
+            0
+        }
+        Cmd::LazyPages(l) => {
+            let page_server = match (l.page_server, &l.address, l.port) {
+                (false, _, _) => None,
+                (true, Some(a), Some(p)) => Some(cli::socket_addr(a, p)?),
+                (true, _, _) => crate::refuse!(
+                    "lazy-pages --page-server needs --address and --port of the dump (dump --lazy-pages)"
+                ),
+            };
+            lazy::daemon(&lazy::DaemonOpts {
+                dir: l.dir.clone(),
+                socket: work.join(lazy::SOCKET_NAME),
+                page_server,
+            })?;
             0
         }
     };

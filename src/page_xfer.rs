@@ -162,10 +162,12 @@ pub struct SendArgs {
     /// and --port instead of writing pages images into -D.
     #[arg(long)]
     pub page_server: bool,
-    /// The page server's address (with --page-server).
+    /// The page server's address (with --page-server), or where dump
+    /// --lazy-pages serves the memory (all addresses by default).
     #[arg(long, value_name = "ADDR")]
     pub address: Option<String>,
-    /// The page server's TCP port (with --page-server).
+    /// The page server's TCP port (with --page-server), or the one dump
+    /// --lazy-pages serves the memory on.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
     #[command(flatten)]

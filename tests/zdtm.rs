@@ -1869,3 +1869,420 @@ fn dedup_shrinks_the_parents_and_the_chain_still_restores() {
     t.restore(&[]);
     t.pass();
 }
+
+// ------------------------------------------------------------ lazy restore ---
+
+/// A child of the test (crust dump, lazy-pages, restore) killed and reaped
+/// if the test fails before it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `crust lazy-pages` with `extra`, run through `prefix` (nsenter into a
+/// namespace, or nothing), logging into `dir`.
+fn lazy_daemon(prefix: &[String], dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(prefix.first().map_or(CRUST, |p| p.as_str()));
+    if !prefix.is_empty() {
+        cmd.args(&prefix[1..]).arg(CRUST);
+    }
+    cmd.arg("lazy-pages")
+        .arg("-D")
+        .arg(dir)
+        .args(["-o", "lazy.log", "-v4"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    close_inherited_fds(&mut cmd);
+    cmd.spawn().expect("running crust lazy-pages")
+}
+
+fn stderr_of(c: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = c.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Every image file's name and contents, to show a failed restore left
+/// them as they were.
+fn images_digest(dir: &std::path::Path) -> Vec<(String, u64, u32)> {
+    let mut out: Vec<(String, u64, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
+        .map(|e| {
+            let data = std::fs::read(e.path()).unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                data.len() as u64,
+                crc32fast::hash(&data),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Lazy restore from local images: the tree runs before its private memory
+/// is in; the daemon places what it touches (its fork's and a moved
+/// region's too) and the rest in the background, and the program finds
+/// every byte as it was (and zeros where it had none).
+#[test]
+fn lazy_local() {
+    let mut t = Spawn::new("lazy").args(&["256"]).start();
+    t.dump(&[]);
+    let mut daemon = Reaped(lazy_daemon(&[], &t.work.images(), &[]));
+    t.restore(&["--lazy-pages"]);
+    // At once: the program checks its memory while pages still arrive.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    let log = std::fs::read_to_string(t.work.images().join("lazy.log")).unwrap_or_default();
+    assert!(
+        st.success(),
+        "lazy-pages failed: {}\n{log}",
+        stderr_of(&mut daemon.0)
+    );
+    assert!(log.contains("every page is in"), "{log}");
+    let (st, out) = t.wait_exit();
+    assert!(st.success() && out.contains("PASS"), "{st}: {out}");
+}
+
+/// A tree whose children share memory copy-on-write with their parent at
+/// the dump (their images leave those pages to the parent's): restored
+/// lazily, each process gets its own and its parent's pages right.
+#[test]
+fn lazy_cow_tree() {
+    let mut t = Spawn::new("cow").args(&["64"]).start();
+    t.dump(&[]);
+    let mut daemon = Reaped(lazy_daemon(&[], &t.work.images(), &[]));
+    t.restore(&["--lazy-pages"]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    let log = std::fs::read_to_string(t.work.images().join("lazy.log")).unwrap_or_default();
+    assert!(
+        st.success(),
+        "lazy-pages failed: {}\n{log}",
+        stderr_of(&mut daemon.0)
+    );
+    let (st, out) = t.wait_exit();
+    assert!(st.success() && out.contains("PASS"), "{st}: {out}");
+}
+
+/// The daemon dies with the tree running on pages half in: the watcher
+/// the restore left kills the tree (which would read zeros for its
+/// memory) and says so; the images are as they were.
+#[test]
+fn lazy_daemon_dies() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut t = Spawn::new("lazy").args(&["256"]).start();
+    t.dump(&[]);
+    let before = images_digest(&t.work.images());
+    let mut cmd = std::process::Command::new(CRUST);
+    cmd.arg("lazy-pages")
+        .arg("-D")
+        .arg(t.work.images())
+        .args(["-o", "lazy.log", "-v4"])
+        .env("CRUST_FAULT", "lazy-copying")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let mut daemon = Reaped(cmd.spawn().unwrap());
+    t.restore(&["--lazy-pages"]);
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "the daemon was to die");
+    let mut restore = t.take_restorer().unwrap();
+    let st = wait_with_deadline(&mut restore, 60);
+    let log = std::fs::read_to_string(t.work.images().join("restore.log")).unwrap_or_default();
+    assert_eq!(
+        st.code(),
+        Some(128 + libc::SIGKILL),
+        "the restored tree was to be killed: {}\n{log}",
+        t.log_text()
+    );
+    assert!(
+        log.contains(
+            "the lazy-pages daemon went away before every page was in; killed the restored tree"
+        ),
+        "{log}"
+    );
+    assert!(!t.log_text().contains("FAIL"), "{}", t.log_text());
+    assert_eq!(images_digest(&t.work.images()), before);
+}
+
+/// The daemon dies while the tree is being restored: the restore fails at
+/// once (not at its deadline), says why, and leaves nothing running and
+/// the images as they were.
+#[test]
+fn lazy_daemon_dies_during_restore() {
+    let mut t = Spawn::new("lazy").args(&["64"]).start();
+    t.dump(&[]);
+    let before = images_digest(&t.work.images());
+    let mut cmd = std::process::Command::new(CRUST);
+    cmd.arg("lazy-pages")
+        .arg("-D")
+        .arg(t.work.images())
+        .env("CRUST_FAULT", "lazy-registered")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let mut daemon = Reaped(cmd.spawn().unwrap());
+    let t0 = std::time::Instant::now();
+    let out = t
+        .restore_cmd(&["--lazy-pages"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    wait_with_deadline(&mut daemon.0, 20);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the restore went on without the daemon"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "the restore waited {:?}",
+        t0.elapsed()
+    );
+    assert!(err.contains("lazy-pages daemon went away"), "{err}");
+    assert!(!pid_alive(t.pid), "a restored task was left behind");
+    assert_eq!(images_digest(&t.work.images()), before);
+}
+
+/// The dump side of a lazy migration: `dump --lazy-pages` in namespace
+/// `ns` serving on SERVER_ADDR:`port`.
+fn lazy_dump(t: &Task, ns: &str, port: u16, env: &[(&str, &str)]) -> std::process::Child {
+    let enter = net::Hosts::enter(ns);
+    let mut cmd = std::process::Command::new(&enter[0]);
+    cmd.args(&enter[1..])
+        .arg(CRUST)
+        .arg("dump")
+        .arg("-t")
+        .arg(t.pid.to_string())
+        .arg("-D")
+        .arg(t.work.images())
+        .args(["-o", "dump.log", "-v4", "--lazy-pages", "--address"])
+        .arg(net::SERVER_ADDR)
+        .arg("--port")
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    close_inherited_fds(&mut cmd);
+    let c = cmd.spawn().expect("running crust dump --lazy-pages");
+    let inv = t.work.images().join("inventory.img");
+    let t0 = std::time::Instant::now();
+    while !inv.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no images"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    c
+}
+
+/// The program, started in namespace `ns` (a "host").
+fn lazy_program_in(ns: &str) -> Task {
+    let bin = build("lazy");
+    let mut s = Spawn::new("lazy");
+    s.program = Some("nsenter".into());
+    s.args = vec![
+        format!("--net=/run/netns/{ns}"),
+        bin.to_string_lossy().into_owned(),
+        "256".into(),
+    ];
+    s.start()
+}
+
+/// The restore side of a lazy migration, in namespace `ns`: the images
+/// copied from the source (all but the private memory), the daemon
+/// fetching pages from the dump, and the restore (in a PID namespace of
+/// its own: the frozen original still holds its PIDs on this one machine).
+fn lazy_restore_in(
+    ns: &str,
+    dst: &std::path::Path,
+    port: u16,
+) -> (std::process::Child, std::process::Child) {
+    let enter = net::Hosts::enter(ns);
+    let daemon = lazy_daemon(
+        &enter,
+        dst,
+        &[
+            "--page-server",
+            "--address",
+            net::SERVER_ADDR,
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let mut cmd = std::process::Command::new(&enter[0]);
+    cmd.args(&enter[1..])
+        .arg(CRUST)
+        .arg("restore")
+        .arg("-D")
+        .arg(dst)
+        .args(["-o", "restore.log", "-v4", "--lazy-pages", "--pid-ns"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    close_inherited_fds(&mut cmd);
+    let restore = cmd.spawn().expect("running crust restore --lazy-pages");
+    (daemon, restore)
+}
+
+fn copy_images(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".img") {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// The program's outer PID under the `crust restore --pid-ns` child
+/// `restore` once it runs: the init's child.
+fn restored_under(restore: &std::process::Child) -> i32 {
+    let t0 = std::time::Instant::now();
+    loop {
+        let tree = tree_of(restore.id() as i32);
+        if let Some(&p) = tree
+            .iter()
+            .skip(2)
+            .find(|&&p| status_field(p, "Name") == "lazy")
+            && status_field(p, "TracerPid") == "0"
+        {
+            return p;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the restore did not bring the program back: {tree:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Lazy migration from one network namespace to another (two "hosts"
+/// joined by a veth pair): the source dumps all but the private memory and
+/// serves it from the frozen tree; the destination restores at once and
+/// its daemon pulls the pages, faults first. The program verifies its
+/// memory there; the source's tree ends once every page went over.
+#[test]
+fn lazy_migration_between_namespaces() {
+    let hosts = net::Hosts::new();
+    let mut t = lazy_program_in(&hosts.first);
+    let port = 27000 + (std::process::id() % 1000) as u16;
+    let mut dump = Reaped(lazy_dump(&t, &hosts.first, port, &[]));
+    let dst = t.work.0.join("dst");
+    copy_images(&t.work.images(), &dst);
+    // Without --lazy-pages these images cannot come back: refused.
+    let out = std::process::Command::new(CRUST)
+        .args(["restore", "-D"])
+        .arg(&dst)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("dumped with --lazy-pages"), "{err}");
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
+    let _end = EndTree(restore.0.id() as i32);
+    let pid = restored_under(&restore.0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_with_deadline(&mut restore.0, 60);
+    assert!(
+        st.success(),
+        "the migrated program failed ({st}): {}",
+        t.log_text()
+    );
+    assert!(t.log_text().contains("PASS"), "{}", t.log_text());
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    assert!(
+        st.success(),
+        "lazy-pages failed: {}",
+        stderr_of(&mut daemon.0)
+    );
+    let st = wait_with_deadline(&mut dump.0, 60);
+    assert!(
+        st.success(),
+        "dump --lazy-pages failed: {}",
+        stderr_of(&mut dump.0)
+    );
+    // The source's tree ended with the dump.
+    let mut orig = t.take_original().unwrap();
+    wait_with_deadline(&mut orig, 20);
+}
+
+/// The source dies mid-migration (its connection breaks with pages still
+/// to come): the daemon kills the restored tree and says so in one line;
+/// the source's tree, resumed by the dump's guardian, runs on whole.
+#[test]
+fn lazy_migration_source_dies() {
+    use std::os::unix::process::ExitStatusExt;
+    let hosts = net::Hosts::new();
+    let t = lazy_program_in(&hosts.first);
+    let port = 28000 + (std::process::id() % 1000) as u16;
+    let mut dump = Reaped(lazy_dump(
+        &t,
+        &hosts.first,
+        port,
+        &[("CRUST_FAULT", "lazy-serving")],
+    ));
+    let dst = t.work.0.join("dst");
+    copy_images(&t.work.images(), &dst);
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
+    let _end = EndTree(restore.0.id() as i32);
+    let st = wait_with_deadline(&mut dump.0, 60);
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "the dump was to die");
+    let st = wait_with_deadline(&mut daemon.0, 60);
+    let err = stderr_of(&mut daemon.0);
+    assert!(!st.success(), "lazy-pages went on without its source");
+    assert!(
+        err.contains("killed the restored tree") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let st = wait_with_deadline(&mut restore.0, 60);
+    assert_eq!(
+        st.code(),
+        Some(128 + libc::SIGKILL),
+        "the restored tree was to be killed"
+    );
+    // The original runs on and finds its memory whole.
+    let t0 = std::time::Instant::now();
+    while status_field(t.pid, "TracerPid") != "0" {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the source stays frozen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    t.pass();
+}

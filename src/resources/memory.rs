@@ -741,6 +741,10 @@ pub struct Premapped<'a> {
     pub moves: Vec<VmaMove>,
     /// Per move: whether it came from the parent (see `fill_pages`).
     pub inherited: Vec<bool>,
+    /// Per move: whether its pages are left to the lazy-pages daemon
+    /// (`restore --lazy-pages`): not filled here, registered with the
+    /// task's userfaultfd by the restorer (`crate::lazy`).
+    pub lazy: Vec<bool>,
 }
 
 impl Premapped<'_> {
@@ -785,12 +789,15 @@ pub fn premap_vmas<'a>(
     shared: &std::collections::HashMap<(u64, u64), (u64, u64)>,
     objects: &TreeObjects,
     parent: Option<&Premapped>,
+    lazy_restore: bool,
 ) -> Result<Premapped<'a>> {
     let mut moves = Vec::new();
     let mut inherited = Vec::new();
+    let mut lazy = Vec::new();
     for v in mm.vmas.iter().filter(|v| v.kind() == VmaKind::VmaSysvShm) {
         moves.push(move_of(v, 0));
         inherited.push(false);
+        lazy.push(false);
     }
     for v in mm.vmas.iter().filter(|v| premapped(v)) {
         at = premap_slot(v, at);
@@ -802,19 +809,32 @@ pub fn premap_vmas<'a>(
                 v.end
             );
         }
-        let copy = parent.and_then(|p| p.copy_of(v));
+        // A lazy VMA starts empty: the daemon fills it from the task's
+        // own pages, and the parent's copy would be no less empty.
+        let is_lazy = lazy_restore && crate::lazy::is_lazy(v);
+        let copy = if is_lazy {
+            None
+        } else {
+            parent.and_then(|p| p.copy_of(v))
+        };
         match copy {
             Some(src) => take_parents_copy(v, src, at)?,
             None => premap_vma(v, at, shared, objects)?,
         }
-        moves.push(move_of(v, at));
+        let mut mv = move_of(v, at);
+        if is_lazy {
+            mv.advice |= abi::VMA_ADV_LAZY;
+        }
+        moves.push(mv);
         inherited.push(copy.is_some());
+        lazy.push(is_lazy);
         at += v.end - v.start + GAP;
     }
     Ok(Premapped {
         mm,
         moves,
         inherited,
+        lazy,
     })
 }
 
@@ -1177,6 +1197,18 @@ impl<'a> Filler<'a> {
         Ok(())
     }
 
+    /// Passes over the next `len` bytes of the stream (pages the lazy-pages
+    /// daemon places), after what is queued.
+    fn skip(&mut self, len: u64) -> Result<()> {
+        self.flush()?;
+        if self.off + len > self.end {
+            bail!("pages image is truncated");
+        }
+        self.off += len;
+        crate::progress::bytes_done(len);
+        Ok(())
+    }
+
     /// Reads the next `buf.len()` bytes of the stream into `buf` (after
     /// what is queued).
     fn read(&mut self, buf: &mut [u8]) -> Result<()> {
@@ -1215,7 +1247,9 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
             fill.off - PAGES_HEADER_LEN
         );
     }
-    if fill.crc.finalize() != expect_crc {
+    // Lazy runs were skipped, unread: the lazy-pages daemon checked the
+    // whole image before it took the restore's userfaultfds.
+    if !pre.lazy.iter().any(|&l| l) && fill.crc.finalize() != expect_crc {
         bail!("pages image checksum mismatch; the images are corrupt");
     }
     Ok(())
@@ -1261,6 +1295,11 @@ fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
                 )
             })?;
         let m = &pre.moves[i];
+        if pre.lazy[i] {
+            // The daemon's to place, from the image at this offset.
+            fill.skip(len)?;
+            continue;
+        }
         let dst = m.src + (run.vaddr - m.dst);
         if by_copy[i] && fill.copy((m.src, m.src + m.len), dst, len)? {
             continue;
@@ -1315,7 +1354,9 @@ fn fill_runs(pre: &Premapped, fill: &mut Filler) -> Result<(u64, u64)> {
     }
     for r in &mm.parent_pages {
         let inherited = pre.moves.iter().enumerate().any(|(i, m)| {
-            pre.inherited[i] && m.dst <= r.vaddr && r.vaddr + r.nr_pages * PAGE <= m.dst + m.len
+            (pre.inherited[i] || pre.lazy[i])
+                && m.dst <= r.vaddr
+                && r.vaddr + r.nr_pages * PAGE <= m.dst + m.len
         });
         if !inherited {
             bail!(

@@ -57,6 +57,9 @@ pub struct RestoreOpts {
     pub tcp_close: bool,
     /// How the connections are locked until the tree runs.
     pub network_lock: crate::resources::netlock::Method,
+    /// `--lazy-pages`: the lazy-pages daemon's socket; private memory is
+    /// left to it (`crate::lazy`).
+    pub lazy_pages: Option<PathBuf>,
 }
 
 impl RestoreOpts {
@@ -79,6 +82,7 @@ impl RestoreOpts {
             tcp_established: false,
             tcp_close: false,
             network_lock: crate::resources::netlock::Method::Skip,
+            lazy_pages: None,
         }
     }
 }
@@ -160,6 +164,8 @@ pub struct RestoreSet {
     pub shared_files: HashMap<u64, std::os::fd::RawFd>,
     /// Where processes sharing an fd table or fs context wait for each other.
     pub rendezvous: crate::resources::fdt::Rendezvous,
+    /// `--lazy-pages`: the link to the lazy-pages daemon.
+    pub lazy: Option<crate::lazy::RestoreLink>,
 }
 
 impl RestoreSet {
@@ -448,6 +454,12 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     let mut tasks = HashMap::new();
     for t in inv.tasks.iter().filter(|t| !t.zombie) {
         let img = load_task(&dir, t.pid)?;
+        if !img.mm.lazy_pages.is_empty() && opts.lazy_pages.is_none() {
+            crate::refuse!(
+                "the images were dumped with --lazy-pages: the private memory of PID {} is with the dump; restore with --lazy-pages beside `crust lazy-pages --page-server`",
+                t.pid
+            );
+        }
         memory::check_mapped_files(&img.mm)?;
         files::check_fd_table(&img.files)?;
         memory::vdso_target(&img.mm)?;
@@ -540,6 +552,13 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         holes.push((plan.hole_start, plan.hole_end));
         plans.insert(*pid, plan);
     }
+    // Before the tree forks: every task sends its userfaultfd on it.
+    let lazy = opts
+        .lazy_pages
+        .as_deref()
+        .map(crate::lazy::RestoreLink::connect)
+        .transpose()
+        .inspect_err(|_| objects.close_all())?;
     let mut set = RestoreSet {
         inv,
         tasks,
@@ -548,6 +567,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         objects,
         shared_files,
         rendezvous,
+        lazy,
     };
     let pid = set.inv.root_pid;
 
@@ -594,6 +614,9 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     };
     drop(status_wr);
     drop(sync_rd);
+    if let Some(l) = set.lazy.as_mut() {
+        l.forked(child);
+    }
     // The tree holds its files now; crust's copies would keep them open
     // (a pipe's reader would never see EOF).
     set.objects.close_all();
@@ -638,7 +661,16 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         let _ = kill(child, Signal::SIGKILL);
         // (A sibling's parent reaps it; its threads are crust's tracees.)
         reap_killed_root(child);
+        if set.lazy.as_ref().is_some_and(|l| l.daemon_died()) {
+            return Err(e.context(
+                "the lazy-pages daemon went away before the tree ran; its memory cannot come back",
+            ));
+        }
         return Err(e);
+    }
+    if let Some(l) = set.lazy.take() {
+        // The tree runs; the daemon copies the rest of its memory now.
+        l.tree_runs()?;
     }
     sysv.keep();
     crate::resources::ghost::remove_link_remaps(&ghosts);

@@ -93,6 +93,7 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
                 ext_unix_sk: opts.ext_unix_sk,
                 tcp_established: opts.tcp_established,
                 tcp_close: opts.tcp_close,
+                lazy_pages: opts.lazy_pages.clone(),
                 network_lock: opts.network_lock,
                 actions: Actions::none(),
             },

@@ -3,7 +3,7 @@
 //! and limits, set up the restorer's args, and jump into the restorer.
 
 use std::io::Read;
-use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result, bail};
 
@@ -90,7 +90,14 @@ fn rebuild_memory<'a>(
     let plan = &set.plans[&pid];
     reserve_hole(plan)?;
     let hole = (plan.premap_at, plan.restorer_at);
-    let mem = memory::premap_vmas(&img.mm, hole, &set.shared, &set.objects, parent)?;
+    let mem = memory::premap_vmas(
+        &img.mm,
+        hole,
+        &set.shared,
+        &set.objects,
+        parent,
+        set.lazy.is_some(),
+    )?;
     memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
     memory::fill_from_chain(&mem, &img.chain)?;
     Ok(Some(mem))
@@ -277,6 +284,18 @@ fn build_task(
     let exe_fd = move_fd_above(exe.into_raw_fd(), top_fd)?;
     let log_fd = crate::log::relocate_above(top_fd, !shared_table);
     let mut keep = vec![exe_fd, status_fd, log_fd];
+    // Lazy restore: a userfaultfd of this mm for the daemon, which the
+    // restorer registers the lazy VMAs with and then closes.
+    let uffd = match &set.lazy {
+        Some(link) if mem.lazy.iter().any(|&l| l) => {
+            let u = crate::lazy::make_uffd().with_context(|| format!("task {pid}"))?;
+            link.send_uffd(pid, u.as_raw_fd())?;
+            let fd = move_fd_above(u.into_raw_fd(), top_fd)?;
+            keep.push(fd);
+            fd as i64
+        }
+        _ => -1,
+    };
     let holds_tty =
         img.files.fds.iter().any(
             |e| matches!(&e.file, Some(crate::images::pb::fd_entry::File::Tty(t)) if !t.current),
@@ -296,7 +315,7 @@ fn build_task(
         None
     };
 
-    load_restorer(img, plan, moves, exe_fd, status_fd, log_fd)?;
+    load_restorer(img, plan, moves, exe_fd, status_fd, log_fd, uffd)?;
     // The owner of a shared fs context moves all its sharers into it.
     let dirs = (me.fs_of == 0)
         .then(|| crate::resources::fs::FsDirs::open(&img.files, &set.objects, top_fd))
@@ -477,6 +496,7 @@ fn load_restorer(
     exe_fd: RawFd,
     status_fd: RawFd,
     log_fd: RawFd,
+    uffd: i64,
 ) -> Result<()> {
     let len = (plan.hole_end - plan.restorer_at) as usize;
     // SAFETY: MAP_FIXED over the part of our reserved hole kept for the restorer.
@@ -529,6 +549,7 @@ fn load_restorer(
     args.auxv[..mm.auxv.len()].copy_from_slice(&mm.auxv);
     args.status_fd = status_fd;
     args.log_fd = log_fd;
+    args.uffd = uffd;
     signals::restore_signals(core, &mut args);
     timers::restore_itimers(core, &mut args);
     timers::restore_posix_timers(core, &mut args);

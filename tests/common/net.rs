@@ -258,7 +258,12 @@ pub struct Hosts {
     pub first: String,
     pub second: String,
     link: String,
+    /// One set of hosts at a time: their names and addresses are fixed
+    /// per test process.
+    _one: std::sync::MutexGuard<'static, ()>,
 }
+
+static HOSTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub const SERVER_ADDR: &str = "10.199.0.2";
 
@@ -275,7 +280,9 @@ fn ip(args: &[&str]) {
 impl Hosts {
     pub fn new() -> Self {
         let id = std::process::id();
+        let one = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
         let h = Hosts {
+            _one: one,
             client: format!("crust-cl-{id}"),
             first: format!("crust-a-{id}"),
             second: format!("crust-b-{id}"),
