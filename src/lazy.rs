@@ -345,6 +345,9 @@ fn wake(uffd: RawFd, addr: u64, len: u64) {
 const MSG_TASK: u8 = b'T';
 const MSG_DONE: u8 = b'D';
 const MSG_ALL_IN: u8 = b'A';
+/// From the daemon to the watcher: the userfaultfd of a child the tree
+/// forked, held by the watcher too.
+const MSG_FORK: u8 = b'F';
 
 fn send_with_fd(sock: RawFd, msg: &[u8], fds: &[RawFd]) -> Result<()> {
     let cmsg: Vec<ControlMessage> = if fds.is_empty() {
@@ -566,7 +569,7 @@ impl RestoreLink {
 /// The watcher of a lazy restore: waits for the daemon's word that every
 /// page is in; kills the tree if the daemon goes away first, or the tree
 /// when it is all gone, it has nothing left to watch.
-fn watch(daemon: OwnedFd, uffds: Vec<OwnedFd>, pidfds: Vec<(i32, OwnedFd)>) -> ! {
+fn watch(daemon: OwnedFd, mut uffds: Vec<OwnedFd>, pidfds: Vec<(i32, OwnedFd)>) -> ! {
     let _ = nix::unistd::setsid();
     crate::log::keep_only_a_file();
     // Nobody reads our stdio: whoever ran the restore may wait for it to
@@ -595,12 +598,11 @@ fn watch(daemon: OwnedFd, uffds: Vec<OwnedFd>, pidfds: Vec<(i32, OwnedFd)>) -> !
         if fds[0].revents().is_some_and(|r| !r.is_empty()) {
             match recv_with_fd(daemon.as_raw_fd(), MsgFlags::empty()) {
                 Ok(Some((m, _))) if m.first() == Some(&MSG_ALL_IN) => break 0,
+                Ok(Some((m, fds))) if m.first() == Some(&MSG_FORK) => uffds.extend(fds),
                 Ok(Some(_)) => continue,
                 Err(nix::errno::Errno::EINTR) => continue,
                 _ => {
-                    for (_, p) in &pidfds {
-                        let _ = crate::sys::pidfd_send_signal(p, libc::SIGKILL);
-                    }
+                    kill_tree(&pidfds);
                     let list: Vec<String> = pidfds.iter().map(|(p, _)| p.to_string()).collect();
                     tracing::error!(
                         "the lazy-pages daemon went away before every page was in; killed the restored tree (PIDs {}): it cannot run without its memory",
@@ -617,6 +619,46 @@ fn watch(daemon: OwnedFd, uffds: Vec<OwnedFd>, pidfds: Vec<(i32, OwnedFd)>) -> !
     drop(uffds);
     // SAFETY: the watcher ends here without crust's exit handlers.
     unsafe { libc::_exit(code) }
+}
+
+/// Kills the restored tasks (`pidfds`: PID of the images, pidfd) and the
+/// descendants they have now, the children they forked since the restore
+/// among them (whose userfaultfds came with fork events that name no PID):
+/// found through /proc of this PID namespace, the pidfds telling where the
+/// tasks are in it. All are held by pidfds before the first is killed.
+fn kill_tree(pidfds: &[(i32, OwnedFd)]) {
+    fn pid_of(fd: &OwnedFd) -> Option<i32> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+        let pid = info.lines().find_map(|l| l.strip_prefix("Pid:"))?;
+        pid.trim().parse().ok().filter(|&p: &i32| p > 0)
+    }
+    fn descendants(pid: i32, out: &mut Vec<i32>) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+                if out.len() < 1 << 16 && !out.contains(&k) {
+                    out.push(k);
+                    descendants(k, out);
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    for (_, fd) in pidfds {
+        if let Some(p) = pid_of(fd) {
+            descendants(p, &mut pids);
+        }
+    }
+    let more: Vec<OwnedFd> = pids
+        .iter()
+        .filter_map(|&p| crate::sys::pidfd_open(p).ok())
+        .collect();
+    for fd in pidfds.iter().map(|(_, f)| f).chain(&more) {
+        let _ = crate::sys::pidfd_send_signal(fd, libc::SIGKILL);
+    }
 }
 
 // -------------------------------------------------------------- daemon ---
@@ -1011,6 +1053,7 @@ pub fn daemon(opts: &DaemonOpts) -> Result<()> {
         sources,
         pidfds: Vec::new(),
         buf: Vec::new(),
+        ctl: None,
         bufs: Vec::new(),
         faults: 0,
         busy: false,
@@ -1033,9 +1076,7 @@ pub fn daemon(opts: &DaemonOpts) -> Result<()> {
         Err(e) => {
             // The tree cannot run without its memory: it ends here rather
             // than read zeros where its pages should be.
-            for (_, p) in &d.pidfds {
-                let _ = crate::sys::pidfd_send_signal(p, libc::SIGKILL);
-            }
+            kill_tree(&d.pidfds);
             let pids: Vec<String> = d.pidfds.iter().map(|(p, _)| p.to_string()).collect();
             if pids.is_empty() {
                 return Err(e);
@@ -1053,6 +1094,8 @@ struct Daemon {
     sources: Sources,
     pidfds: Vec<(i32, OwnedFd)>,
     buf: Vec<u8>,
+    /// The restore's connection, while the watcher is at its other end.
+    ctl: Option<RawFd>,
     /// The answers of one background step from a page server.
     bufs: Vec<Vec<u8>>,
     faults: u64,
@@ -1073,6 +1116,7 @@ impl Daemon {
     ) -> Result<bool> {
         let mut running = false;
         let mut ctl_open = true;
+        self.ctl = Some(ctl.as_raw_fd());
         let mut next = 0usize;
         // Rounds in a row whose background copy found its memory gone
         // (moved or unmapped, the event not read yet).
@@ -1122,7 +1166,10 @@ impl Daemon {
                             return Ok(false);
                         }
                         // The watcher is gone; the tree still needs its pages.
-                        _ => ctl_open = false,
+                        _ => {
+                            ctl_open = false;
+                            self.ctl = None;
+                        }
                     }
                     events = true;
                 }
@@ -1138,10 +1185,6 @@ impl Daemon {
             if running && !events && !self.served.is_empty() {
                 next = (next + 1) % self.served.len();
                 self.busy = false;
-                // The tree runs on pages half in: a test kills the daemon here.
-                if self.sources.from_images + self.sources.from_remote >= 64 << 20 {
-                    crate::dump::fault_point("lazy-copying");
-                }
                 if self.background(next, step)? {
                     stalled = 0;
                 } else if !self.busy {
@@ -1234,6 +1277,12 @@ impl Daemon {
                         uffd.as_raw_fd(),
                         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
                     )?;
+                    // The watcher holds it too: should the daemon die, the
+                    // child's faults wait for the watcher to kill the tree
+                    // instead of reading zeros.
+                    if let Some(ctl) = self.ctl {
+                        let _ = send_with_fd(ctl, &[MSG_FORK], &[uffd.as_raw_fd()]);
+                    }
                     // What the parent still missed, its child misses too.
                     let s = &self.served[i];
                     let child = Served {
@@ -1243,6 +1292,8 @@ impl Daemon {
                         dead: false,
                     };
                     self.served.push(child);
+                    // A fork of the tree handled: a test kills the daemon here.
+                    crate::dump::fault_point("lazy-forked");
                 }
                 UFFD_EVENT_REMAP => {
                     let (from, to, len) = (word(8), word(16), word(24));
