@@ -554,8 +554,10 @@ pub fn spawn_holder(dir: &Path, token: u64, tracked: Vec<(i32, OwnedFd)>) -> Res
             pidfds.push(p);
         }
     }
-    // SAFETY: the child only makes system calls and leaves with _exit (as
-    // the dump's guardian does).
+    // SAFETY: the child makes system calls and allocates, and leaves with
+    // _exit. The only other thread crust may have by now (the progress
+    // line; the pagemap readers are joined) holds no lock it takes: it
+    // writes to fd 2 directly (as for the dump's guardian).
     match unsafe { nix::unistd::fork() }.context("forking the write tracker's holder")? {
         nix::unistd::ForkResult::Child => {
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
