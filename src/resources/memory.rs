@@ -370,8 +370,11 @@ pub fn scan_pages(
                 push_page(&mut guards, v.start, addr);
                 continue;
             }
+            // A page never populated (or dropped) under write tracking
+            // shows as swapped; it holds zeros.
             let zero =
-                kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn;
+                (kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn)
+                    || super::memtrack::is_unpopulated_marker(e);
             if zero {
                 zeros += 1;
             }
