@@ -7,7 +7,8 @@
 # the time the tree was frozen in each (crust's log: "frozen for"), the
 # final dump's against the full one's (target: at most 10%), and the bytes
 # each later image stored against the pages the process wrote in between.
-# Images on tmpfs.
+# Images on tmpfs; the restores are not timed. Memory needed: about twice
+# SIZE, plus SIZE for a moment before the full dump (bench/warm.c).
 # Usage: bench/predump.sh [-r ROUNDS] [-i INTERVAL_S] [-p PCT] [SIZE_MIB]
 # (defaults: 3 rounds, 5 s, 1%/s, 4096 MiB; CRUST=path measures another
 # crust binary than this tree's)
@@ -57,7 +58,6 @@ start() {
 # finish DIR: restores DIR, has the process check itself.
 finish() {
     while [ -e "/proc/$pid" ]; do sleep 0.02; done
-    bench_warm
     "$crust" restore -D "$1" -d -o restore.log || { echo "restore failed: $(tail -3 "$1/restore.log")"; exit 1; }
     kill -TERM "$pid"
     while [ -e "/proc/$pid" ]; do sleep 0.05; done
@@ -98,6 +98,9 @@ for r in $(seq "$rounds"); do
     "$crust" pre-dump -t "$pid" -D "$tmpfs/pre2" --prev-images-dir ../pre1 -o crust.log -v3
     p2=$(frozen "$tmpfs/pre2")
     b2=$(pages_bytes "$tmpfs/pre2")
+    # As much warm memory as the final dump stores, give or take: the
+    # machine holds the process and the first pre-dump already.
+    warm_mib=$((size / 8))
     bench_warm
     sleep_until "$ta"
     c3=$(count)

@@ -707,8 +707,9 @@ fn dump_task(
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
+    let ahead = memory::prefetch_pagemap(pid);
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
-    memory::scan_pages(pid, &mut mm, parent)?;
+    memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
     chain.select(pid, &mut mm)?;
     if let Some(lazy) = lazy {
         crate::lazy::split_lazy(&mut mm);

@@ -236,10 +236,11 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
         let pid = task.pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
         let t = Instant::now();
+        let ahead = memory::prefetch_pagemap(pid);
         let mut mm = memory::dump_mm(pid, &ghosts).with_context(|| format!("PID {pid}: memory"))?;
         let t_mm = t.elapsed();
         let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        memory::scan_pages(pid, &mut mm, parent)?;
+        memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
         let t_scan = t.elapsed();
         chain.select(pid, &mut mm)?;
         let t_select = t.elapsed();

@@ -2306,3 +2306,46 @@ fn lazy_migration_source_dies() {
     }
     t.pass();
 }
+
+/// Incremental dumps as with criu: dumps with --leave-running --track-mem,
+/// each on the one before (--prev-images-dir), store only what was written
+/// since; the last one, which ends the process, restores it with all its
+/// memory.
+#[test]
+fn incremental_dumps_leave_running_with_track_mem() {
+    let mut t = Spawn::new("predump").args(&["32"]).start();
+    let pid = t.pid;
+    let dump_to = |t: &mut Task, name: &str, extra: &[&str]| {
+        let out = std::process::Command::new(CRUST)
+            .args(["dump", "-t", &pid.to_string(), "-D"])
+            .arg(t.work.0.join(name))
+            .args(["-o", "dump.log", "-v4", "--leave-running", "--track-mem"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dump {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    dump_to(&mut t, "d1", &[]);
+    let full = pages_len(&t.work.0.join("d1"), pid);
+    assert!(full >= 32 << 20, "the first dump stored {full} bytes");
+    scatter_writes(&t, 1);
+    dump_to(&mut t, "d2", &["--prev-images-dir", "../d1"]);
+    let second = pages_len(&t.work.0.join("d2"), pid);
+    assert!(
+        second < full / 4,
+        "the second dump stored {second} of {full} bytes"
+    );
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../d2", "--track-mem", "--auto-dedup"]);
+    let last = pages_len(&t.work.images(), pid);
+    assert!(
+        last < full / 4,
+        "the last dump stored {last} of {full} bytes"
+    );
+    t.restore(&[]);
+    t.pass();
+}

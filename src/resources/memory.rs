@@ -276,11 +276,63 @@ fn push_page(runs: &mut Vec<PagemapEntry>, vma_start: u64, addr: u64) {
     }
 }
 
+/// Pagemap entries per mapping (start, end), read ahead.
+pub type Prefetched = std::collections::HashMap<(u64, u64), Vec<u8>>;
+
+/// Resident memory past which a task's pagemap is read by a second thread
+/// while crust reads its smaps (both walk every page table entry, each
+/// costs about 25 ms per GiB here; the task is frozen meanwhile).
+const PREFETCH_MIN: u64 = 64 << 20;
+
+/// Starts reading the task's pagemap, per mapping of /proc/PID/maps, in a
+/// thread of its own when the task is big; `join` gives what it read (or
+/// nothing: `scan_pages` then reads it all).
+pub fn prefetch_pagemap(pid: i32) -> Option<std::thread::JoinHandle<Prefetched>> {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * PAGE;
+    if rss < PREFETCH_MIN {
+        return None;
+    }
+    std::thread::Builder::new()
+        .name("pagemap".into())
+        .spawn(move || {
+            let mut out = Prefetched::new();
+            let (Ok(maps), Ok(pm)) = (proc::maps(pid), File::open(format!("/proc/{pid}/pagemap")))
+            else {
+                return out;
+            };
+            for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
+                let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
+                if pm.read_exact_at(&mut b, e.start / PAGE * 8).is_ok() {
+                    out.insert((e.start, e.end), b);
+                }
+            }
+            out
+        })
+        .ok()
+}
+
+/// What `prefetch_pagemap` read.
+pub fn prefetched(h: Option<std::thread::JoinHandle<Prefetched>>) -> Prefetched {
+    h.and_then(|h| h.join().ok()).unwrap_or_default()
+}
+
 /// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
 /// (`parent`: its PID and VMAs, dumped already), a private page (anonymous, or a file's copied on write)
 /// the task still shares copy-on-write with its parent (the same frame in
 /// both) goes into `mm.parent_pages` instead: the parent's image holds it.
-pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>) -> Result<()> {
+///
+/// `pre`: pagemap entries `prefetch_pagemap` read meanwhile, per mapping;
+/// a mapping it did not read (or read with other bounds) is read here.
+pub fn scan_pages(
+    pid: i32,
+    mm: &mut MmEntry,
+    parent: Option<(i32, &[VmaEntry])>,
+    mut pre: Prefetched,
+) -> Result<()> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let parent_pm = match parent {
         Some((ppid, _)) => File::open(format!("/proc/{ppid}/pagemap")).ok(),
@@ -308,9 +360,14 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
             continue;
         }
         let n = ((v.end - v.start) / PAGE) as usize;
-        buf.resize(n * 8, 0);
-        pm.read_exact_at(&mut buf, v.start / PAGE * 8)
-            .with_context(|| format!("reading pagemap of {pid}"))?;
+        match pre.remove(&(v.start, v.end)) {
+            Some(b) => buf = b,
+            None => {
+                buf.resize(n * 8, 0);
+                pm.read_exact_at(&mut buf, v.start / PAGE * 8)
+                    .with_context(|| format!("reading pagemap of {pid}"))?;
+            }
+        }
         // The parent's entries for the same VMA, when it has one: the
         // restored task then starts from the parent's copy of it.
         let in_parent = parent.is_some_and(|(_, vmas)| vmas.iter().any(|p| same_private(p, v)));
@@ -329,8 +386,11 @@ pub fn scan_pages(pid: i32, mm: &mut MmEntry, parent: Option<(i32, &[VmaEntry])>
                 push_page(&mut guards, v.start, addr);
                 continue;
             }
+            // A page never populated (or dropped) under write tracking
+            // shows as swapped; it holds zeros.
             let zero =
-                kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn;
+                (kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn)
+                    || super::memtrack::is_unpopulated_marker(e);
             if zero {
                 zeros += 1;
             }

@@ -388,6 +388,84 @@ pub fn unchanged_soft_dirty(pid: i32, vmas: &[VmaEntry]) -> Result<Ranges> {
     Ok(normalize(out))
 }
 
+// ------------------------------------------------------------- markers ---
+
+const PM_UFFD_WP: u64 = 1 << 57;
+const PM_FRAME_MASK: u64 = (1 << 55) - 1;
+
+/// The pagemap entry of a page that was never populated, or was dropped,
+/// in a VMA write-protected with UFFD_FEATURE_WP_UNPOPULATED: the kernel
+/// keeps a marker in its page table entry, which pagemap shows as a
+/// swapped page (PM_SWAP, PM_UFFD_WP, and the marker's own swap type and
+/// offset in the frame bits). It holds nothing: it reads as zeros. None
+/// when this kernel shows no such marker (or hides the frame bits).
+pub fn is_unpopulated_marker(e: u64) -> bool {
+    static SIG: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let sig = SIG.get_or_init(|| marker_signature().ok().flatten());
+    e & (PM_PRESENT | PM_SWAPPED | PM_UFFD_WP) == PM_SWAPPED | PM_UFFD_WP
+        && sig.is_some_and(|s| e & PM_FRAME_MASK == s)
+}
+
+/// Makes such a marker on a page of crust's own and reads its entry.
+fn marker_signature() -> Result<Option<u64>> {
+    let p = ProbePage::new().context("mapping a page")?;
+    // SAFETY: userfaultfd(2) returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC as u64 | UFFD_USER_MODE_ONLY,
+        )
+    };
+    if fd < 0 {
+        return Ok(None);
+    }
+    // SAFETY: the fd was just made and is ours.
+    let uffd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut api = UffdioApi {
+        api: 0xaa,
+        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one uffdio_api.
+    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+        return Ok(None);
+    }
+    let page = ProbeVma {
+        start: p.addr(),
+        end: p.addr() + PAGE,
+    };
+    let Some(_uffd) = register_protect(uffd, std::process::id() as i32, &[page.entry()], &[])?
+    else {
+        return Ok(None);
+    };
+    let pm = File::open("/proc/self/pagemap").context("opening pagemap")?;
+    let mut e = [0u8; 8];
+    pm.read_exact_at(&mut e, p.addr() / PAGE * 8)?;
+    let e = u64::from_le_bytes(e);
+    Ok(
+        (e & (PM_PRESENT | PM_SWAPPED | PM_UFFD_WP) == PM_SWAPPED | PM_UFFD_WP
+            && e & PM_FRAME_MASK != 0)
+            .then_some(e & PM_FRAME_MASK),
+    )
+}
+
+/// A page of crust's own as a VMA to register.
+struct ProbeVma {
+    start: u64,
+    end: u64,
+}
+
+impl ProbeVma {
+    fn entry(&self) -> VmaEntry {
+        VmaEntry {
+            start: self.start,
+            end: self.end,
+            kind: VmaKind::VmaAnonPrivate as i32,
+            ..Default::default()
+        }
+    }
+}
+
 // -------------------------------------------------------------- probes ---
 
 /// Which backend this kernel gives crust: soft-dirty where a fresh write
@@ -554,8 +632,10 @@ pub fn spawn_holder(dir: &Path, token: u64, tracked: Vec<(i32, OwnedFd)>) -> Res
             pidfds.push(p);
         }
     }
-    // SAFETY: the child only makes system calls and leaves with _exit (as
-    // the dump's guardian does).
+    // SAFETY: the child makes system calls and allocates, and leaves with
+    // _exit. The only other thread crust may have by now (the progress
+    // line; the pagemap readers are joined) holds no lock it takes: it
+    // writes to fd 2 directly (as for the dump's guardian).
     match unsafe { nix::unistd::fork() }.context("forking the write tracker's holder")? {
         nix::unistd::ForkResult::Child => {
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
