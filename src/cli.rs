@@ -235,6 +235,10 @@ pub struct PreDumpArgs {
     /// Seconds to freeze the whole tree.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    /// --page-server --address A --port P [--tls ...]: the pages go to a
+    /// page server, as the dump's do.
+    #[command(flatten)]
+    pub pages: crate::page_xfer::SendArgs,
 }
 
 #[derive(Args, Debug)]

@@ -302,6 +302,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // A page server is connected to (and authenticated) before the tree
     // is touched, and before -D's older dump is removed.
     let mut pages = crate::page_xfer::PageDest::new(&opts.pages)?;
+    crate::predump::refuse_remote_dedup(&pages, opts.auto_dedup)?;
     let dir = ImageDir::create(&opts.dir)?;
     let runs_on = opts.leave_running || opts.leave_stopped;
     let mut chain = Chain::open(

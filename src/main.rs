@@ -174,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     prev_images_dir: d.prev_images_dir.clone(),
                     auto_dedup: d.auto_dedup,
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
+                    pages: d.pages.clone(),
                     actions,
                 },
                 stats.as_mut(),

@@ -23,7 +23,7 @@ use crate::dump;
 use crate::guardian::Guardian;
 use crate::images::chain::{self, Parent};
 use crate::images::pb::{Inventory, MmEntry, TaskRef, VmaEntry};
-use crate::images::{FORMAT_VERSION, ImageDir, ImageKind, PagesWriter};
+use crate::images::{FORMAT_VERSION, ImageDir, ImageKind};
 use crate::parasite_ctl::Parasite;
 use crate::resources::ghost::GhostStore;
 use crate::resources::memory;
@@ -36,7 +36,20 @@ pub struct PreDumpOpts {
     pub prev_images_dir: Option<PathBuf>,
     pub auto_dedup: bool,
     pub freeze_timeout: std::time::Duration,
+    /// `--page-server`: where the pages go, if not into -D.
+    pub pages: crate::page_xfer::SendArgs,
     pub actions: Actions,
+}
+
+/// `--auto-dedup` punches holes in the pages images of -D's chain: with
+/// `--page-server` they are on the server's host, out of reach.
+pub fn refuse_remote_dedup(dest: &crate::page_xfer::PageDest, auto_dedup: bool) -> Result<()> {
+    if auto_dedup && matches!(dest, crate::page_xfer::PageDest::Remote(_)) {
+        crate::refuse!(
+            "--auto-dedup punches pages out of the chain's images, which --page-server sends to another host; run `crust dedup -D DIR` there once the images are together"
+        );
+    }
+    Ok(())
 }
 
 /// A dump's place in a chain, and its write tracking.
@@ -217,6 +230,9 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
     dump::check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
+    // Connected before the tree is frozen, as a dump's.
+    let mut dest = crate::page_xfer::PageDest::new(&opts.pages)?;
+    refuse_remote_dedup(&dest, opts.auto_dedup)?;
     let dir = ImageDir::create(&opts.dir)?;
     let mut chain = Chain::open(&dir, opts.prev_images_dir.as_deref(), opts.pid, true, true)?;
     // A crust killed from here on: the guardian cures the parasites (and a
@@ -280,12 +296,14 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
     // nothing more to undo.
     drop(guardian);
     for (pid, mm, mem) in &jobs {
-        let mut pages = PagesWriter::create(&dir, *pid)?;
+        let mut pages = dest.task(&dir, *pid)?;
         memory::copy_pages_running(mem, &mm.pagemap, &mut pages)?;
         dump::fault_point("pages-copied");
         pages.finish()?;
         dir.write_msg(ImageKind::Mm, *pid, mm)?;
     }
+    // Every page durable where it went before the inventory.
+    dest.finish()?;
     let mut inv = Inventory {
         format_version: FORMAT_VERSION,
         root_pid: opts.pid,

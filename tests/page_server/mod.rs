@@ -498,3 +498,93 @@ fn page_server_refuses_corrupt_stream() {
         "the server left a pages image of a failed dump"
     );
 }
+
+/// Iterative migration, as with criu: a process with 1 GiB that keeps
+/// writing runs on one host; two pre-dumps and then the final dump (only
+/// the pages written since, `--prev-images-dir --track-mem`) each send
+/// their pages to a page server on the other host, into a directory per
+/// dump laid out as on the dump's host; the rest of the images (and the
+/// `parent` links) follow, and the restore there reads through the chain.
+/// The program verifies every page it wrote.
+#[test]
+fn page_server_migrates_after_pre_dumps() {
+    const MIB: &str = "1024";
+    let hosts = net::Hosts::new();
+    let here = net::Hosts::enter(&hosts.client);
+    let there = net::Hosts::enter(&hosts.first);
+    let mut s = Spawn::new("predump");
+    s.program = Some(here[0].clone().into());
+    s.args = here[1..].to_vec();
+    s.args.push(build("predump").to_string_lossy().into_owned());
+    s.args.push(MIB.into());
+    let mut t = s.start();
+    let target = t.work.0.join("target-host");
+    let dumps = [
+        ("pre1", "pre-dump", vec![]),
+        ("pre2", "pre-dump", vec!["--prev-images-dir", "../pre1"]),
+        (
+            "images",
+            "dump",
+            vec!["--prev-images-dir", "../pre2", "--track-mem"],
+        ),
+    ];
+    let mut sent = Vec::new();
+    for (round, (name, cmd, extra)) in dumps.iter().enumerate() {
+        if round > 0 {
+            crate::scatter_writes(&t, round as u32);
+        }
+        let mut srv = PageServer::start(&there, &target.join(name), net::SERVER_ADDR, &[]);
+        let out = Command::new(&here[0])
+            .args(&here[1..])
+            .arg(CRUST)
+            .args([*cmd, "-t", &t.pid.to_string(), "-D"])
+            .arg(t.work.0.join(name))
+            .args(send_args(net::SERVER_ADDR, srv.port))
+            .args(extra)
+            .args(["-o", "dump.log", "-v4"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {name} through the page server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (ok, err) = srv.exit();
+        assert!(ok, "page server of {name} failed: {err}");
+        assert!(
+            pages_images(&t.work.0.join(name)).is_empty(),
+            "{name}: pages images were written on the dump's host"
+        );
+        sent.push(
+            pages_images(&target.join(name))
+                .iter()
+                .map(|p| fs::metadata(target.join(name).join(p)).unwrap().len())
+                .sum::<u64>(),
+        );
+    }
+    eprintln!("pages sent by the two pre-dumps and the dump: {sent:?} bytes");
+    // The final dump sent only what was written since the second pre-dump.
+    assert!(sent[2] < sent[0] / 4, "pages sent per dump: {sent:?} bytes");
+    let _ = t.take_original().map(|mut c| c.wait());
+    wait_gone(t.pid);
+    for (name, _, _) in &dumps {
+        copy_images(&t.work.0.join(name), &target.join(name));
+        let link = t.work.0.join(name).join("parent");
+        if let Ok(to) = fs::read_link(&link) {
+            std::os::unix::fs::symlink(to, target.join(name).join("parent")).unwrap();
+        }
+    }
+    let mut cmd = Command::new(&there[0]);
+    cmd.args(&there[1..])
+        .arg(CRUST)
+        .arg("restore")
+        .arg("-D")
+        .arg(target.join("images"))
+        .args(["-o", "restore.log", "-v4", "--pidfile"])
+        .arg(t.work.0.join("restored.pid"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    t.restore_with(cmd);
+    t.pass();
+}
