@@ -32,6 +32,7 @@ mod seize;
 mod show;
 mod stats;
 mod sys;
+mod uffd;
 
 use std::path::{Path, PathBuf};
 
