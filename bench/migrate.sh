@@ -73,9 +73,26 @@ frozen_s() {
         awk '{ f = ($2 == "ms") ? 1e-3 : ($2 == "µs") ? 1e-6 : ($2 == "ns") ? 1e-9 : 1; printf "%.3f", $1 * f }'
 }
 
+# restore_on_b DIR LOG: once the dumped program ($pid) is gone, restores
+# DIR on B and has the program check itself (its verdict in LOG); sets
+# restore_s.
+restore_on_b() {
+    local t1 t2
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
+    t1=$(now)
+    on_b "$crust" restore -D "$1" -d -o restore.log --pidfile "$work/restored.pid"
+    t2=$(now)
+    restore_s=$(echo "$t2 - $t1" | bc)
+    pid=$(cat "$work/restored.pid")
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    grep -q PASS "$2" || { echo "restored program failed: $(cat "$2")"; exit 1; }
+    pid=
+}
+
 # Iterative migration: pre-dumps and the final dump through page servers.
 round_predump() {
-    local srv=$tmpfs/b img=$tmpfs/a t0 t1 t2 n prev send p1 p2 dump_s
+    local srv=$tmpfs/b img=$tmpfs/a t0 n prev send p1 p2 dump_s
     rm -rf "$srv" "$img" "$work/ready"
     mkdir -p "$srv" "$img"
     (ZDTM_READY="$work/ready" ZDTM_DIR="$work" exec ip netns exec "$a" setsid "$work/dirtier" "$size" 1 </dev/null >"$work/dirtier.log" 2>&1 &)
@@ -104,23 +121,15 @@ round_predump() {
         cp "$img/$n"/*.img "$srv/$n"/
         [ -L "$img/$n/parent" ] && cp -P "$img/$n/parent" "$srv/$n/parent"
     done
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
-    t1=$(now)
-    on_b "$crust" restore -D "$srv/final" -d -o restore.log --pidfile "$work/restored.pid"
-    t2=$(now)
-    pid=$(cat "$work/restored.pid")
-    kill -TERM "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-    grep -q PASS "$work/dirtier.log" || { echo "restored program failed: $(cat "$work/dirtier.log")"; exit 1; }
-    pid=
+    restore_on_b "$srv/final" "$work/dirtier.log"
     printf "%-7s frozen %.3f s (pre-dumps %s s, %s s), final dump %.3f s, restore %.3f s; sent %s\n" predump \
-        "$(frozen_s "$img/final/dump.log")" "$p1" "$p2" "$dump_s" "$(echo "$t2 - $t1" | bc)" \
+        "$(frozen_s "$img/final/dump.log")" "$p1" "$p2" "$dump_s" "$restore_s" \
         "$(for n in pre1 pre2 final; do stat -c %s "$srv/$n"/pages-*.img | awk -v n=$n '{ t += $1 } END { printf "%s %.0f MiB ", n, t / 1048576 }'; done)"
 }
 
 # One migration: $1 = plain, tls or local.
 round() {
-    local mode=$1 srv=$tmpfs/b img=$tmpfs/a t0 t1 t2 spid send="" dump_s
+    local mode=$1 srv=$tmpfs/b img=$tmpfs/a t0 spid send="" dump_s
     rm -rf "$srv" "$img" "$work/ready"
     # Not our child (a subshell's): the kill by the dump is no job of ours.
     # exec: no shell is left to report the kill into the program's log.
@@ -147,16 +156,8 @@ round() {
         srv=$img
     fi
     frozen=$(sed -n 's/.*was frozen for \([0-9.]*\)\(m\?s\).*/\1 \2/p' "$img/dump.log")
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
-    t1=$(now)
-    on_b "$crust" restore -D "$srv" -d -o restore.log --pidfile "$work/restored.pid"
-    t2=$(now)
-    pid=$(cat "$work/restored.pid")
-    kill -TERM "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-    grep -q PASS "$work/bigmem.log" || { echo "restored program failed: $(cat "$work/bigmem.log")"; exit 1; }
-    pid=
-    awk -v m="$mode" -v f="$frozen" -v d="$dump_s" -v r="$(echo "$t2 - $t1" | bc)" 'BEGIN {
+    restore_on_b "$srv" "$work/bigmem.log"
+    awk -v m="$mode" -v f="$frozen" -v d="$dump_s" -v r="$restore_s" 'BEGIN {
         split(f, x, " "); fs = (x[2] == "ms") ? x[1] / 1000 : x[1];
         printf "%-6s frozen %.3f s, dump %.3f s, restore %.3f s\n", m, fs, d, r }'
 }
