@@ -172,7 +172,10 @@ pub fn serve_pages(opts: &ServeOpts, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
             crate::tls::conn_error(&peer, e)
         );
     }
-    tracing::info!("serving {peer}");
+    tracing::info!(
+        "serving {peer}{}",
+        if opts.tls.is_some() { " over TLS" } else { "" }
+    );
     let mut mems: HashMap<i32, File> = HashMap::new();
     for (pid, _) in tasks {
         let f = File::open(format!("/proc/{pid}/mem"))
