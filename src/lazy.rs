@@ -15,7 +15,10 @@
 //! - `lazy-pages -D DIR`: pages come from the pages images (checked whole
 //!   first); with `--page-server --address A --port P`, from the dump
 //!   (`dump --lazy-pages`, `serve_pages`), which keeps the tree frozen and
-//!   answers requests (pid, address, length) until the daemon has all.
+//!   answers requests (pid, address, length) until the daemon has all;
+//!   with `--tls` on both sides, in mutually authenticated TLS
+//!   (`crate::tls`, the push page server's implementation: the dump
+//!   listens and is the TLS server).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;

@@ -17,7 +17,8 @@
 //!
 //! With `--tls` the same frames travel in TLS 1.3 (rustls, ring provider),
 //! both sides presenting a certificate the other checks against the CA of
-//! `--tls-cacert`: a page stream is all of the process's secrets.
+//! `--tls-cacert`: a page stream is all of the process's secrets
+//! (`crate::tls`, shared with lazy migration's page stream).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
