@@ -363,35 +363,12 @@ fn probe_rseq() -> Result<()> {
     })
 }
 
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-
+/// A userfaultfd of crust's own, with `features` (UFFDIO_API); the
+/// features the kernel gives.
 fn uffd_api(features: u64) -> Result<u64> {
-    const UFFD_USER_MODE_ONLY: i32 = 1;
-    // SAFETY: userfaultfd(2) returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: fd was just created and is ours.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes one uffdio_api.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-        return Err(errno());
-    }
-    Ok(api.features)
+    use crate::uffd;
+    let fd = uffd::create(libc::O_CLOEXEC as u64 | uffd::USER_MODE_ONLY)?;
+    Ok(uffd::api(std::os::fd::AsFd::as_fd(&fd), features)?)
 }
 
 fn probe_uffd() -> Result<()> {
@@ -400,50 +377,28 @@ fn probe_uffd() -> Result<()> {
 }
 
 fn probe_uffd_wp() -> Result<()> {
-    const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-    uffd_api(UFFD_FEATURE_PAGEFAULT_FLAG_WP).map(|_| ())
+    uffd_api(crate::uffd::FEATURE_PAGEFAULT_FLAG_WP).map(|_| ())
 }
 
 fn probe_uffd_wp_async() -> Result<()> {
-    uffd_api(UFFD_FEATURE_WP_ASYNC).map(|_| ())
-}
-
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
+    uffd_api(crate::uffd::FEATURE_WP_ASYNC).map(|_| ())
 }
 
 fn probe_pagemap_scan() -> Result<()> {
-    const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    use crate::uffd::{PAGE_IS_PRESENT, PAGEMAP_SCAN, PageRegion, PmScanArg};
     let f = std::fs::File::open("/proc/self/pagemap")?;
     let buf = [0u8; 4096];
     let start = buf.as_ptr() as u64 & !4095;
-    let mut regions = [[0u64; 3]; 4];
+    let mut regions = [PageRegion::default(); 4];
     let mut arg = PmScanArg {
         size: std::mem::size_of::<PmScanArg>() as u64,
-        flags: 0,
         start,
         end: start + 4096,
-        walk_end: 0,
         vec: regions.as_mut_ptr() as u64,
-        vec_len: 4,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: 0,
+        vec_len: regions.len() as u64,
         category_anyof_mask: PAGE_IS_PRESENT,
         return_mask: PAGE_IS_PRESENT,
+        ..Default::default()
     };
     // SAFETY: PAGEMAP_SCAN reads arg and writes at most vec_len regions.
     if unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN, &mut arg) } < 0 {

@@ -291,6 +291,22 @@ fn guard(chan: OwnedFd, crust: OwnedFd, sigchld: RawFd) -> i32 {
         &[chan.as_raw_fd(), crust.as_raw_fd(), sigchld],
         c"crust-guardian",
     );
+    // The kernel lets the tree run the moment crust is gone (its ptrace
+    // stops end as crust exits), while a connection may be in repair mode,
+    // where the tree's reads and writes on it fail. Woken by the end of
+    // the channel, a little before the tree is, the guardian runs ahead of
+    // it as a real-time task, so the connections leave repair mode before
+    // the tree's next system call on them. It sleeps in poll the rest of
+    // its life; what it starts (nft, iptables) runs as any process does.
+    let rt = libc::sched_param { sched_priority: 1 };
+    let policy = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
+    // SAFETY: sets this process's own policy; the param is ours.
+    if unsafe { libc::sched_setscheduler(0, policy, &rt) } != 0 {
+        warn!(
+            "guardian: no real-time priority ({}); a connection may stay in repair mode a moment after a crust that died",
+            std::io::Error::last_os_error()
+        );
+    }
     let mut held = Held::default();
     let mut crust_gone: Option<Instant> = None;
     let mut buf = [0u8; 512];

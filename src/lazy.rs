@@ -259,14 +259,8 @@ fn covered(runs: &[PagemapEntry], mut addr: u64, len: u64) -> bool {
 
 // ----------------------------------------------------------- userfaultfd ---
 
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
-const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
-const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
-const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+use crate::uffd::{UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_ZEROPAGE};
+
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_EVENT_FORK: u8 = 0x13;
 const UFFD_EVENT_REMAP: u8 = 0x14;
@@ -280,29 +274,19 @@ const UFFD_MSG_LEN: usize = 32;
 /// Not limited to user-mode faults: the task's system calls (a read()
 /// into a lazy buffer) fault on lazy pages too.
 pub fn make_uffd() -> Result<OwnedFd> {
-    // SAFETY: userfaultfd(2) returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    if fd < 0 {
+    use crate::uffd;
+    let fd = uffd::create(libc::O_CLOEXEC as u64).map_err(|e| {
+        anyhow::anyhow!(
+            "userfaultfd: {e}; a lazy restore needs it (as root, or vm.unprivileged_userfaultfd=1)"
+        )
+    })?;
+    let events = uffd::FEATURE_EVENT_FORK
+        | uffd::FEATURE_EVENT_REMAP
+        | uffd::FEATURE_EVENT_REMOVE
+        | uffd::FEATURE_EVENT_UNMAP;
+    if let Err(e) = uffd::api(std::os::fd::AsFd::as_fd(&fd), events) {
         bail!(
-            "userfaultfd: {}; a lazy restore needs it (as root, or vm.unprivileged_userfaultfd=1)",
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: fd was just created and is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut api: [u64; 3] = [
-        0xaa,
-        UFFD_FEATURE_EVENT_FORK
-            | UFFD_FEATURE_EVENT_REMAP
-            | UFFD_FEATURE_EVENT_REMOVE
-            | UFFD_FEATURE_EVENT_UNMAP,
-        0,
-    ];
-    // SAFETY: UFFDIO_API reads and writes one uffdio_api (three u64s).
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) } != 0 {
-        bail!(
-            "userfaultfd events for fork, mremap and unmap: {}; this kernel cannot restore lazily",
-            std::io::Error::last_os_error()
+            "userfaultfd events for fork, mremap and unmap: {e}; this kernel cannot restore lazily"
         );
     }
     Ok(fd)

@@ -33,6 +33,7 @@ mod show;
 mod stats;
 mod sys;
 mod tls;
+mod uffd;
 
 use std::path::{Path, PathBuf};
 

@@ -287,118 +287,6 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     pidfd_open_flags(pid, 0)
 }
 
-/// pidfd_open with PIDFD_NONBLOCK / PIDFD_THREAD.
-/// A userfaultfd that places pages: UFFDIO_COPY allocates each page of a
-/// range registered for missing pages and copies into it, without first
-/// zeroing it as a fault would.
-pub struct Uffd(OwnedFd);
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-
-impl Uffd {
-    pub fn new() -> io::Result<Self> {
-        // Only copies are made through it, no faults handled: user-mode
-        // only is enough, and allowed where kernel faults would not be.
-        const UFFD_USER_MODE_ONLY: i32 = 1;
-        // SAFETY: userfaultfd(2) returns a new fd or -1.
-        let fd = check(unsafe {
-            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY)
-        })?;
-        // SAFETY: fd was just created and is ours.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        let mut api = UffdioApi {
-            api: 0xaa,
-            features: 0,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes one uffdio_api.
-        check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } as i64)?;
-        Ok(Uffd(fd))
-    }
-
-    /// Registers `[start, start+len)`, all of it inside one mapping, for
-    /// missing pages.
-    pub fn register_missing(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut r = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: 1, // UFFDIO_REGISTER_MODE_MISSING
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register.
-        check(unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_REGISTER, &mut r) } as i64)?;
-        Ok(())
-    }
-
-    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let r = UffdioRange { start, len };
-        // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range.
-        check(unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_UNREGISTER, &r) } as i64)?;
-        Ok(())
-    }
-
-    /// Fills the missing pages `[dst, dst+len)` with the `len` bytes at `src`.
-    pub fn copy(&self, mut dst: u64, mut src: u64, mut len: u64) -> io::Result<()> {
-        while len > 0 {
-            let mut c = UffdioCopy {
-                dst,
-                src,
-                len,
-                mode: 1, // UFFDIO_COPY_MODE_DONTWAKE: nobody waits on these pages
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads and writes one uffdio_copy; the
-            // caller vouches for both ranges.
-            let r = unsafe { libc::ioctl(self.0.as_raw_fd(), UFFDIO_COPY, &mut c) };
-            let done = if r == 0 {
-                len
-            } else {
-                let e = io::Error::last_os_error();
-                // Stopped part way (the mappings were changing): on with the rest.
-                if e.raw_os_error() != Some(libc::EAGAIN) {
-                    return Err(e);
-                }
-                c.copy.max(0) as u64
-            };
-            dst += done;
-            src += done;
-            len -= done;
-        }
-        Ok(())
-    }
-}
-
 /// process_mrelease(2) (Linux 5.15): frees the memory of a process that is
 /// being killed, from the caller, while the process exits.
 pub fn process_mrelease(pidfd: &OwnedFd) -> io::Result<()> {
@@ -410,6 +298,7 @@ pub fn process_mrelease(pidfd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// pidfd_open with PIDFD_NONBLOCK / PIDFD_THREAD.
 pub fn pidfd_open_flags(pid: i32, flags: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open returns a new fd or -1.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };

@@ -1075,7 +1075,7 @@ struct Filler<'a> {
     populate: bool,
     /// The userfaultfd once made (None: not yet; Some(None): refused here),
     /// the premapped VMAs registered with it, and the image's data mapped.
-    uffd: Option<Option<crate::sys::Uffd>>,
+    uffd: Option<Option<crate::uffd::Uffd>>,
     registered: Vec<(u64, u64)>,
     src: Option<u64>,
     /// Bytes placed with UFFDIO_COPY.
@@ -1104,7 +1104,7 @@ impl<'a> Filler<'a> {
     /// UFFDIO_COPY; false (nothing done) where userfaultfd is refused.
     fn copy(&mut self, vma: (u64, u64), dst: u64, len: u64) -> Result<bool> {
         if self.uffd.is_none() {
-            self.uffd = Some(crate::sys::Uffd::new().ok());
+            self.uffd = Some(crate::uffd::Uffd::new().ok());
         }
         if self.uffd.as_ref().is_some_and(|u| u.is_none()) {
             return Ok(false);

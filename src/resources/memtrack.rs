@@ -22,7 +22,7 @@
 //! holder that died: all their pages are stored again.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -125,73 +125,10 @@ pub fn pages_in(r: &[(u64, u64)]) -> u64 {
 
 // -------------------------------------------------------- userfaultfd ---
 
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
-const UFFDIO_REGISTER_MODE_WP: u64 = 2;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
-/// Protection markers on pages not populated yet, so that a VMA walked by
-/// PAGEMAP_SCAN counts as write-protectable (PAGE_IS_WPALLOWED).
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-/// Its faults are only the ones of user mode: allowed to unprivileged
-/// tasks where vm.unprivileged_userfaultfd is 0; async write faults are
-/// resolved by the kernel for user and kernel writes alike.
-const UFFD_USER_MODE_ONLY: u64 = 1;
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// _IOWR('f', 16, struct pm_scan_arg)
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PAGE_IS_WPALLOWED: u64 = 1 << 0;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
+use crate::uffd::{
+    self, FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
+    PAGEMAP_SCAN, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, USER_MODE_ONLY,
+};
 
 /// The pages of `[start, end)` in one category, asked of the pagemap
 /// `pm`, with PM_SCAN_WP_MATCHING when `protect` (the matching pages are
@@ -246,18 +183,10 @@ pub fn arm_uffd(parasite: &mut Parasite, vmas: &[VmaEntry]) -> Result<Option<Own
         );
         return Ok(None);
     }
-    let uffd =
-        parasite.make_uffd((libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY)?;
-    let mut api = UffdioApi {
-        api: 0xaa,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes one uffdio_api.
-    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+    let uffd = parasite.make_uffd((libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | USER_MODE_ONLY)?;
+    if let Err(e) = uffd::api(uffd.as_fd(), FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED) {
         bail!(
-            "PID {pid}: this kernel's userfaultfd has no asynchronous write-protection ({}); see crust check --all",
-            std::io::Error::last_os_error()
+            "PID {pid}: this kernel's userfaultfd has no asynchronous write-protection ({e}); see crust check --all"
         );
     }
     register_protect(uffd, pid, vmas, &[])
@@ -280,18 +209,8 @@ pub fn register_protect(
         if subtract(&[(v.start, v.end)], armed).is_empty() {
             continue;
         }
-        let range = UffdioRange {
-            start: v.start,
-            len: v.end - v.start,
-        };
-        let mut r = UffdioRegister {
-            range,
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } < 0 {
-            let e = std::io::Error::last_os_error();
+        let len = v.end - v.start;
+        if let Err(e) = uffd::register(uffd.as_fd(), v.start, len, uffd::REGISTER_MODE_WP) {
             if e.raw_os_error() == Some(libc::EBUSY) {
                 warn!(
                     "PID {pid}: mapping {:#x}-{:#x} is registered with another userfaultfd (the task's own, or the tracking of an earlier pre-dump whose holder still runs: pass that one as --prev-images-dir): its writes are not tracked, this dump's successor stores all its pages",
@@ -308,17 +227,11 @@ pub fn register_protect(
             );
             continue;
         }
-        let wp = UffdioWriteprotect {
-            range,
-            mode: UFFDIO_WRITEPROTECT_MODE_WP,
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT reads one uffdio_writeprotect.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &wp) } < 0 {
+        if let Err(e) = uffd::writeprotect(uffd.as_fd(), v.start, len) {
             bail!(
-                "PID {pid}: write-protecting {:#x}-{:#x}: {}",
+                "PID {pid}: write-protecting {:#x}-{:#x}: {e}",
                 v.start,
-                v.end,
-                std::io::Error::last_os_error()
+                v.end
             );
         }
     }
@@ -406,30 +319,20 @@ pub fn is_unpopulated_marker(e: u64) -> bool {
         && sig.is_some_and(|s| e & PM_FRAME_MASK == s)
 }
 
+/// A userfaultfd of crust's own with the features write tracking asks for.
+fn own_tracking_uffd() -> Result<OwnedFd> {
+    let fd = uffd::create(libc::O_CLOEXEC as u64 | USER_MODE_ONLY).context("userfaultfd")?;
+    uffd::api(fd.as_fd(), FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED)
+        .context("UFFDIO_API with WP_ASYNC")?;
+    Ok(fd)
+}
+
 /// Makes such a marker on a page of crust's own and reads its entry.
 fn marker_signature() -> Result<Option<u64>> {
     let p = ProbePage::new().context("mapping a page")?;
-    // SAFETY: userfaultfd(2) returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC as u64 | UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
+    let Ok(uffd) = own_tracking_uffd() else {
         return Ok(None);
-    }
-    // SAFETY: the fd was just made and is ours.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut api = UffdioApi {
-        api: 0xaa,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-        ioctls: 0,
     };
-    // SAFETY: UFFDIO_API reads and writes one uffdio_api.
-    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
-        return Ok(None);
-    }
     let page = ProbeVma {
         start: p.addr(),
         end: p.addr() + PAGE,
@@ -547,45 +450,9 @@ fn probe_soft_dirty() -> bool {
 fn probe_uffd_wp() -> Result<()> {
     let p = ProbePage::new().context("mapping a page")?;
     p.touch();
-    // SAFETY: userfaultfd(2) returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC as u64 | UFFD_USER_MODE_ONLY,
-        )
-    };
-    if fd < 0 {
-        bail!("userfaultfd: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just made and is ours.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut api = UffdioApi {
-        api: 0xaa,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes one uffdio_api.
-    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
-        bail!(
-            "UFFDIO_API with WP_ASYNC: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let mut r = UffdioRegister {
-        range: UffdioRange {
-            start: p.addr(),
-            len: PAGE,
-        },
-        mode: UFFDIO_REGISTER_MODE_WP,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register.
-    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut r) } < 0 {
-        bail!(
-            "UFFDIO_REGISTER for write-protection: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let uffd = own_tracking_uffd()?;
+    uffd::register(uffd.as_fd(), p.addr(), PAGE, uffd::REGISTER_MODE_WP)
+        .context("UFFDIO_REGISTER for write-protection")?;
     let pm = File::open("/proc/self/pagemap").context("opening pagemap")?;
     // Protect (the page counts as written until then), write, and see it.
     pagemap_scan(&pm, p.addr(), p.addr() + PAGE, PAGE_IS_WRITTEN, true)?;

@@ -104,6 +104,17 @@ impl Drop for PageServer {
     }
 }
 
+/// Starts zdtm program `name` with `arg` behind `prefix` (nsenter into
+/// the dump's "host").
+fn start_in(prefix: &[String], name: &str, arg: &str) -> Task {
+    let mut s = Spawn::new(name);
+    s.program = Some(prefix[0].clone().into());
+    s.args = prefix[1..].to_vec();
+    s.args.push(build(name).to_string_lossy().into_owned());
+    s.args.push(arg.into());
+    s.start()
+}
+
 fn send_args(address: &str, port: u16) -> Vec<String> {
     vec![
         "--page-server".into(),
@@ -397,12 +408,7 @@ fn page_server_migrates_memory_to_another_namespace() {
     // first server namespace (SERVER_ADDR).
     let here = net::Hosts::enter(&hosts.client);
     let there = net::Hosts::enter(&hosts.first);
-    let mut s = Spawn::new("bigmem");
-    s.program = Some(here[0].clone().into());
-    s.args = here[1..].to_vec();
-    s.args.push(build("bigmem").to_string_lossy().into_owned());
-    s.args.push(MIB.into());
-    let mut t = s.start();
+    let mut t = start_in(&here, "bigmem", MIB);
     let target = t.work.0.join("target-host");
     let mut srv = PageServer::start(&there, &target, net::SERVER_ADDR, &[]);
     let out = Command::new(&here[0])
@@ -512,12 +518,7 @@ fn page_server_migrates_after_pre_dumps() {
     let hosts = net::Hosts::new();
     let here = net::Hosts::enter(&hosts.client);
     let there = net::Hosts::enter(&hosts.first);
-    let mut s = Spawn::new("predump");
-    s.program = Some(here[0].clone().into());
-    s.args = here[1..].to_vec();
-    s.args.push(build("predump").to_string_lossy().into_owned());
-    s.args.push(MIB.into());
-    let mut t = s.start();
+    let mut t = start_in(&here, "predump", MIB);
     let target = t.work.0.join("target-host");
     let dumps = [
         ("pre1", "pre-dump", vec![]),
