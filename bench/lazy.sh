@@ -15,14 +15,19 @@
 #              until the program runs there (the daemon started once the
 #              images are there, as it would on another host); the source stays frozen until the
 #              daemon has every page (then the dump ends it).
+#  - tls (-t): the same migration with the page stream in TLS (--tls on
+#              both sides, a CA and a certificate per side made with
+#              openssl in the work directory).
 # Each restored program checks its memory (SIGTERM) after the daemon is done.
-# Usage: bench/lazy.sh [-r ROUNDS] [SIZE_MIB...]   (defaults: 3 rounds, 1024)
+# Usage: bench/lazy.sh [-r ROUNDS] [-t] [SIZE_MIB...]   (defaults: 3 rounds, 1024)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=3
-while getopts r: o; do
+tls=
+while getopts r:t o; do
     case $o in
     r) rounds=$OPTARG ;;
+    t) tls=1 ;;
     *) sed -n 's/^# Usage: //p' "$0" >&2; exit 2 ;;
     esac
 done
@@ -34,6 +39,23 @@ max=0
 for s in "${sizes[@]}"; do [ "$s" -gt "$max" ] && max=$s; done
 bench_mount $((2 * max + 512))m
 cc -O2 -o "$work/mem" zdtm/bigmem.c
+if [ -n "$tls" ]; then
+    # A CA, and a certificate signed by it for each side (the dump's names
+    # 127.0.0.1, the address the daemon connects to).
+    (
+        cd "$work"
+        key="-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
+        openssl req -x509 $key -keyout ca.key -out ca.pem -days 2 -subj /CN=ca 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' >ext
+        for side in dump daemon; do
+            openssl req $key -keyout $side.key -out $side.csr -subj /CN=$side 2>/dev/null
+            openssl x509 -req -in $side.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -out $side.pem -days 2 -extfile ext 2>/dev/null
+        done
+    )
+fi
+# tls_args SIDE: --tls with SIDE's certificate, when -t.
+tls_args() { echo --tls --tls-cacert "$work/ca.pem" --tls-cert "$work/$1.pem" --tls-key "$work/$1.key"; }
 img=$tmpfs/img
 port=$((29000 + $$ % 1000))
 daemon=
@@ -69,6 +91,45 @@ inner_root() {
     local init
     init=$(pgrep -P "$1" | head -1)
     pgrep -P "$init" -x mem | head -1
+}
+
+# migrate TAG [DUMP_OPTS DAEMON_OPTS]: one lazy migration through
+# 127.0.0.1 of a program of $size MiB; its figures go to $s/TAG-*.
+migrate() {
+    start "$size"
+    src=$pid
+    t0=$(now)
+    "$crust" dump -t "$src" -D "$img" -o dump.log --lazy-pages --address 127.0.0.1 --port "$port" ${2:-} &
+    dumper=$!
+    while [ ! -e "$img/inventory.img" ]; do sleep 0.002; done
+    mkdir -p "$tmpfs/dst"
+    rm -rf "$tmpfs/dst"/*
+    cp "$img"/*.img "$tmpfs/dst/"
+    "$crust" lazy-pages -D "$tmpfs/dst" -o lazy.log --page-server --address 127.0.0.1 --port "$port" ${3:-} &
+    daemon=$!
+    "$crust" restore -D "$tmpfs/dst" --lazy-pages --pid-ns -o restore.log &
+    rpid=$!
+    while [ -z "$(inner_root "$rpid" 2>/dev/null)" ] || grep -q "^TracerPid:[[:space:]]*[1-9]" "/proc/$(inner_root "$rpid")/status" 2>/dev/null; do
+        sleep 0.002
+    done
+    t3=$(now)
+    wait "$daemon"
+    t4=$(now)
+    daemon=
+    wait "$dumper"
+    t5=$(now)
+    pid=$(inner_root "$rpid")
+    check "$pid"
+    wait "$rpid" || { echo "the migrated program failed: $(cat "$work/out")"; exit 1; }
+    rpid=
+    pid=
+    gone "$src"
+    sec "$t0" "$t3" >>"$s/$1-down"
+    echo >>"$s/$1-down"
+    sec "$t0" "$t5" >>"$s/$1-frozen"
+    echo >>"$s/$1-frozen"
+    sec "$t0" "$t4" >>"$s/$1-allin"
+    echo >>"$s/$1-allin"
 }
 
 echo "$(date -u +%F), kernel $(uname -r), $(nproc) cores, rounds: $rounds"
@@ -116,47 +177,16 @@ for size in "${sizes[@]}"; do
         sec "$t2" "$t4" >>"$s/lazy-allin"
         echo >>"$s/lazy-allin"
 
-        # Lazy migration through 127.0.0.1.
-        start "$size"
-        src=$pid
-        t0=$(now)
-        "$crust" dump -t "$src" -D "$img" -o dump.log --lazy-pages --address 127.0.0.1 --port "$port" &
-        dumper=$!
-        while [ ! -e "$img/inventory.img" ]; do sleep 0.002; done
-        mkdir -p "$tmpfs/dst"
-        rm -rf "$tmpfs/dst"/*
-        cp "$img"/*.img "$tmpfs/dst/"
-        "$crust" lazy-pages -D "$tmpfs/dst" -o lazy.log --page-server --address 127.0.0.1 --port "$port" &
-        daemon=$!
-        "$crust" restore -D "$tmpfs/dst" --lazy-pages --pid-ns -o restore.log &
-        rpid=$!
-        while [ -z "$(inner_root "$rpid" 2>/dev/null)" ] || grep -q "^TracerPid:[[:space:]]*[1-9]" "/proc/$(inner_root "$rpid")/status" 2>/dev/null; do
-            sleep 0.002
-        done
-        t3=$(now)
-        wait "$daemon"
-        t4=$(now)
-        daemon=
-        wait "$dumper"
-        t5=$(now)
-        pid=$(inner_root "$rpid")
-        check "$pid"
-        wait "$rpid" || { echo "the migrated program failed: $(cat "$work/out")"; exit 1; }
-        rpid=
-        pid=
-        gone "$src"
-        sec "$t0" "$t3" >>"$s/mig-down"
-        echo >>"$s/mig-down"
-        sec "$t0" "$t5" >>"$s/mig-frozen"
-        echo >>"$s/mig-frozen"
-        sec "$t0" "$t4" >>"$s/mig-allin"
-        echo >>"$s/mig-allin"
+        # Lazy migration through 127.0.0.1, plain, then in TLS with -t.
+        migrate mig
+        [ -z "$tls" ] || migrate tls "$(tls_args dump)" "$(tls_args daemon)"
     done
-    for f in full-frozen full-restore lazy-start lazy-restore lazy-allin mig-down mig-frozen mig-allin; do
-        sed -i '/^$/d' "$s/$f"
+    for f in "$s"/*; do
+        sed -i '/^$/d' "$f"
     done
     echo "$size MiB:"
     echo "  full:    frozen (dump) $(range "$s/full-frozen") s, restore until it runs $(range "$s/full-restore") s"
     echo "  lazy:    daemon's start (images checked) $(range "$s/lazy-start") s; then restore until it runs $(range "$s/lazy-restore") s, until every page is in $(range "$s/lazy-allin") s"
     echo "  migrate: downtime (dump start to running there) $(range "$s/mig-down") s, source frozen $(range "$s/mig-frozen") s, every page in $(range "$s/mig-allin") s after the dump's start"
+    [ -z "$tls" ] || echo "  tls:     downtime (dump start to running there) $(range "$s/tls-down") s, source frozen $(range "$s/tls-frozen") s, every page in $(range "$s/tls-allin") s after the dump's start"
 done

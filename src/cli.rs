@@ -259,6 +259,11 @@ pub struct LazyPagesArgs {
     pub address: Option<String>,
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
+    /// --tls --tls-cacert --tls-cert --tls-key [--tls-no-cn-verify]: pull
+    /// the pages over TLS from a dump --lazy-pages given --tls, as
+    /// `dump --page-server` sends them to a page server.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// ADDR and PORT as a socket address (a name is resolved).

@@ -68,7 +68,7 @@ pub struct DumpOpts {
     pub auto_dedup: bool,
     /// `--lazy-pages --address A --port P`: private memory stays out of
     /// the images and is served from the frozen tree (`crate::lazy`).
-    pub lazy_pages: Option<std::net::SocketAddr>,
+    pub lazy_pages: Option<crate::lazy::ServeOpts>,
 }
 
 /// Test hook: `CRUST_FAULT=STAGE` makes crust kill itself with SIGKILL at a
@@ -424,7 +424,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
         std::collections::HashMap::new();
     // --lazy-pages: each task's pages to serve once the images are written.
-    let mut lazy_runs = opts.lazy_pages.map(|_| Vec::new());
+    let mut lazy_runs = opts.lazy_pages.as_ref().map(|_| Vec::new());
     for (threads, fds) in seized.iter().zip(tables) {
         let pid = threads[0].pid.as_raw();
         let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
@@ -520,11 +520,11 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // The images are whole: a post-dump script may copy them away, or say
     // that the tree is to run on (by failing), which undoes the dump.
     opts.actions.run(Action::PostDump)?;
-    if let (Some(addr), Some(runs)) = (opts.lazy_pages, &lazy_runs) {
+    if let (Some(serve), Some(runs)) = (&opts.lazy_pages, &lazy_runs) {
         // Still frozen, and still the guardian's to resume should crust
         // die: served until the daemon has every page, or the dump fails
         // and the tree runs on.
-        crate::lazy::serve_pages(addr, runs)?;
+        crate::lazy::serve_pages(serve, runs)?;
         if let Some(s) = stats.as_mut() {
             s.stage("serving lazy pages");
         }

@@ -15,7 +15,10 @@
 //! - `lazy-pages -D DIR`: pages come from the pages images (checked whole
 //!   first); with `--page-server --address A --port P`, from the dump
 //!   (`dump --lazy-pages`, `serve_pages`), which keeps the tree frozen and
-//!   answers requests (pid, address, length) until the daemon has all.
+//!   answers requests (pid, address, length) until the daemon has all;
+//!   with `--tls` on both sides, in mutually authenticated TLS
+//!   (`crate::tls`, the push page server's implementation: the dump
+//!   listens and is the TLS server).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -105,13 +108,29 @@ pub fn split_lazy(mm: &mut MmEntry) {
 
 /// Bytes of the page stream's request: pid (i32), address, length (u64s).
 const REQ_LEN: usize = 20;
+/// The dump's greeting, its first bytes on the page stream: magic and
+/// version (u32s), and the lazy pages it serves (u64). With TLS it also
+/// tells the daemon that the dump took its certificate before the
+/// restore begins.
+const GREETING_LEN: usize = 16;
+const MAGIC: u32 = 0x4352_4c5a; // "CRLZ"
+/// Bumped on every incompatible change of the page stream.
+const VERSION: u32 = 1;
+
+/// Where `dump --lazy-pages` serves the memory: `--address A --port P`,
+/// with TLS when --tls.
+pub struct ServeOpts {
+    pub addr: SocketAddr,
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+}
 
 /// `dump --lazy-pages`: serves the lazy pages of the frozen tree (`tasks`:
 /// each live task's PID and `lazy_pages`) to one lazy-pages daemon on
-/// `addr`, until it says it has all. Fails, leaving the tree to the
-/// caller (which lets it run on), when no daemon comes, or one goes away
-/// before it has all.
-pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Result<()> {
+/// `opts.addr`, until it says it has all. Fails, leaving the tree to the
+/// caller (which lets it run on), when no daemon comes, its certificate
+/// is refused (or it refuses ours), or it goes away before it has all.
+pub fn serve_pages(opts: &ServeOpts, tasks: &[(i32, Vec<PagemapEntry>)]) -> Result<()> {
+    let addr = opts.addr;
     let total: u64 = tasks.iter().flat_map(|(_, r)| r).map(|r| r.nr_pages).sum();
     let listener = TcpListener::bind(addr)
         .with_context(|| format!("listening for the lazy-pages daemon on {addr}"))?;
@@ -121,9 +140,9 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
         (total * PAGE) >> 20
     );
     let t = Instant::now();
-    let mut conn = loop {
+    let (sock, from) = loop {
         match listener.accept() {
-            Ok((c, _)) => break c,
+            Ok(c) => break c,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if t.elapsed() > CONNECT_TIMEOUT {
                     bail!(
@@ -137,10 +156,29 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
         }
     };
     drop(listener);
-    conn.set_nonblocking(false)?;
-    conn.set_nodelay(true)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    sock.set_nonblocking(false)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(IO_TIMEOUT))?;
+    sock.set_write_timeout(Some(IO_TIMEOUT))?;
+    let peer = format!("the lazy-pages daemon at {from}");
+    // One daemon per dump: one whose certificate is refused (or that
+    // refuses ours) ends the dump, and the tree runs on.
+    let mut conn = crate::tls::accept(sock, opts.tls.as_ref(), &peer)
+        .map_err(|e| anyhow::anyhow!("{e:#}; the tree runs on here"))?;
+    let mut greeting = [0u8; GREETING_LEN];
+    greeting[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    greeting[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    greeting[8..16].copy_from_slice(&total.to_le_bytes());
+    if let Err(e) = conn.write_all(&greeting).and_then(|_| conn.flush()) {
+        bail!(
+            "{}; the tree runs on here",
+            crate::tls::conn_error(&peer, e)
+        );
+    }
+    tracing::info!(
+        "serving {peer}{}",
+        if opts.tls.is_some() { " over TLS" } else { "" }
+    );
     let mut mems: HashMap<i32, File> = HashMap::new();
     for (pid, _) in tasks {
         let f = File::open(format!("/proc/{pid}/mem"))
@@ -148,17 +186,19 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
         mems.insert(*pid, f);
     }
     let mut sent: HashSet<(i32, u64)> = HashSet::new();
+    // An answer: its length, then the bytes, sent in one write.
     let mut buf = Vec::new();
-    let lost = |sent: &HashSet<(i32, u64)>, e: &dyn std::fmt::Display| {
+    let lost = |sent: &HashSet<(i32, u64)>, e: std::io::Error| {
         anyhow::anyhow!(
-            "the lazy-pages daemon went away ({e}) with {} of {total} pages not sent; the tree runs on here",
+            "{} with {} of {total} pages not sent; the tree runs on here",
+            crate::tls::conn_error(&peer, e),
             total - sent.len() as u64
         )
     };
     loop {
         let mut req = [0u8; REQ_LEN];
         if let Err(e) = conn.read_exact(&mut req) {
-            return Err(lost(&sent, &e));
+            return Err(lost(&sent, e));
         }
         let pid = i32::from_le_bytes(req[0..4].try_into().unwrap());
         let vaddr = u64::from_le_bytes(req[4..12].try_into().unwrap());
@@ -186,15 +226,13 @@ pub fn serve_pages(addr: SocketAddr, tasks: &[(i32, Vec<PagemapEntry>)]) -> Resu
                 "the lazy-pages daemon asked for {len} bytes at {vaddr:#x} of PID {pid}, which are no lazy pages of this dump; the tree runs on here"
             );
         }
-        buf.resize(len as usize, 0);
+        buf.resize(8 + len as usize, 0);
+        buf[..8].copy_from_slice(&len.to_le_bytes());
         mems[&pid]
-            .read_exact_at(&mut buf, vaddr)
+            .read_exact_at(&mut buf[8..], vaddr)
             .with_context(|| format!("reading pages of frozen task {pid} at {vaddr:#x}"))?;
-        let sent_ok = conn
-            .write_all(&len.to_le_bytes())
-            .and_then(|_| conn.write_all(&buf));
-        if let Err(e) = sent_ok {
-            return Err(lost(&sent, &e));
+        if let Err(e) = conn.write_all(&buf).and_then(|_| conn.flush()) {
+            return Err(lost(&sent, e));
         }
         for p in (vaddr..vaddr + len).step_by(PAGE as usize) {
             sent.insert((pid, p));
@@ -651,7 +689,15 @@ pub struct DaemonOpts {
     pub dir: PathBuf,
     pub socket: PathBuf,
     /// `--page-server --address A --port P`: the dump that serves the pages.
-    pub page_server: Option<SocketAddr>,
+    pub page_server: Option<PageSource>,
+}
+
+/// The dump (`dump --lazy-pages`) the daemon pulls pages from.
+pub struct PageSource {
+    /// --address as given: the name the dump's certificate must bear.
+    pub address: String,
+    pub addr: SocketAddr,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Where one page comes from: the pages image of `pid` (`remote` false)
@@ -736,7 +782,7 @@ fn load_image(dir: &ImageDir, pid: i32, mm: &MmEntry) -> Result<Image> {
 /// Where the daemon gets pages.
 struct Sources {
     images: HashMap<i32, Image>,
-    remote: Option<TcpStream>,
+    remote: Option<Box<dyn crate::tls::Stream>>,
     /// Bytes fetched from each.
     from_images: u64,
     from_remote: u64,
@@ -756,6 +802,7 @@ impl Sources {
             req[4..12].copy_from_slice(&src.addr.to_le_bytes());
             req[12..20].copy_from_slice(&len.to_le_bytes());
             conn.write_all(&req)
+                .and_then(|_| conn.flush())
                 .context("asking the dump's page server for pages")?;
             let mut n = [0u8; 8];
             conn.read_exact(&mut n)
@@ -832,6 +879,7 @@ impl Sources {
             reqs.extend(len.to_le_bytes());
         }
         conn.write_all(&reqs)
+            .and_then(|_| conn.flush())
             .context("asking the dump's page server for pages")?;
         bufs.resize_with(asks.len(), Vec::new);
         for (&(_, len), buf) in asks.iter().zip(bufs.iter_mut()) {
@@ -855,7 +903,7 @@ impl Sources {
     /// Tells the dump it may end the tree there.
     fn bye(&mut self) {
         if let Some(c) = self.remote.as_mut() {
-            let _ = c.write_all(&[0u8; REQ_LEN]);
+            let _ = c.write_all(&[0u8; REQ_LEN]).and_then(|_| c.flush());
         }
     }
 }
@@ -941,6 +989,57 @@ fn pending_of(
     Ok(out)
 }
 
+/// Connects to the dump serving the pages (with TLS when asked) and
+/// takes its greeting: it is a crust dump --lazy-pages that took this
+/// side's certificate, serving the `pages` lazy pages the images name.
+fn connect_dump(src: &PageSource, pages: u64, dir: &Path) -> Result<Box<dyn crate::tls::Stream>> {
+    let addr = src.addr;
+    // The dump listens once its images are written: some grace.
+    let t = Instant::now();
+    let c = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(c) => break c,
+            Err(e) if t.elapsed() < Duration::from_secs(10) => {
+                tracing::debug!("connecting to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                bail!("connecting to the dump's page server at {addr} (dump --lazy-pages): {e}")
+            }
+        }
+    };
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    let peer = format!("the dump at {addr}");
+    let mut conn = crate::tls::connect(c, src.tls.as_ref(), &src.address, &peer)?;
+    let mut g = [0u8; GREETING_LEN];
+    conn.read_exact(&mut g)
+        .map_err(|e| crate::tls::conn_error(&peer, e))?;
+    let u32_at = |i: usize| u32::from_le_bytes(g[i..i + 4].try_into().unwrap());
+    if u32_at(0) != MAGIC {
+        bail!(
+            "{peer} is no crust dump --lazy-pages (it greeted with {:#x})",
+            u32_at(0)
+        );
+    }
+    if u32_at(4) != VERSION {
+        bail!(
+            "{peer} speaks lazy page protocol {}, this crust {VERSION}; use the same crust on both sides",
+            u32_at(4)
+        );
+    }
+    let serves = u64::from_le_bytes(g[8..16].try_into().unwrap());
+    if serves != pages {
+        bail!(
+            "{peer} serves {serves} lazy pages, the images in {} name {pages}; give lazy-pages the images of that dump",
+            dir.display()
+        );
+    }
+    tracing::info!("connected to {peer}");
+    Ok(conn)
+}
+
 /// `crust lazy-pages`: serves the userfaultfds of one lazy restore until
 /// every page is in. Returns when they are (or the tree is gone); fails,
 /// killing the tree, when the page source fails.
@@ -959,27 +1058,8 @@ pub fn daemon(opts: &DaemonOpts) -> Result<()> {
         .flat_map(|m| &m.lazy_pages)
         .map(|r| r.nr_pages)
         .sum();
-    let remote = match opts.page_server {
-        Some(addr) => {
-            // The dump listens once its images are written: some grace.
-            let t = Instant::now();
-            let c = loop {
-                match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                    Ok(c) => break c,
-                    Err(e) if t.elapsed() < Duration::from_secs(10) => {
-                        tracing::debug!("connecting to {addr}: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => bail!(
-                        "connecting to the dump's page server at {addr} (dump --lazy-pages): {e}"
-                    ),
-                }
-            };
-            c.set_nodelay(true)?;
-            c.set_read_timeout(Some(IO_TIMEOUT))?;
-            c.set_write_timeout(Some(IO_TIMEOUT))?;
-            Some(c)
-        }
+    let remote = match &opts.page_server {
+        Some(src) => Some(connect_dump(src, remote_pages, &opts.dir)?),
         None if remote_pages > 0 => crate::refuse!(
             "the images in {} were dumped with --lazy-pages: their private memory is with the dump; run lazy-pages with --page-server --address A --port P",
             opts.dir.display()

@@ -32,6 +32,7 @@ mod seize;
 mod show;
 mod stats;
 mod sys;
+mod tls;
 mod uffd;
 
 use std::path::{Path, PathBuf};
@@ -133,11 +134,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         .unwrap_or_else(resources::netlock::Method::auto),
                     freeze_timeout: std::time::Duration::from_secs(d.timeout),
                     pages: if d.lazy_pages {
-                        // --address and --port are where the lazy pages
-                        // are served, not a page server's.
+                        // --address, --port and --tls are where and how
+                        // the lazy pages are served, not a page server's.
                         crate::page_xfer::SendArgs {
                             address: None,
                             port: None,
+                            tls: Default::default(),
                             ..d.pages.clone()
                         }
                     } else {
@@ -145,10 +147,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     },
                     lazy_pages: if d.lazy_pages {
                         match d.pages.port {
-                            Some(p) => Some(cli::socket_addr(
-                                d.pages.address.as_deref().unwrap_or("0.0.0.0"),
-                                p,
-                            )?),
+                            // The dump listens: the TLS server, checked
+                            // (its files read) before the tree is touched.
+                            Some(p) => Some(lazy::ServeOpts {
+                                addr: cli::socket_addr(
+                                    d.pages.address.as_deref().unwrap_or("0.0.0.0"),
+                                    p,
+                                )?,
+                                tls: tls::server_config(&d.pages.tls, "the lazy-pages daemon")?,
+                            }),
                             None => crate::refuse!(
                                 "dump --lazy-pages serves the private memory on a TCP port: give --port (and --address)"
                             ),
@@ -245,8 +252,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::LazyPages(l) => {
             let page_server = match (l.page_server, &l.address, l.port) {
-                (false, _, _) => None,
-                (true, Some(a), Some(p)) => Some(cli::socket_addr(a, p)?),
+                (false, None, None) if !l.tls.tls => {
+                    tls::check_unused(&l.tls)?;
+                    None
+                }
+                (false, _, _) => crate::refuse!(
+                    "--address, --port and --tls say where and how lazy-pages pulls the pages from the dump; add --page-server, or drop them"
+                ),
+                // The daemon connects: the TLS client, checking that the
+                // dump's certificate names --address.
+                (true, Some(a), Some(p)) => Some(lazy::PageSource {
+                    address: a.clone(),
+                    addr: cli::socket_addr(a, p)?,
+                    tls: tls::client_config(&l.tls)?,
+                }),
                 (true, _, _) => crate::refuse!(
                     "lazy-pages --page-server needs --address and --port of the dump (dump --lazy-pages)"
                 ),

@@ -17,19 +17,21 @@
 //!
 //! With `--tls` the same frames travel in TLS 1.3 (rustls, ring provider),
 //! both sides presenting a certificate the other checks against the CA of
-//! `--tls-cacert`: a page stream is all of the process's secrets.
+//! `--tls-cacert`: a page stream is all of the process's secrets
+//! (`crate::tls`, shared with lazy migration's page stream).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::images::{ImageDir, PageSink, PagesWriter};
+use crate::tls::Stream;
+pub use crate::tls::TlsArgs;
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,29 +134,6 @@ impl Frame {
 
 // ------------------------------------------------------------ options ---
 
-/// `--tls` and its files, the same on both sides.
-#[derive(Args, Debug, Clone, Default)]
-pub struct TlsArgs {
-    /// Encrypt and authenticate the page stream with TLS: each side
-    /// presents --tls-cert and checks the other's against --tls-cacert.
-    #[arg(long)]
-    pub tls: bool,
-    /// The CA certificate (PEM) the other side's certificate must be
-    /// signed by.
-    #[arg(long, value_name = "FILE")]
-    pub tls_cacert: Option<PathBuf>,
-    /// This side's certificate (PEM, chain allowed).
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// This side's private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// Do not check that the page server's certificate names --address
-    /// (its signature by the CA is still checked).
-    #[arg(long)]
-    pub tls_no_cn_verify: bool,
-}
-
 /// Where a dump sends its pages: `--page-server --address A --port P`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct SendArgs {
@@ -217,150 +196,7 @@ impl SendArgs {
     }
 }
 
-// ---------------------------------------------------------------- TLS ---
-
-/// The three files of `--tls`, read and checked.
-struct TlsFiles {
-    roots: rustls::RootCertStore,
-    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-impl TlsFiles {
-    fn load(a: &TlsArgs) -> Result<Option<TlsFiles>> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        if !a.tls {
-            if a.tls_cacert.is_some() || a.tls_cert.is_some() || a.tls_key.is_some() {
-                crate::refuse!(
-                    "--tls-cacert, --tls-cert and --tls-key are for --tls; add --tls, or drop them"
-                );
-            }
-            return Ok(None);
-        }
-        let (Some(ca), Some(cert), Some(key)) = (&a.tls_cacert, &a.tls_cert, &a.tls_key) else {
-            crate::refuse!(
-                "--tls needs --tls-cacert, --tls-cert and --tls-key (PEM files): both sides authenticate each other"
-            );
-        };
-        let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>> {
-            let certs = CertificateDer::pem_file_iter(p)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("reading certificates from {}: {e}", p.display()))?;
-            if certs.is_empty() {
-                crate::refuse!("{} holds no PEM certificate", p.display());
-            }
-            Ok(certs)
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for c in read_certs(ca)? {
-            roots
-                .add(c)
-                .with_context(|| format!("--tls-cacert {}: not a usable CA", ca.display()))?;
-        }
-        let certs = read_certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| anyhow::anyhow!("reading the private key {}: {e}", key.display()))?;
-        Ok(Some(TlsFiles { roots, certs, key }))
-    }
-
-    fn client(self, no_name_check: bool) -> Result<rustls::ClientConfig> {
-        let p = provider();
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(self.roots),
-            p.clone(),
-        )
-        .build()
-        .context("--tls-cacert: building the certificate verifier")?;
-        let builder = rustls::ClientConfig::builder_with_provider(p)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("setting up TLS")?;
-        let builder = if no_name_check {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyName(webpki)))
-        } else {
-            builder.with_webpki_verifier(webpki)
-        };
-        builder
-            .with_client_auth_cert(self.certs, self.key)
-            .context("--tls-cert and --tls-key do not make a usable pair")
-    }
-
-    fn server(self) -> Result<rustls::ServerConfig> {
-        let p = provider();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(self.roots),
-            p.clone(),
-        )
-        .build()
-        .context("--tls-cacert: building the certificate verifier")?;
-        rustls::ServerConfig::builder_with_provider(p)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("setting up TLS")?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.certs, self.key)
-            .context("--tls-cert and --tls-key do not make a usable pair")
-    }
-}
-
-/// `--tls-no-cn-verify`: the server's certificate must be signed by the
-/// CA, whatever host it names.
-#[derive(Debug)]
-struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                NotValidForName | NotValidForNameContext { .. },
-            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            r => r,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 // ----------------------------------------------------------- channel ---
-
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
 
 /// One end of a connection: plain TCP (whose fd a page pipe splices into
 /// directly) or TLS over it.
@@ -394,17 +230,7 @@ impl Chan {
 
     /// An I/O error on the connection, in one line that says what to look at.
     fn io_error(&self, e: std::io::Error) -> anyhow::Error {
-        use std::io::ErrorKind::*;
-        match e.kind() {
-            WouldBlock | TimedOut => {
-                anyhow::anyhow!("{} did not answer in time ({e})", self.peer)
-            }
-            InvalidData => anyhow::anyhow!(
-                "TLS with {}: {e}; each side's --tls-cert must be signed by the other's --tls-cacert",
-                self.peer
-            ),
-            _ => anyhow::anyhow!("the connection with {} broke: {e}", self.peer),
-        }
+        crate::tls::conn_error(&self.peer, e)
     }
 
     /// Reads a REFUSE frame's text (after its header).
@@ -456,7 +282,7 @@ impl PageClient {
     /// asked, and exchanges HELLO: the server is there and ready, before
     /// anything of the tree is touched.
     pub fn connect(args: &SendArgs, address: &str, port: u16) -> Result<PageClient> {
-        let tls = TlsFiles::load(&args.tls)?;
+        let tls = crate::tls::client_config(&args.tls)?;
         let peer = format!("the page server at {address}:{port}");
         let addrs: Vec<SocketAddr> = (address, port)
             .to_socket_addrs()
@@ -481,21 +307,11 @@ impl PageClient {
             ),
         };
         set_timeouts(&sock, SEND_TIMEOUT)?;
-        let fd = sock.as_raw_fd();
-        let (io, plain): (Box<dyn Stream>, _) = match tls {
-            None => (Box::new(sock), Some(fd)),
-            Some(files) => {
-                let config = files.client(args.tls.tls_no_cn_verify)?;
-                let name = rustls::pki_types::ServerName::try_from(address.to_string())
-                    .with_context(|| format!("--address {address} is no host name for TLS"))?;
-                let conn = rustls::ClientConnection::new(Arc::new(config), name)
-                    .context("starting TLS")?;
-                (Box::new(rustls::StreamOwned::new(conn, sock)), None)
-            }
-        };
+        let plain = tls.is_none().then(|| sock.as_raw_fd());
+        // A certificate either side refuses fails the dump here, before
+        // the tree is frozen.
+        let io = crate::tls::connect(sock, tls.as_ref(), address, &peer)?;
         let mut chan = Chan { io, plain, peer };
-        // The TLS handshake happens here: a certificate either side
-        // refuses fails the dump before the tree is frozen.
         chan.send(Frame::new(Op::Hello, 0, VERSION, 0))
             .and_then(|_| chan.io.flush())
             .map_err(|e| chan.io_error(e))?;
@@ -675,7 +491,7 @@ impl PageDest {
     pub fn new(args: &SendArgs) -> Result<PageDest> {
         Ok(match args.target()? {
             None => {
-                TlsFiles::load(&args.tls)?;
+                crate::tls::check_unused(&args.tls)?;
                 PageDest::Local
             }
             Some((address, port)) => PageDest::Remote(PageClient::connect(args, &address, port)?),
@@ -737,16 +553,7 @@ impl PageSink for TaskPages<'_> {
 
 /// `crust page-server`: takes one dump's pages and exits when it is done.
 pub fn serve(args: &ServeArgs) -> Result<()> {
-    if args.tls.tls_no_cn_verify {
-        // A dump connects from any address: the server checks no name in
-        // its certificate, only the CA's signature.
-        crate::refuse!(
-            "--tls-no-cn-verify is the dump's option (the page server checks no name in the dump's certificate); drop it here"
-        );
-    }
-    let tls = TlsFiles::load(&args.tls)?
-        .map(|f| f.server().map(Arc::new))
-        .transpose()?;
+    let tls = crate::tls::server_config(&args.tls, "the dump")?;
     let dir = ImageDir::create(&args.dir)?;
     let address = args.address.as_deref().unwrap_or("0.0.0.0");
     let listener = TcpListener::bind((address, args.port))
@@ -760,13 +567,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     set_timeouts(&sock, RECV_TIMEOUT)?;
     let peer = format!("the dump at {from}");
     tracing::info!("connection from {peer}");
-    let io: Box<dyn Stream> = match tls {
-        None => Box::new(sock),
-        Some(config) => Box::new(rustls::StreamOwned::new(
-            rustls::ServerConnection::new(config).context("starting TLS")?,
-            sock,
-        )),
-    };
+    let io = crate::tls::accept(sock, tls.as_ref(), &peer)?;
     let mut chan = Chan {
         io,
         plain: None,
@@ -1037,7 +838,7 @@ mod tests {
         a.address = Some("127.0.0.1".into());
         assert_eq!(a.target().unwrap(), Some(("127.0.0.1".into(), 1)));
         a.tls.tls = true;
-        let e = TlsFiles::load(&a.tls).err().unwrap().to_string();
+        let e = crate::tls::client_config(&a.tls).err().unwrap().to_string();
         assert!(e.contains("--tls needs"), "{e}");
     }
 }

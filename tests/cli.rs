@@ -541,3 +541,85 @@ fn network_lock_scripts_for_a_tree_with_its_own_netns() {
         ]
     );
 }
+
+/// The TLS options of lazy migration's page stream: each is refused in
+/// one line where it would mean nothing, before anything is read or
+/// touched (the tree PID 1 is refused only later, as crust's ancestor).
+#[test]
+fn lazy_tls_options_are_checked() {
+    let dir = std::env::temp_dir().join(format!("crust-lazy-tls-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let files = [
+        "--tls-cacert",
+        "/nonexistent/ca.pem",
+        "--tls-cert",
+        "/nonexistent/c.pem",
+        "--tls-key",
+        "/nonexistent/c.key",
+    ];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // The daemon's --tls is for the pages pulled from the dump.
+        (vec!["lazy-pages", "-D", d, "--tls"], "add --page-server"),
+        (
+            [&["lazy-pages", "-D", d, "--tls-no-cn-verify"][..]].concat(),
+            "are for --tls",
+        ),
+        (
+            [
+                &[
+                    "lazy-pages",
+                    "-D",
+                    d,
+                    "--page-server",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    "1",
+                    "--tls",
+                ][..],
+                &files[..2],
+            ]
+            .concat(),
+            "--tls needs",
+        ),
+        // The dump listens: it checks no name in the daemon's certificate.
+        (
+            [
+                &["dump", "-t", "1", "-D", d, "--lazy-pages", "--port", "1"][..],
+                &["--tls", "--tls-no-cn-verify"],
+                &files[..],
+            ]
+            .concat(),
+            "--tls-no-cn-verify is the lazy-pages daemon's option",
+        ),
+        (
+            [
+                &["dump", "-t", "1", "-D", d, "--lazy-pages", "--port", "1"][..],
+                &files[..2],
+            ]
+            .concat(),
+            "are for --tls",
+        ),
+        (
+            [
+                &["dump", "-t", "1", "-D", d, "--lazy-pages", "--port", "1"][..],
+                &["--tls"],
+                &files[..],
+            ]
+            .concat(),
+            // An unreadable file is an error, not a refusal (as for the
+            // page server).
+            "reading certificates from /nonexistent/ca.pem",
+        ),
+    ];
+    for (args, has) in cases {
+        let (code, _, err) = run(&args);
+        assert!(code > 0 && code != 101, "{args:?}: {err}");
+        if !has.starts_with("reading") {
+            assert_eq!(code, 2, "{args:?}: {err}");
+        }
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(has), "{args:?}: {err}");
+    }
+    assert!(!dir.exists(), "{} was created", dir.display());
+}

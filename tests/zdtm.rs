@@ -2089,8 +2089,14 @@ fn lazy_daemon_dies_during_restore() {
 }
 
 /// The dump side of a lazy migration: `dump --lazy-pages` in namespace
-/// `ns` serving on SERVER_ADDR:`port`.
-fn lazy_dump(t: &Task, ns: &str, port: u16, env: &[(&str, &str)]) -> std::process::Child {
+/// `ns` serving on SERVER_ADDR:`port`, with `extra` (--tls ...).
+fn lazy_dump(
+    t: &Task,
+    ns: &str,
+    port: u16,
+    env: &[(&str, &str)],
+    extra: &[String],
+) -> std::process::Child {
     let enter = net::Hosts::enter(ns);
     let mut cmd = std::process::Command::new(&enter[0]);
     cmd.args(&enter[1..])
@@ -2104,6 +2110,7 @@ fn lazy_dump(t: &Task, ns: &str, port: u16, env: &[(&str, &str)]) -> std::proces
         .arg(net::SERVER_ADDR)
         .arg("--port")
         .arg(port.to_string())
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -2137,27 +2144,40 @@ fn lazy_program_in(ns: &str) -> Task {
     s.start()
 }
 
+/// The daemon of a lazy migration, in namespace `ns`, fetching the pages
+/// of the images in `dst` from the dump at SERVER_ADDR:`port`, with
+/// `extra` (--tls ...).
+fn lazy_daemon_in(
+    ns: &str,
+    dst: &std::path::Path,
+    port: u16,
+    extra: &[String],
+) -> std::process::Child {
+    let port = port.to_string();
+    let mut args = vec![
+        "--page-server",
+        "--address",
+        net::SERVER_ADDR,
+        "--port",
+        &port,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    lazy_daemon(&net::Hosts::enter(ns), dst, &args)
+}
+
 /// The restore side of a lazy migration, in namespace `ns`: the images
 /// copied from the source (all but the private memory), the daemon
-/// fetching pages from the dump, and the restore (in a PID namespace of
-/// its own: the frozen original still holds its PIDs on this one machine).
+/// fetching pages from the dump (with `daemon_extra`), and the restore (in
+/// a PID namespace of its own: the frozen original still holds its PIDs
+/// on this one machine).
 fn lazy_restore_in(
     ns: &str,
     dst: &std::path::Path,
     port: u16,
+    daemon_extra: &[String],
 ) -> (std::process::Child, std::process::Child) {
     let enter = net::Hosts::enter(ns);
-    let daemon = lazy_daemon(
-        &enter,
-        dst,
-        &[
-            "--page-server",
-            "--address",
-            net::SERVER_ADDR,
-            "--port",
-            &port.to_string(),
-        ],
-    );
+    let daemon = lazy_daemon_in(ns, dst, port, daemon_extra);
     let mut cmd = std::process::Command::new(&enter[0]);
     cmd.args(&enter[1..])
         .arg(CRUST)
@@ -2211,10 +2231,29 @@ fn restored_under(restore: &std::process::Child) -> i32 {
 /// memory there; the source's tree ends once every page went over.
 #[test]
 fn lazy_migration_between_namespaces() {
+    lazy_migrate(27000, &[], &[]);
+}
+
+/// The same migration with the page stream in TLS, each side presenting a
+/// certificate of the CA the other trusts (the dump's naming the address
+/// the daemon connects to).
+#[test]
+fn lazy_migration_tls() {
+    let w = WorkDir::new("lazy-pki");
+    let pki = page_server::Pki::new(&w.0);
+    let t = lazy_migrate(26000, &pki.args("server"), &pki.args("client"));
+    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap_or_default();
+    assert!(log.contains("over TLS"), "{log}");
+}
+
+/// Migrates the lazy program between two namespaces, the dump given
+/// `dump_extra` and the daemon `daemon_extra`; the program passes its
+/// check there.
+fn lazy_migrate(base_port: u16, dump_extra: &[String], daemon_extra: &[String]) -> Task {
     let hosts = net::Hosts::new();
     let mut t = lazy_program_in(&hosts.first);
-    let port = 27000 + (std::process::id() % 1000) as u16;
-    let mut dump = Reaped(lazy_dump(&t, &hosts.first, port, &[]));
+    let port = base_port + (std::process::id() % 1000) as u16;
+    let mut dump = Reaped(lazy_dump(&t, &hosts.first, port, &[], dump_extra));
     let dst = t.work.0.join("dst");
     copy_images(&t.work.images(), &dst);
     // Without --lazy-pages these images cannot come back: refused.
@@ -2227,7 +2266,7 @@ fn lazy_migration_between_namespaces() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("dumped with --lazy-pages"), "{err}");
-    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port, daemon_extra);
     let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
     let _end = EndTree(restore.0.id() as i32);
     let pid = restored_under(&restore.0);
@@ -2258,6 +2297,49 @@ fn lazy_migration_between_namespaces() {
     // The source's tree ended with the dump.
     let mut orig = t.take_original().unwrap();
     wait_with_deadline(&mut orig, 20);
+    t
+}
+
+/// A certificate not signed by the CA the other side trusts (the
+/// daemon's, then the dump's): each side refuses in one line, before the
+/// restore begins, and the source's tree runs on, unharmed.
+#[test]
+fn lazy_migration_refuses_wrong_certificate() {
+    let hosts = net::Hosts::new();
+    let t = lazy_program_in(&hosts.first);
+    let before = page_server::state_of(t.pid);
+    let w = WorkDir::new("lazy-pki-wrong");
+    let pki = page_server::Pki::new(&w.0);
+    let port = 25000 + (std::process::id() % 1000) as u16;
+    for (round, (dumps, fetches)) in [("server", "stranger"), ("stranger", "client")]
+        .into_iter()
+        .enumerate()
+    {
+        let _ = std::fs::remove_file(t.work.images().join("inventory.img"));
+        let port = port + round as u16;
+        let mut dump = Reaped(lazy_dump(&t, &hosts.first, port, &[], &pki.args(dumps)));
+        let dst = t.work.0.join(format!("dst-{round}"));
+        copy_images(&t.work.images(), &dst);
+        let mut daemon = Reaped(lazy_daemon_in(
+            &hosts.client,
+            &dst,
+            port,
+            &pki.args(fetches),
+        ));
+        let st = wait_with_deadline(&mut daemon.0, 60);
+        let err = stderr_of(&mut daemon.0);
+        assert!(!st.success(), "lazy-pages took a {dumps} certificate");
+        page_server::one_line_error("lazy-pages", err.trim(), "TLS with the dump");
+        let st = wait_with_deadline(&mut dump.0, 60);
+        let err = stderr_of(&mut dump.0);
+        assert!(
+            !st.success(),
+            "dump --lazy-pages took a {fetches} certificate"
+        );
+        page_server::one_line_error("dump", err.trim(), "TLS with the lazy-pages daemon");
+        assert!(err.contains("the tree runs on here"), "{err}");
+    }
+    page_server::assert_runs_on(t, &before);
 }
 
 /// The source dies mid-migration (its connection breaks with pages still
@@ -2274,10 +2356,11 @@ fn lazy_migration_source_dies() {
         &hosts.first,
         port,
         &[("CRUST_FAULT", "lazy-serving")],
+        &[],
     ));
     let dst = t.work.0.join("dst");
     copy_images(&t.work.images(), &dst);
-    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port);
+    let (daemon, restore) = lazy_restore_in(&hosts.client, &dst, port, &[]);
     let (mut daemon, mut restore) = (Reaped(daemon), Reaped(restore));
     let _end = EndTree(restore.0.id() as i32);
     let st = wait_with_deadline(&mut dump.0, 60);

@@ -150,11 +150,11 @@ fn copy_images(from: &Path, to: &Path) {
 
 /// A CA and, signed by it, a certificate for each side (naming the
 /// loopback and the migration test's address), and one signed by another
-/// CA; made with openssl in `dir`.
-struct Pki(PathBuf);
+/// CA; made with openssl in `dir`. Shared with the lazy migration tests.
+pub(crate) struct Pki(PathBuf);
 
 impl Pki {
-    fn new(dir: &Path) -> Pki {
+    pub(crate) fn new(dir: &Path) -> Pki {
         fs::create_dir_all(dir).unwrap();
         let sh = |script: &str| {
             let out = Command::new("sh")
@@ -195,7 +195,7 @@ impl Pki {
     }
 
     /// --tls with `name`'s certificate and key, trusting the CA.
-    fn args(&self, name: &str) -> Vec<String> {
+    pub(crate) fn args(&self, name: &str) -> Vec<String> {
         let f = |n: String| self.0.join(n).to_string_lossy().into_owned();
         vec![
             "--tls".into(),
@@ -269,7 +269,7 @@ fn page_server_tls_dump_restores() {
 }
 
 /// The task's mappings and open files (fd and target).
-fn state_of(pid: i32) -> String {
+pub(crate) fn state_of(pid: i32) -> String {
     let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| {
@@ -288,7 +288,7 @@ fn state_of(pid: i32) -> String {
 /// The task runs on after a failed dump: not traced, not stopped, its
 /// mappings and fds as before (no parasite left); `pass` then has it
 /// verify its memory.
-fn assert_runs_on(t: Task, before: &str) {
+pub(crate) fn assert_runs_on(t: Task, before: &str) {
     let t0 = Instant::now();
     while state_of(t.pid) != before {
         assert!(
@@ -304,7 +304,7 @@ fn assert_runs_on(t: Task, before: &str) {
     t.pass();
 }
 
-fn one_line_error(who: &str, err: &str, has: &str) {
+pub(crate) fn one_line_error(who: &str, err: &str, has: &str) {
     assert_eq!(
         err.lines().count(),
         1,
