@@ -1424,6 +1424,7 @@ fn packet_socket_on_a_missing_interface() {
 /// gets an address event after the restore.
 #[test]
 fn netlink_sockets() {
+    let _groups = netlink_groups_lock();
     cycle("netlink_sockets", &[]);
 }
 
@@ -1431,6 +1432,7 @@ fn netlink_sockets() {
 /// in one line, and leaves the message for the task to read.
 #[test]
 fn netlink_socket_with_a_message_queued() {
+    let _groups = netlink_groups_lock();
     let mut t = Spawn::new("netlink_sockets").args(&["queued"]).start();
     let out = t.dump_with(&[], &[]);
     let err = String::from_utf8_lossy(&out.stderr);

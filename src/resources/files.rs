@@ -220,6 +220,21 @@ impl TreeObjects {
             .with_context(|| format!("{what} was not made before the tree forked"))
     }
 
+    /// Makes object `key` with `make`, unless an earlier fd (of this task
+    /// or another) had it made already.
+    pub fn make_once(&mut self, key: ObjKey, make: impl FnOnce() -> Result<OwnedFd>) -> Result<()> {
+        if !self.contains(key) {
+            let fd = make()?;
+            self.insert(key, fd);
+        }
+        Ok(())
+    }
+
+    /// A copy of object `key` for one fd of a restored task.
+    pub fn dup_of(&self, key: ObjKey, what: &str) -> Result<OwnedFd> {
+        dup_fd(self.need(key, what)?)
+    }
+
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.0.values().copied()
     }

@@ -262,11 +262,9 @@ impl FileKind for NetlinkSkKind {
     fn prepare(&self, t: &TreeImages, objects: &mut TreeObjects) -> Result<()> {
         for (pid, e, f) in t.files() {
             let FdFile::Netlink(n) = f else { continue };
-            if objects.contains(key(n.ino)) {
-                continue;
-            }
-            let fd = make(n).with_context(|| format!("PID {pid} fd {}", e.fd))?;
-            objects.insert(key(n.ino), fd);
+            objects.make_once(key(n.ino), || {
+                make(n).with_context(|| format!("PID {pid} fd {}", e.fd))
+            })?;
         }
         Ok(())
     }
@@ -275,10 +273,8 @@ impl FileKind for NetlinkSkKind {
         let FdFile::Netlink(n) = f else {
             return Ok(None);
         };
-        let made = ctx
-            .objects
-            .need(key(n.ino), &format!("netlink socket:[{}]", n.ino))?;
-        Ok(Some(files::dup_fd(made)?))
+        let what = format!("netlink socket:[{}]", n.ino);
+        Ok(Some(ctx.objects.dup_of(key(n.ino), &what)?))
     }
 }
 

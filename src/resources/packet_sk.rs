@@ -414,11 +414,9 @@ impl FileKind for PacketSkKind {
     fn prepare(&self, t: &TreeImages, objects: &mut TreeObjects) -> Result<()> {
         for (pid, e, f) in t.files() {
             let FdFile::Packet(s) = f else { continue };
-            if objects.contains(key(s.ino)) {
-                continue;
-            }
-            let fd = make(s).with_context(|| format!("PID {pid} fd {}", e.fd))?;
-            objects.insert(key(s.ino), fd);
+            objects.make_once(key(s.ino), || {
+                make(s).with_context(|| format!("PID {pid} fd {}", e.fd))
+            })?;
         }
         Ok(())
     }
@@ -427,10 +425,8 @@ impl FileKind for PacketSkKind {
         let FdFile::Packet(s) = f else {
             return Ok(None);
         };
-        let made = ctx
-            .objects
-            .need(key(s.ino), &format!("packet socket:[{}]", s.ino))?;
-        Ok(Some(files::dup_fd(made)?))
+        let what = format!("packet socket:[{}]", s.ino);
+        Ok(Some(ctx.objects.dup_of(key(s.ino), &what)?))
     }
 }
 

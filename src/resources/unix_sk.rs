@@ -425,8 +425,9 @@ impl FileKind for UnixSkKind {
     fn restore(&self, f: &FdFile, ctx: &RestoreCtx) -> Result<Option<OwnedFd>> {
         let FdFile::Unix(u) = f else { return Ok(None) };
         let ino = u.socket.as_ref().map_or(0, |s| s.ino);
-        let made = ctx.objects.need(key(ino), &format!("socket:[{ino}]"))?;
-        Ok(Some(dup_fd(made)?))
+        Ok(Some(
+            ctx.objects.dup_of(key(ino), &format!("socket:[{ino}]"))?,
+        ))
     }
 }
 

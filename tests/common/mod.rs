@@ -33,6 +33,14 @@ pub fn pty_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Held by the tests of zdtm/netlink_sockets.c: its usersock sockets join
+/// fixed multicast groups of the one network namespace, so one test's
+/// messages would land, unread, in another's sockets.
+pub fn netlink_groups_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Compiles zdtm/NAME.c once per test binary run.
 pub fn build(name: &str) -> PathBuf {
     static ONCE: Once = Once::new();
