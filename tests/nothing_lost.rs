@@ -300,7 +300,10 @@ fn restore_corrupt_images() {
             before,
             "a failed restore changed the images"
         );
-        assert!(!pid_alive(pid), "a failed restore left PID {pid} behind");
+        assert!(
+            !test_program_at(pid),
+            "a failed restore left PID {pid} behind"
+        );
         fs::write(dir.join(name), &pristine[name]).unwrap();
     }
     // The undamaged images still restore.
@@ -330,7 +333,7 @@ fn restore_refuses_replaced_file() {
         "a failed restore changed the images"
     );
     assert!(
-        !pid_alive(t.pid),
+        !test_program_at(t.pid),
         "a failed restore left PID {} behind",
         t.pid
     );
@@ -408,7 +411,7 @@ fn restore_refuses_changed_file() {
     let (ok, err) = crust(&["restore", "-D", t.work.images().to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("files.a") && err.contains("gone"), "{err}");
-    assert!(!pid_alive(pid));
+    assert!(!test_program_at(pid));
     fs::rename(&away, &f).unwrap();
     t.restore(&[]);
     t.pass();
@@ -540,7 +543,10 @@ fn failed_restore_removes_the_sysv_objects_it_made() {
         before,
         "a failed restore changed the images"
     );
-    assert!(!pid_alive(pid), "a failed restore left PID {pid} behind");
+    assert!(
+        !test_program_at(pid),
+        "a failed restore left PID {pid} behind"
+    );
     fs::write(&pages, &pristine).unwrap();
     t.restore(&[]);
     t.pass();

@@ -974,7 +974,7 @@ fn pid_ns_restores_twice_beside_the_original() {
         t.log_text()
     );
     // crust exits with the root's status: only after the root is gone.
-    assert!(!pid_alive(waited.outer));
+    assert!(!test_program_at(waited.outer));
     t.pass();
 }
 
@@ -1415,7 +1415,7 @@ fn packet_socket_on_a_missing_interface() {
         err.contains(&name) && err.contains("missing"),
         "the refusal does not name {name}: {err}"
     );
-    assert!(!pid_alive(t.pid), "a refused restore left the task");
+    assert!(!test_program_at(t.pid), "a refused restore left the task");
 }
 
 /// Netlink sockets: usersock sockets bound to a chosen port id and to
@@ -2077,7 +2077,7 @@ fn lazy_daemon_dies_during_restore() {
         t0.elapsed()
     );
     assert!(err.contains("lazy-pages daemon went away"), "{err}");
-    assert!(!pid_alive(t.pid), "a restored task was left behind");
+    assert!(!test_program_at(t.pid), "a restored task was left behind");
     assert_eq!(images_digest(&t.work.images()), before);
 }
 

@@ -119,6 +119,14 @@ pub fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether a test program (zdtm/*.c, built into target/zdtm-bin) runs at
+/// `pid`: what a failed or refused restore must not leave behind. Only
+/// the PID would not do: PIDs wrap at 32768 here, and another test's
+/// process may have taken it since.
+pub fn test_program_at(pid: i32) -> bool {
+    fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(bin_dir()))
+}
+
 pub fn wait_gone(pid: i32) {
     let t = Instant::now();
     while pid_alive(pid) {
