@@ -275,6 +275,24 @@ impl Task {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `crust dump` with `extra`, which must be refused: the task runs on,
+    /// untraced. Returns crust's stderr, for the caller to check the reason.
+    pub fn dump_refused(&mut self, extra: &[&str]) -> String {
+        let out = self.dump_with(extra, &[]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the dump went through: {err}");
+        assert!(
+            pid_alive(self.pid),
+            "the refused dump killed the task: {err}"
+        );
+        assert_eq!(
+            status_field(self.pid, "TracerPid"),
+            "0",
+            "the refused dump left the task traced"
+        );
+        err
+    }
+
     /// `crust dump` with extra arguments; returns its output.
     pub fn dump_with(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(CRUST);
