@@ -41,6 +41,21 @@ pub const PARASITE_CMD_FINI: u64 = 4;
 pub const PARASITE_CMD_GET_TIMERS: u64 = 5;
 /// Create `ParasiteCtl::nr_pipes` page pipes (crust sizes them).
 pub const PARASITE_CMD_PIPES: u64 = 6;
+/// `PARASITE_CMD_DUMP_PAGES` over and over in one free command, talking
+/// on the link: after each batch (its result in `ParasiteCtl::ret`) the
+/// parasite sends `LINK_BATCH_DONE` and reads crust's answer,
+/// `LINK_NEXT_BATCH` when crust has put the next batch in place, anything
+/// else (`LINK_QUIT`, or the link broken) to end. A batch costs two bytes
+/// on the link instead of a command's ptrace stops. Returns 0.
+pub const PARASITE_CMD_DUMP_PAGES_STREAM: u64 = 7;
+
+/// Bytes on the link. The parasite: a free command is done (then it waits
+/// for crust's answer before its rt_sigreturn), a stream's batch is done.
+pub const LINK_CMD_DONE: u8 = 1;
+pub const LINK_BATCH_DONE: u8 = 2;
+/// crust, in a stream: the next batch is in place; the stream is over.
+pub const LINK_NEXT_BATCH: u8 = b'b';
+pub const LINK_QUIT: u8 = b'q';
 
 /// prctl that makes timer_create take the id it is given (Linux 6.15);
 /// argument 0 off, 1 on, 2 query.

@@ -65,6 +65,7 @@ extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
         PARASITE_CMD_INIT => init(ctl),
         PARASITE_CMD_PIPES => make_pipes(ctl),
         PARASITE_CMD_DUMP_PAGES => dump_pages(ctl),
+        PARASITE_CMD_DUMP_PAGES_STREAM => dump_pages_stream(ctl),
         PARASITE_CMD_GET_MISC => get_misc(ctl),
         PARASITE_CMD_FINI => fini(ctl),
         PARASITE_CMD_GET_TIMERS => get_timers(ctl),
@@ -84,11 +85,17 @@ extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
 /// The end of a free command (see `ParasiteCtl::free_run`): "done" to
 /// crust, then wait for its "go", or for the link to break.
 fn handshake(ctl: &mut ParasiteCtl) {
+    talk(ctl, LINK_CMD_DONE);
+}
+
+/// Sends `say` to crust on the link and reads its answer: None when the
+/// link broke (crust is gone).
+fn talk(ctl: &mut ParasiteCtl, say: u8) -> Option<u8> {
     const EINTR: i64 = -4;
     // With crust gone, a send raises no SIGPIPE: pending behind the
     // parasite's mask, it would kill the task once its own mask is back.
     const MSG_NOSIGNAL: u64 = 0x4000;
-    let mut b = 1u8;
+    let mut b = say;
     // SAFETY: sends one byte from b; never blocks.
     unsafe {
         syscall6(SYS_SENDTO, ctl.link[0] as u64, &b as *const u8 as u64, 1, MSG_DONTWAIT | MSG_NOSIGNAL, 0, 0)
@@ -97,7 +104,19 @@ fn handshake(ctl: &mut ParasiteCtl) {
         // SAFETY: reads at most one byte into b.
         let r = unsafe { syscall4(SYS_READ, ctl.link[0] as u64, &mut b as *mut u8 as u64, 1, 0) };
         if r != EINTR {
-            break;
+            return (r == 1).then_some(b);
+        }
+    }
+}
+
+/// Batches of `dump_pages` for as long as crust answers with the next one
+/// (see `PARASITE_CMD_DUMP_PAGES_STREAM`). Waits only on crust: with crust
+/// gone the read ends at once, and so does the stream.
+fn dump_pages_stream(ctl: &mut ParasiteCtl) -> i64 {
+    loop {
+        ctl.ret = dump_pages(ctl);
+        if talk(ctl, LINK_BATCH_DONE) != Some(LINK_NEXT_BATCH) {
+            return 0;
         }
     }
 }

@@ -588,16 +588,22 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         t_freeze.elapsed(),
         if tree_ends { "kill" } else { "release" }
     );
-    if tree_ends {
-        // A dying process frees its memory page by page; process_mrelease
-        // frees it from crust too, on the other core, so a big one is gone
-        // sooner. Best effort: the exit frees it anyway.
+    if tree_ends && fctx.holds_for_restore() {
+        // What the dead tree held, crust's copies keep: connections go back
+        // into repair mode before their last close, once the tree's copies
+        // are closed. A dying process frees its memory page by page, and
+        // its files after; process_mrelease frees the memory from crust,
+        // on the other core, so a big one is gone sooner.
         for fd in &pidfds {
             let _ = sys::process_mrelease(fd);
         }
         wait_dead(&killed);
-        // What the dead tree held, crust's copies keep: connections go back
-        // into repair mode before their last close.
+        fctx.tree_ends()?;
+    } else if tree_ends {
+        // The images are whole and durable, and nothing of the tree is held
+        // by crust: the killed tree tears its memory down on its own (as it
+        // does after criu's dump), which takes about 50 ms a GiB. A restore
+        // waits for a PID of the images held by a task still exiting.
         fctx.tree_ends()?;
     }
     drop(fctx);

@@ -37,7 +37,7 @@ use nix::sys::socket::{
 
 use crate::abi;
 use crate::images::pb::{Inventory, MmEntry, PagemapEntry, VmaEntry, VmaKind};
-use crate::images::{self, ImageDir, ImageKind, PAGES_HEADER_LEN};
+use crate::images::{self, ImageDir, ImageKind};
 
 const PAGE: u64 = abi::PAGE_SIZE;
 
@@ -712,71 +712,30 @@ struct Src {
 /// One pages image, mapped: its runs (address, bytes, offset of the
 /// data), by address.
 struct Image {
-    map: *const u8,
-    len: u64,
+    map: images::Mapping,
     runs: Vec<(u64, u64, u64)>,
 }
 
-impl Drop for Image {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: the mapping made in `load_image`, used by nothing else now.
-            unsafe { libc::munmap(self.map as *mut _, self.len as usize) };
-        }
-    }
-}
-
 fn load_image(dir: &ImageDir, pid: i32, mm: &MmEntry) -> Result<Image> {
-    let (f, hdr) = images::open_pages(dir, pid)?;
+    let pages = images::PagesImage::open(dir, pid)?;
     let mut runs = Vec::new();
     let mut off = 0;
     for r in &mm.pagemap {
         runs.push((r.vaddr, r.nr_pages * PAGE, off));
         off += r.nr_pages * PAGE;
     }
-    if off != hdr.len {
+    if off != pages.len() {
         bail!(
             "pages image of {pid} holds {} bytes, its pagemap names {off}; the images are corrupt",
-            hdr.len
+            pages.len()
         );
     }
     runs.sort_by_key(|r| r.0);
-    let map = if hdr.len == 0 {
-        std::ptr::null()
-    } else {
-        // SAFETY: a fresh read-only private mapping of the image's data,
-        // `hdr.len` bytes (open_pages checked the file's size).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                hdr.len as usize,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                f.as_raw_fd(),
-                PAGES_HEADER_LEN as i64,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            bail!(
-                "mapping the pages image of {pid}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        p as *const u8
-    };
-    let img = Image {
-        map,
-        len: hdr.len,
-        runs,
-    };
-    if hdr.len > 0 {
-        // SAFETY: the mapping just made, hdr.len bytes.
-        let data = unsafe { std::slice::from_raw_parts(map, hdr.len as usize) };
-        if crc32fast::hash(data) != hdr.crc {
-            bail!("pages image of {pid}: checksum mismatch; the images are corrupt");
-        }
+    let map = pages.map(libc::MAP_PRIVATE | libc::MAP_POPULATE)?;
+    if crc32fast::hash(map.bytes()) != pages.crc() {
+        bail!("pages image of {pid}: checksum mismatch; the images are corrupt");
     }
-    Ok(img)
+    Ok(Image { map, runs })
 }
 
 /// Where the daemon gets pages.
@@ -833,12 +792,10 @@ impl Sources {
                 );
             };
             let n = (start + rlen - addr).min(len - at);
-            // SAFETY: inside the image's mapping: the run lies in the data
-            // (its length was checked against the header).
-            let from = unsafe {
-                std::slice::from_raw_parts(img.map.add((off + addr - start) as usize), n as usize)
-            };
-            buf[at as usize..(at + n) as usize].copy_from_slice(from);
+            // The run lies in the data: its length was checked at load.
+            let from = (off + addr - start) as usize;
+            buf[at as usize..(at + n) as usize]
+                .copy_from_slice(&img.map.bytes()[from..from + n as usize]);
             at += n;
         }
         self.from_images += len;
@@ -858,11 +815,8 @@ impl Sources {
         if src.addr + len > start + rlen {
             return None;
         }
-        // SAFETY: inside the image's mapping, which lives as long as
-        // `self` (the run lies in the data, checked at load).
-        Some(unsafe {
-            std::slice::from_raw_parts(img.map.add((off + src.addr - start) as usize), len as usize)
-        })
+        let from = (off + src.addr - start) as usize;
+        img.map.bytes().get(from..from + len as usize)
     }
 
     /// Asks the page server for every run of `asks` at once, then reads

@@ -471,6 +471,11 @@ impl PageSink for RemotePages<'_> {
         self.account(data.len() as u64, crc);
         Ok(())
     }
+
+    /// One connection carries one stream.
+    fn split(&mut self, _parts: usize) -> Result<Vec<&mut dyn PageSink>> {
+        Ok(vec![self])
+    }
 }
 
 /// Where a dump's pages go: pages images in the images directory, or a
@@ -519,7 +524,7 @@ impl PageDest {
 impl TaskPages<'_> {
     pub fn len(&self) -> u64 {
         match self {
-            TaskPages::Local(w) => w.len,
+            TaskPages::Local(w) => w.len(),
             TaskPages::Remote(r) => r.len,
         }
     }
@@ -545,6 +550,13 @@ impl PageSink for TaskPages<'_> {
         match self {
             TaskPages::Local(w) => w.take_bytes(data),
             TaskPages::Remote(r) => r.take_bytes(data),
+        }
+    }
+
+    fn split(&mut self, parts: usize) -> Result<Vec<&mut dyn PageSink>> {
+        match self {
+            TaskPages::Local(w) => w.split(parts),
+            TaskPages::Remote(r) => r.split(parts),
         }
     }
 }

@@ -589,6 +589,12 @@ impl<'a> Parasite<'a> {
         (self.remote_base, self.remote_base + self.size)
     }
 
+    /// Whether commands run free and talk on the link (see
+    /// `ParasiteCtl::free_run`); without it, each runs traced.
+    pub fn has_link(&self) -> bool {
+        self.link.is_some()
+    }
+
     pub fn ctl(&mut self) -> &mut ParasiteCtl {
         // SAFETY: the control block lies inside the local mapping, which lives
         // as long as `self`; the task only writes it while crust waits for it.
@@ -633,6 +639,26 @@ impl<'a> Parasite<'a> {
     /// state; crust stops the thread at that syscall's exit, so its state is
     /// back in place on return. The other threads stay stopped meanwhile.
     pub fn run_on(&mut self, t: &SeizedTask, cmd: u64) -> Result<i64> {
+        self.run_talking(t, cmd, None)
+    }
+
+    /// Runs a streaming command in the task's leader (see
+    /// `PARASITE_CMD_DUMP_PAGES_STREAM`): `talk` is called after each batch,
+    /// with the batch's result in the control block, and says whether it
+    /// put the next one in place. An error of `talk` ends the stream and
+    /// is returned once the command has ended and the task is itself again.
+    pub fn run_stream(&mut self, cmd: u64, talk: Talk) -> Result<i64> {
+        if self.link.is_none() {
+            bail!(
+                "the parasite in task {} has no link to stream on",
+                self.task.pid
+            );
+        }
+        let task = self.task;
+        self.run_talking(task, cmd, Some(talk))
+    }
+
+    fn run_talking(&mut self, t: &SeizedTask, cmd: u64, talk: Option<Talk>) -> Result<i64> {
         self.frame_for(t)?;
         self.ctl().cmd = cmd;
         self.ctl().ret = -1;
@@ -649,8 +675,9 @@ impl<'a> Parasite<'a> {
         // parasite's rt_sigreturn puts the mask back).
         ptrace::setregs(pid, r)?;
         sys::set_sigmask(pid, !0)?;
+        let mut talk_err = None;
         if self.link.is_some() {
-            self.run_free(t)?;
+            self.run_free(t, talk, &mut talk_err)?;
         }
         let region = self.remote_base..self.remote_base + self.size;
         let mut in_sigreturn = false;
@@ -670,7 +697,10 @@ impl<'a> Parasite<'a> {
             }
         }
         compiler_fence(Ordering::SeqCst);
-        Ok(self.ctl().ret)
+        match talk_err {
+            Some(e) => Err(e),
+            None => Ok(self.ctl().ret),
+        }
     }
 
     /// The free part of a command (see `ParasiteCtl::free_run`): thread `t`
@@ -678,9 +708,22 @@ impl<'a> Parasite<'a> {
     /// says it is done; then crust stops it, answers, and leaves the rest
     /// (the end of the handshake and the rt_sigreturn) to `run_on`'s
     /// tracing. A signal stop meanwhile fails the command as in `run_on`.
-    fn run_free(&mut self, t: &SeizedTask) -> Result<()> {
+    fn run_free(
+        &mut self,
+        t: &SeizedTask,
+        mut talk: Option<Talk>,
+        talk_err: &mut Option<anyhow::Error>,
+    ) -> Result<()> {
         let pid = t.pid;
-        let link = self.link.as_ref().expect("a free command has a link");
+        // crust's own second descriptor of its end, so that `talk` may
+        // have the control block meanwhile; closed on return.
+        let link = self
+            .link
+            .as_ref()
+            .expect("a free command has a link")
+            .try_clone()
+            .context("duplicating the parasite's link")?;
+        let link = &link;
         // A "done" left over from a command crust gave up on is not this one's.
         let mut stale = [0u8; 16];
         // SAFETY: recv into our own buffer, never blocking.
@@ -697,7 +740,7 @@ impl<'a> Parasite<'a> {
         // it on a broken link and returns into its own code.
         crate::dump::fault_point("parasite-free");
         ptrace::cont(pid, None)?;
-        let deadline = std::time::Instant::now() + crate::seize::STEP_TIMEOUT;
+        let mut deadline = std::time::Instant::now() + crate::seize::STEP_TIMEOUT;
         loop {
             match nix::sys::wait::waitpid(
                 pid,
@@ -722,7 +765,28 @@ impl<'a> Parasite<'a> {
             if sys::poll_fd_or_sigchld(link.as_raw_fd(), left)? {
                 let mut b = [0u8; 1];
                 match (&*link).read(&mut b) {
-                    Ok(1) => break,
+                    Ok(1) if b[0] == abi::LINK_CMD_DONE => break,
+                    Ok(1) if b[0] == abi::LINK_BATCH_DONE => {
+                        let Some(talk) = talk.as_mut() else {
+                            bail!("the parasite in task {pid} sent a batch's end outside a stream");
+                        };
+                        // After an error the stream only ends.
+                        let next = talk_err.is_none()
+                            && talk(self.ctl()).unwrap_or_else(|e| {
+                                *talk_err = Some(e);
+                                false
+                            });
+                        let say = if next {
+                            abi::LINK_NEXT_BATCH
+                        } else {
+                            abi::LINK_QUIT
+                        };
+                        (&*link)
+                            .write_all(&[say])
+                            .context("answering the parasite on its link")?;
+                        deadline = std::time::Instant::now() + crate::seize::STEP_TIMEOUT;
+                    }
+                    Ok(1) => bail!("the parasite in task {pid} said {} on its link", b[0]),
                     Ok(_) => bail!("task {pid} closed the parasite's link: it died"),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e).context("reading the parasite's link"),
@@ -784,6 +848,11 @@ impl<'a> Parasite<'a> {
         Ok(())
     }
 }
+
+/// What crust answers a streaming command after each batch: given the
+/// control block (the batch's result in `ret`), true when it put the next
+/// batch in place, false to end the stream.
+pub type Talk<'t> = &'t mut dyn FnMut(&mut ParasiteCtl) -> Result<bool>;
 
 impl Drop for Parasite<'_> {
     fn drop(&mut self) {

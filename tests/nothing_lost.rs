@@ -387,6 +387,55 @@ fn crust_killed_at_random_moments() {
     }
 }
 
+/// A big task's page stream is written in two part files side by side
+/// (one file takes a stream at the speed of one core). Both are needed and
+/// checked: a damaged byte in the second, or the second missing, is
+/// refused in one line and leaves the images as they were; whole again,
+/// they restore a program that finds every word of its memory.
+#[test]
+fn big_memory_in_two_part_files() {
+    let mut t = Spawn::new("bigmem").args(&["160"]).start();
+    let pid = t.pid;
+    t.dump(&[]);
+    let dir = t.work.images();
+    let first = dir.join(format!("pages-{pid}.img"));
+    let second = dir.join(format!("pages-{pid}.part2.img"));
+    let (a, b) = (
+        fs::metadata(&first).unwrap().len(),
+        fs::metadata(&second).unwrap().len(),
+    );
+    eprintln!("pages-{pid}.img {} MiB, part 2 {} MiB", a >> 20, b >> 20);
+    assert!(
+        a > 60 << 20 && b > 60 << 20,
+        "the stream was not cut in two halves: {a} and {b} bytes"
+    );
+    let pristine = fs::read(&second).unwrap();
+    let mut bad = pristine.clone();
+    let i = bad.len() - 4096 * 3 + 17;
+    bad[i] ^= 0x40;
+    fs::write(&second, &bad).unwrap();
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!ok, "a damaged second part restored");
+    one_line_error(&err);
+    assert!(err.contains("pages") && err.contains("corrupt"), "{err}");
+    assert!(!test_program_at(pid), "a failed restore left PID {pid}");
+    assert_eq!(
+        fs::read(&second).unwrap(),
+        bad,
+        "the restore changed the images"
+    );
+    fs::remove_file(&second).unwrap();
+    let (ok, err) = crust(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!ok, "a restore without the second part succeeded");
+    one_line_error(&err);
+    assert!(err.contains("part2.img"), "{err}");
+    fs::write(&second, &pristine).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&second, fs::Permissions::from_mode(0o600)).unwrap();
+    t.restore(&[]);
+    t.pass();
+}
+
 /// A file the task had open changed size after the dump: the restore names
 /// it and refuses; put back, the same images restore.
 #[test]

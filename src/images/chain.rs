@@ -12,15 +12,12 @@
 //! holes), and marks that dump `deduplicated`: restoring it alone would
 //! give zeros where the holes are, so that is refused.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::pb::{Inventory, MmEntry, PagemapEntry};
-use super::{ImageDir, ImageKind, PAGES_HEADER_LEN, header, open_pages};
+use super::{ImageDir, ImageKind, PagesImage};
 use crate::resources::memtrack::{Ranges, intersect, normalize, subtract};
 
 pub const PARENT_LINK: &str = "parent";
@@ -164,11 +161,8 @@ impl Parent {
 /// One older image a restore reads pages from: its runs in file order,
 /// and the pages to take from it.
 pub struct Link {
-    pub path: PathBuf,
     pub runs: Vec<PagemapEntry>,
-    pub pages: File,
-    pub len: u64,
-    pub crc: u32,
+    pub pages: PagesImage,
     pub take: Ranges,
 }
 
@@ -190,7 +184,7 @@ pub fn load(dir: &ImageDir, pid: i32, prev: &[PagemapEntry]) -> Result<Vec<Link>
         })?;
         let pd = ImageDir::open(&next)?;
         let mm: MmEntry = pd.read_msg(ImageKind::Mm, pid)?;
-        let (pages, hdr) = open_pages(&pd, pid)?;
+        let pages = PagesImage::open(&pd, pid)?;
         let stored = normalize(runs_to_ranges(&mm.pagemap));
         let take = intersect(&need, &stored);
         need = subtract(&need, &stored);
@@ -204,11 +198,8 @@ pub fn load(dir: &ImageDir, pid: i32, prev: &[PagemapEntry]) -> Result<Vec<Link>
         }
         if !take.is_empty() {
             out.push(Link {
-                path: pd.file(ImageKind::Pages, pid),
                 runs: mm.pagemap,
                 pages,
-                len: hdr.len,
-                crc: hdr.crc,
                 take,
             });
         }
@@ -269,45 +260,19 @@ pub fn dedup(top: &Path) -> Result<Dedup> {
 /// the bytes punched (already punched ones count again: punching is
 /// idempotent).
 fn punch(dir: &ImageDir, pid: i32, runs: &[PagemapEntry], keep: &[(u64, u64)]) -> Result<u64> {
-    let path = dir.file(ImageKind::Pages, pid);
-    let (_, hdr) = open_pages(dir, pid)?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut off = PAGES_HEADER_LEN;
+    let img = PagesImage::open_writable(dir, pid)?;
+    let mut off = 0;
     let mut total = 0;
     for r in runs {
         let (s, e) = (r.vaddr, r.vaddr + r.nr_pages * PAGE);
         for (ps, pe) in subtract(&[(s, e)], keep) {
-            let at = off + (ps - s);
-            // SAFETY: fallocate(2) on a file of ours.
-            let rc = unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    at as i64,
-                    (pe - ps) as i64,
-                )
-            };
-            if rc != 0 {
-                bail!(
-                    "punching a hole in {}: {}; its file system may not support holes",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
+            img.punch(off + (ps - s), pe - ps)?;
             total += pe - ps;
         }
         off += e - s;
     }
     if total > 0 {
-        let crc = super::crc_of_file_range(&f, PAGES_HEADER_LEN, hdr.len)
-            .with_context(|| format!("reading {}", path.display()))?;
-        f.write_all_at(&header(ImageKind::Pages, hdr.len, crc), 0)
-            .and_then(|_| f.sync_data())
-            .with_context(|| format!("writing {}", path.display()))?;
+        img.reseal()?;
     }
     Ok(total)
 }

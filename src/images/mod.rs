@@ -3,12 +3,12 @@
 //! and a CRC32 of the payload, verified on every read.
 //!
 //! Layout of a directory for a dump of task tree rooted at PID:
-//! `core-PID.img`, `mm-PID.img`, `files-PID.img`, `pages-PID.img` per task,
-//! and `inventory.img`, written last.
+//! `core-PID.img`, `mm-PID.img`, `files-PID.img`, `pages-PID.img` (and
+//! `pages-PID.part2.img` for a big task: `pages.rs`) per task, and
+//! `inventory.img`, written last.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,9 @@ use anyhow::{Context, Result};
 use prost::Message;
 
 pub mod chain;
+mod pages;
+
+pub use pages::{MAX_PARTS, Mapping, PageSink, PagesImage, PagesWriter, verify_pages_file};
 
 #[allow(clippy::all)]
 pub mod pb {
@@ -23,7 +26,7 @@ pub mod pb {
 }
 
 /// Bumped on every incompatible change of a schema or of the framing.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 24;
 /// The pages file keeps its data page-aligned.
 pub const PAGES_HEADER_LEN: u64 = 4096;
@@ -169,6 +172,8 @@ pub struct Header {
     pub kind: ImageKind,
     pub len: u64,
     pub crc: u32,
+    /// Pages images: how many part files follow this one (`pages.rs`).
+    pub more: u32,
 }
 
 /// Whether a file name is a log or pidfile crust (or a script around it)
@@ -209,6 +214,7 @@ pub fn parse_header(path: &Path, h: &[u8]) -> Result<Header> {
         kind,
         len: u64::from_le_bytes(h[8..16].try_into().unwrap()),
         crc: u32::from_le_bytes(h[16..20].try_into().unwrap()),
+        more: u32::from_le_bytes(h[20..24].try_into().unwrap()),
     })
 }
 
@@ -361,87 +367,6 @@ pub fn read_msg_file<M: Message + Default>(path: &Path, want: Option<ImageKind>)
     M::decode(payload).map_err(|e| ImageError::Undecodable(path.to_owned(), e.to_string()).into())
 }
 
-/// Where a stream of pages goes, in stream order: the pages image of a
-/// dump (`PagesWriter`), or any other file or socket a pipe splices into.
-/// Whoever fills the pipes knows the CRC-32 of what they hold (the parasite
-/// computes it where the pages are), so a sink never reads data back.
-pub trait PageSink: Send {
-    /// Moves `len` bytes out of `pipe`, which is empty afterwards; `crc` is
-    /// their CRC-32.
-    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()>;
-    /// Appends bytes crust holds itself (pages read through /proc/PID/mem).
-    fn take_bytes(&mut self, data: &[u8]) -> Result<()>;
-}
-
-/// The raw page store of one task: the page stream spliced into
-/// `pages-PID.img` after a 4 KiB header, which `finish` seals with the
-/// length and the CRC-32 combined from the parts' own.
-pub struct PagesWriter {
-    pub path: PathBuf,
-    file: File,
-    pub len: u64,
-    crc: crc32fast::Hasher,
-}
-
-impl PagesWriter {
-    pub fn create(dir: &ImageDir, pid: i32) -> Result<Self> {
-        let (path, file) = dir.create_file(ImageKind::Pages, pid)?;
-        file.write_all_at(&[0u8; PAGES_HEADER_LEN as usize], 0)?;
-        use std::io::Seek;
-        (&file).seek(std::io::SeekFrom::Start(PAGES_HEADER_LEN))?;
-        Ok(Self {
-            path,
-            file,
-            len: 0,
-            crc: crc32fast::Hasher::new(),
-        })
-    }
-
-    /// Appends bytes whose CRC-32 the caller computed already (a page
-    /// server checks each part it receives).
-    pub fn take_checked(&mut self, data: &[u8], crc: u32) -> Result<()> {
-        (&self.file)
-            .write_all(data)
-            .with_context(|| format!("writing {}", self.path.display()))?;
-        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(
-            crc,
-            data.len() as u64,
-        ));
-        self.len += data.len() as u64;
-        Ok(())
-    }
-
-    /// Seals the header with the length and checksum.
-    pub fn finish(self) -> Result<()> {
-        let crc = self.crc.finalize();
-        self.file
-            .write_all_at(&header(ImageKind::Pages, self.len, crc), 0)
-            .and_then(|_| self.file.sync_data())
-            .with_context(|| format!("writing {}", self.path.display()))?;
-        Ok(())
-    }
-}
-
-impl PageSink for PagesWriter {
-    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()> {
-        crate::sys::splice_all(pipe, self.file.as_raw_fd(), len as usize)
-            .with_context(|| format!("splicing pages into {}", self.path.display()))?;
-        self.crc
-            .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
-        self.len += len;
-        Ok(())
-    }
-
-    fn take_bytes(&mut self, data: &[u8]) -> Result<()> {
-        (&self.file)
-            .write_all(data)
-            .with_context(|| format!("writing {}", self.path.display()))?;
-        self.crc.update(data);
-        self.len += data.len() as u64;
-        Ok(())
-    }
-}
-
 /// A raw image written in one go by a copy loop: header, then the data,
 /// checksummed as it goes.
 pub struct RawWriter {
@@ -548,30 +473,6 @@ fn crc_of_file_range(f: &File, off: u64, len: u64) -> std::io::Result<u32> {
     Ok(h.finalize())
 }
 
-/// Opens a pages image and checks its framing (the CRC is checked by the
-/// reader as it consumes the data).
-pub fn open_pages(dir: &ImageDir, pid: i32) -> Result<(File, Header)> {
-    let p = dir.file(ImageKind::Pages, pid);
-    let f = File::open(&p)
-        .with_context(|| format!("{}: cannot open; the dump is incomplete", p.display()))?;
-    let mut h = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut h, 0)
-        .map_err(|_| ImageError::Truncated(p.clone(), "no whole header".into()))?;
-    let hdr = parse_header(&p, &h)?;
-    let size = f.metadata()?.len();
-    if size != PAGES_HEADER_LEN + hdr.len {
-        return Err(ImageError::Truncated(
-            p,
-            format!(
-                "{size} bytes, the header says {}",
-                PAGES_HEADER_LEN + hdr.len
-            ),
-        )
-        .into());
-    }
-    Ok((f, hdr))
-}
-
 /// Verifies a whole raw image's framing and checksum (used by `show`).
 pub fn verify_raw_file(path: &Path, kind: ImageKind) -> Result<Header> {
     let f = File::open(path)?;
@@ -583,22 +484,6 @@ pub fn verify_raw_file(path: &Path, kind: ImageKind) -> Result<Header> {
         return Err(ImageError::Truncated(path.to_owned(), "truncated or padded".into()).into());
     }
     if crc_of_file_range(&f, HEADER_LEN as u64, hdr.len)? != hdr.crc {
-        return Err(ImageError::Checksum(path.to_owned()).into());
-    }
-    Ok(hdr)
-}
-
-/// Verifies the whole pages image's checksum (used by `show`).
-pub fn verify_pages_file(path: &Path) -> Result<Header> {
-    let f = File::open(path)?;
-    let mut h = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut h, 0)
-        .map_err(|_| ImageError::Truncated(path.to_owned(), "no whole header".into()))?;
-    let hdr = parse_header(path, &h)?;
-    if f.metadata()?.len() != PAGES_HEADER_LEN + hdr.len {
-        return Err(ImageError::Truncated(path.to_owned(), "truncated or padded".into()).into());
-    }
-    if crc_of_file_range(&f, PAGES_HEADER_LEN, hdr.len)? != hdr.crc {
         return Err(ImageError::Checksum(path.to_owned()).into());
     }
     Ok(hdr)
@@ -729,35 +614,6 @@ mod tests {
         assert!(e.to_string().contains("notes.txt"), "{e}");
         assert_eq!(crate::error::class_of(&e), crate::error::Class::Refused);
         assert!(d.path.join("notes.txt").exists());
-        fs::remove_dir_all(&d.path).unwrap();
-    }
-
-    #[test]
-    fn pages_writer_checksums_what_it_wrote() {
-        let d = scratch("pages");
-        let mut w = PagesWriter::create(&d, 9).unwrap();
-        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i * 7) as u8).collect();
-        w.take_bytes(&data[..4096]).unwrap();
-        // Two pages through a pipe, with the checksum its filler computed.
-        let (rd, wr) = nix::unistd::pipe().unwrap();
-        let mid = &data[4096..3 * 4096];
-        nix::unistd::write(&wr, mid).unwrap();
-        w.take_pipe(rd.as_raw_fd(), mid.len() as u64, crc32fast::hash(mid))
-            .unwrap();
-        w.take_bytes(&data[3 * 4096..]).unwrap();
-        w.finish().unwrap();
-        let hdr = verify_pages_file(&d.file(ImageKind::Pages, 9)).unwrap();
-        assert_eq!(hdr.len, data.len() as u64);
-        assert_eq!(hdr.crc, crc32fast::hash(&data));
-        let (_, h) = open_pages(&d, 9).unwrap();
-        assert_eq!(h.len, data.len() as u64);
-        // A flipped data byte fails the full check.
-        let f = OpenOptions::new()
-            .write(true)
-            .open(d.file(ImageKind::Pages, 9))
-            .unwrap();
-        f.write_all_at(&[0xff], PAGES_HEADER_LEN + 100).unwrap();
-        assert!(verify_pages_file(&d.file(ImageKind::Pages, 9)).is_err());
         fs::remove_dir_all(&d.path).unwrap();
     }
 }

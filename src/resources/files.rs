@@ -126,6 +126,12 @@ impl<'a> DumpCtx<'a> {
         }
     }
 
+    /// Whether `tree_ends` has work that must wait for the killed tree to
+    /// be dead (crust's copies of its connections).
+    pub fn holds_for_restore(&self) -> bool {
+        !self.at_end.borrow().is_empty()
+    }
+
     /// The dump is done and killed the tree: nothing is given back, and
     /// what the tree held is left as the restore needs it.
     pub fn tree_ends(&self) -> Result<()> {

@@ -10,6 +10,7 @@
 //! neither crust nor the task uses, filled from the pages image, and moved
 //! into place by the restorer with mremap.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -21,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use super::files::TreeObjects;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
-use crate::images::{PAGES_HEADER_LEN, PageSink};
+use crate::images::{PageSink, PagesImage};
 use crate::parasite_ctl::Parasite;
 use crate::proc::{self, MapsEntry};
 
@@ -480,13 +481,21 @@ enum Part {
     Bytes(Vec<u8>),
 }
 
+/// Streams of at least this many bytes are written in parts side by side
+/// (`PageSink::split`): below it, a second part file and writer thread
+/// cost more than they save.
+const SPLIT_MIN: u64 = 64 << 20;
+
 /// Streams the pages of `runs` (page runs of the task's `vmas`, in the
 /// order the image lists them: `mm.pagemap`, or any selection of it) into
-/// `sink`. The parasite checksums and vmsplices a batch into an empty page
-/// pipe per trip; a second thread splices the full pipes into the sink
-/// meanwhile and hands them back empty, so the next batch is taken while
-/// the last is written. Every pipe the parasite gets holds its whole batch:
-/// its non-blocking vmsplice never has to wait for crust.
+/// `sink`. The parasite checksums and vmsplices a batch into empty page
+/// pipes per trip; writer threads splice the full pipes into the sink
+/// meanwhile and hand them back empty, so the next batch is taken while
+/// the last is written. A big stream is cut in two halves, each spliced
+/// by its own writer into its own part of the sink (one file is written
+/// at the speed of one core: see `images/pages.rs`); each trip fills pipes
+/// of both. Every pipe the parasite gets holds its whole batch: its
+/// non-blocking vmsplice never has to wait for crust.
 pub fn dump_pages(
     parasite: &mut Parasite,
     vmas: &[VmaEntry],
@@ -498,51 +507,83 @@ pub fn dump_pages(
     }
     // A pipe per MiB, up to the most a parasite holds: a small task gets
     // one, and the first trip's worth of pipes is all a big one needs to
-    // keep the writer busy.
+    // keep the writers busy.
     let bytes: u64 = runs.iter().map(|r| r.nr_pages * PAGE).sum();
     parasite.make_pipes(bytes.div_ceil(1 << 20) as usize)?;
     let pipes: Vec<RawFd> = parasite.pipes.iter().map(|f| f.as_raw_fd()).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts = if bytes >= SPLIT_MIN && cores > 1 && pipes.len() > 1 {
+        crate::images::MAX_PARTS
+    } else {
+        1
+    };
+    let sinks = sink.split(parts)?;
+    let lanes = cut_stream(
+        stream_pieces(parasite.task.pid, vmas, runs),
+        bytes,
+        sinks.len(),
+    );
     std::thread::scope(|s| {
-        let (part_tx, part_rx) = mpsc::channel::<Part>();
         let (free_tx, free_rx) = mpsc::channel::<usize>();
         for i in 0..pipes.len() {
             free_tx.send(i).expect("the receiver is here");
         }
         let pipes = &pipes;
-        let writer = s.spawn(move || -> Result<Duration> {
-            // How long the writer waited for the filler: the pipeline's stall.
-            let mut idle = Duration::ZERO;
-            let mut t = Instant::now();
-            while let Ok(part) = part_rx.recv() {
-                idle += t.elapsed();
-                match part {
-                    Part::Pipe { pipe, len, crc } => {
-                        sink.take_pipe(pipes[pipe], len, crc)?;
-                        crate::progress::bytes_done(len);
-                        // The filler may be done already; then nobody waits for it.
-                        let _ = free_tx.send(pipe);
+        let mut part_txs = Vec::new();
+        let mut writers = Vec::new();
+        for sink in sinks {
+            let (part_tx, part_rx) = mpsc::channel::<Part>();
+            let free_tx = free_tx.clone();
+            part_txs.push(part_tx);
+            writers.push(s.spawn(move || -> Result<Duration> {
+                // How long the writer waited for the filler: the pipeline's stall.
+                let mut idle = Duration::ZERO;
+                let mut t = Instant::now();
+                while let Ok(part) = part_rx.recv() {
+                    idle += t.elapsed();
+                    match part {
+                        Part::Pipe { pipe, len, crc } => {
+                            sink.take_pipe(pipes[pipe], len, crc)?;
+                            crate::progress::bytes_done(len);
+                            // The filler may be done already; then nobody waits for it.
+                            let _ = free_tx.send(pipe);
+                        }
+                        Part::Bytes(data) => {
+                            sink.take_bytes(&data)?;
+                            crate::progress::bytes_done(data.len() as u64);
+                        }
                     }
-                    Part::Bytes(data) => {
-                        sink.take_bytes(&data)?;
-                        crate::progress::bytes_done(data.len() as u64);
-                    }
+                    t = Instant::now();
                 }
-                t = Instant::now();
-            }
-            Ok(idle)
-        });
+                Ok(idle)
+            }));
+        }
+        // With every writer gone, the filler's wait for a pipe ends.
+        drop(free_tx);
         let t = Instant::now();
-        let filled = fill_pipes(parasite, vmas, runs, &part_tx, &free_rx);
-        drop(part_tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer thread panicked")));
+        let filled = fill_pipes(parasite, lanes, &part_txs, &free_rx);
+        drop(part_txs);
+        let mut idle = Vec::new();
+        let mut failed = None;
+        for w in writers {
+            match w.join() {
+                Ok(Ok(d)) => idle.push(d),
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(anyhow::anyhow!("a page writer thread panicked")))
+                }
+            }
+        }
         // A failed writer stops the filler: its error is the one to report.
-        let (idle, waits) = (written?, filled?);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let waits = filled?;
         tracing::debug!(
-            "task {}: pages streamed in {:?}, {} trips into the parasite; the writer waited {idle:?}, the parasite {:?}",
+            "task {}: pages streamed in {:?} by {} writers, {} trips into the parasite; the writers waited {idle:?}, the parasite {:?}",
             parasite.task.pid,
             t.elapsed(),
+            idle.len(),
             waits.1,
             waits.0
         );
@@ -550,39 +591,18 @@ pub fn dump_pages(
     })
 }
 
-/// The batches of one trip into the parasite: per pipe to fill, its number
-/// of iovecs (in `iovs`, one pipe's after the other) and its bytes.
-#[derive(Default)]
-struct Trip {
-    fills: Vec<(u32, u64)>,
-    iovs: Vec<IoVec>,
-}
+/// A piece of the page stream: `[start, end)` inside one run, and whether
+/// crust copies it itself instead of the parasite.
+type Piece = (u64, u64, bool);
 
-/// The filling half of `dump_pages`, in the thread that traces the task.
-/// A trip into the parasite fills some of the pipes while the writer
-/// drains the others. Returns how long it waited for empty pipes, and its
-/// trips.
-fn fill_pipes(
-    parasite: &mut Parasite,
-    vmas: &[VmaEntry],
-    runs: &[PagemapEntry],
-    parts: &mpsc::Sender<Part>,
-    free: &mpsc::Receiver<usize>,
-) -> Result<(Duration, usize)> {
-    let pid = parasite.task.pid;
-    let pipe_size = parasite.pipe_size as u64;
-    // A quarter of the pipes per trip: three quarters stay queued for the
-    // writer while the parasite fills the next ones, so a trip held up by
-    // the scheduler does not leave the writer without pages.
-    let per_trip = (parasite.pipes.len() / 4).max(1);
-    let stopped = || anyhow::anyhow!("the page writer of task {pid} stopped");
-    // The pages crust copies itself, in stream order, rather than have the
-    // parasite vmsplice and checksum them: pages vmsplice cannot read
-    // (PROT_NONE; /proc/PID/mem can), and the page of the rseq area of the
-    // thread the parasite runs in. The kernel writes that area each time
-    // the thread returns to user space (cpu and node ids), also while
-    // earlier pages of it wait in a pipe; copied by crust, the bytes
-    // written are the bytes checksummed.
+/// The runs cut where the pages crust copies itself begin and end, in
+/// stream order. Crust copies, rather than have the parasite vmsplice and
+/// checksum them: pages vmsplice cannot read (PROT_NONE; /proc/PID/mem
+/// can), and the page of the rseq area of the thread the parasite runs in.
+/// The kernel writes that area each time the thread returns to user space
+/// (cpu and node ids), also while earlier pages of it wait in a pipe;
+/// copied by crust, the bytes written are the bytes checksummed.
+fn stream_pieces(pid: nix::unistd::Pid, vmas: &[VmaEntry], runs: &[PagemapEntry]) -> Vec<Piece> {
     let rseq = crate::sys::get_rseq_conf(pid)
         .ok()
         .filter(|c| c.rseq_abi_pointer != 0)
@@ -596,22 +616,155 @@ fn fill_pipes(
             .find(|v| v.start <= addr && addr < v.end)
             .is_some_and(|v| v.prot & libc::PROT_READ as u32 != 0)
     };
-    let mut stats = (Duration::ZERO, 0);
-    let go = |parasite: &mut Parasite, trip: &mut Trip, stats: &mut (Duration, usize)| {
-        if trip.fills.is_empty() {
-            return Ok(());
+    runs.iter()
+        .flat_map(|run| {
+            let (start, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
+            let (rs, re) = rseq.unwrap_or((end, end));
+            let cuts = if readable(start) {
+                [
+                    (start, end.min(rs), false),
+                    (start.max(rs), end.min(re), true),
+                    (start.max(re), end, false),
+                ]
+            } else {
+                [(start, end, true), (end, end, true), (end, end, true)]
+            };
+            cuts.into_iter().filter(|&(s, e, _)| s < e)
+        })
+        .collect()
+}
+
+/// Cuts the stream's pieces (`bytes` in all) into `n` consecutive lanes
+/// of about equal bytes, page-aligned.
+fn cut_stream(pieces: Vec<Piece>, bytes: u64, n: usize) -> Vec<VecDeque<Piece>> {
+    let per = (bytes / n as u64).next_multiple_of(PAGE).max(PAGE);
+    let mut lanes = vec![VecDeque::new(); n];
+    let (mut lane, mut room) = (0, per);
+    for (mut s, e, copy) in pieces {
+        while s < e {
+            let take = if lane + 1 == n {
+                e - s
+            } else {
+                (e - s).min(room)
+            };
+            lanes[lane].push_back((s, s + take, copy));
+            s += take;
+            room -= take.min(room);
+            if room == 0 && lane + 1 < n {
+                lane += 1;
+                room = per;
+            }
         }
+    }
+    lanes
+}
+
+/// The batches of one trip into the parasite: per pipe to fill, its lane,
+/// its number of iovecs (in `iovs`, one pipe's after the other) and its
+/// bytes.
+#[derive(Default)]
+struct Trip {
+    fills: Vec<(usize, u32, u64)>,
+    iovs: Vec<IoVec>,
+}
+
+/// The filling half of `dump_pages`, in the thread that traces the task:
+/// plans each trip into the parasite (a pipe of each lane in turn, a
+/// quarter of the pipes per trip), loads it into the control block once
+/// its pipes are free, and hands the filled pipes to the lanes' writers.
+struct PipeFiller<'a> {
+    lanes: Vec<VecDeque<Piece>>,
+    parts: &'a [mpsc::Sender<Part>],
+    free: &'a mpsc::Receiver<usize>,
+    /// The task's memory, for the pieces crust copies itself.
+    mem: &'a File,
+    pid: i32,
+    pipe_size: u64,
+    per_trip: usize,
+    /// The trip planned, then loaded and run: its lanes and bytes.
+    trip: Trip,
+    /// How long it waited for empty pipes, and its trips.
+    waited: Duration,
+    trips: usize,
+}
+
+impl PipeFiller<'_> {
+    fn stopped(&self) -> anyhow::Error {
+        anyhow::anyhow!("the page writer of task {} stopped", self.pid)
+    }
+
+    /// Plans the next trip; false when the stream is done. Pieces crust
+    /// copies itself are copied on the way, in their lane's order: a piece
+    /// met behind fills of the trip being planned ends the trip, and is
+    /// copied once they are written.
+    fn plan(&mut self) -> Result<bool> {
+        self.trip = Trip::default();
+        let pipe_size = self.pipe_size;
+        while self.lanes.iter().any(|l| !l.is_empty()) {
+            for (lane, pieces) in self.lanes.iter_mut().enumerate() {
+                let Some(&(mut addr, end, copy)) = pieces.front() else {
+                    continue;
+                };
+                if copy {
+                    if !self.trip.fills.is_empty() {
+                        return Ok(true);
+                    }
+                    while addr < end {
+                        let mut data = vec![0u8; (end - addr).min(pipe_size) as usize];
+                        self.mem.read_exact_at(&mut data, addr).with_context(|| {
+                            format!("reading pages of task {} at {addr:#x}", self.pid)
+                        })?;
+                        addr += data.len() as u64;
+                        let stopped =
+                            || anyhow::anyhow!("the page writer of task {} stopped", self.pid);
+                        self.parts[lane]
+                            .send(Part::Bytes(data))
+                            .map_err(|_| stopped())?;
+                    }
+                    pieces.pop_front();
+                    continue;
+                }
+                // One pipe's worth of this lane, up to its next copied piece.
+                let (mut nr_iovs, mut len) = (0u32, 0u64);
+                while let Some(&mut (ref mut s, e, false)) = pieces.front_mut() {
+                    let take = (e - *s).min(pipe_size - len);
+                    self.trip.iovs.push(IoVec {
+                        base: *s,
+                        len: take,
+                    });
+                    nr_iovs += 1;
+                    len += take;
+                    *s += take;
+                    if *s == e {
+                        pieces.pop_front();
+                    }
+                    if len == pipe_size || self.trip.iovs.len() == abi::MAX_IOVS {
+                        break;
+                    }
+                }
+                self.trip.fills.push((lane, nr_iovs, len));
+                if self.trip.fills.len() >= self.per_trip || self.trip.iovs.len() == abi::MAX_IOVS {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(!self.trip.fills.is_empty())
+    }
+
+    /// Takes empty pipes for the planned trip and puts it in place.
+    fn load(&mut self, ctl: &mut abi::ParasiteCtl) -> Result<()> {
         let t = Instant::now();
-        let pipes = trip
+        let pipes = self
+            .trip
             .fills
             .iter()
-            .map(|_| free.recv().map_err(|_| stopped()))
+            .map(|_| self.free.recv().map_err(|_| self.stopped()))
             .collect::<Result<Vec<usize>>>()?;
-        stats.0 += t.elapsed();
-        stats.1 += 1;
-        let ctl = parasite.ctl();
-        ctl.nr_fills = trip.fills.len() as u64;
-        for (f, (&(nr_iovs, len), &pipe)) in ctl.fills.iter_mut().zip(trip.fills.iter().zip(&pipes))
+        self.waited += t.elapsed();
+        self.trips += 1;
+        ctl.nr_fills = self.trip.fills.len() as u64;
+        for (f, (&(_, nr_iovs, len), &pipe)) in
+            ctl.fills.iter_mut().zip(self.trip.fills.iter().zip(&pipes))
         {
             *f = abi::PipeFill {
                 pipe: pipe as u32,
@@ -620,80 +773,90 @@ fn fill_pipes(
                 ..Default::default()
             };
         }
-        ctl.iovs[..trip.iovs.len()].copy_from_slice(&trip.iovs);
-        let want: u64 = trip.fills.iter().map(|f| f.1).sum();
-        let r = parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
-        if r < 0 || r as u64 != want {
-            bail!("vmsplice of {want} bytes in task {pid} returned {r}");
+        ctl.iovs[..self.trip.iovs.len()].copy_from_slice(&self.trip.iovs);
+        Ok(())
+    }
+
+    /// The trip ran (`r`, the bytes the parasite spliced): its pipes go to
+    /// their lanes' writers.
+    fn landed(&mut self, ctl: &abi::ParasiteCtl) -> Result<()> {
+        let want: u64 = self.trip.fills.iter().map(|f| f.2).sum();
+        if ctl.ret < 0 || ctl.ret as u64 != want {
+            bail!(
+                "vmsplice of {want} bytes in task {} returned {}",
+                self.pid,
+                ctl.ret
+            );
         }
         // Pages in the pipes, not yet written: the guardian closes them.
         crate::dump::fault_point("pages-in-pipes");
-        for f in &parasite.ctl().fills[..trip.fills.len()] {
-            parts
+        for (f, &(lane, ..)) in ctl.fills.iter().zip(&self.trip.fills) {
+            self.parts[lane]
                 .send(Part::Pipe {
                     pipe: f.pipe as usize,
                     len: f.len,
                     crc: f.crc,
                 })
-                .map_err(|_| stopped())?;
+                .map_err(|_| self.stopped())?;
         }
-        trip.fills.clear();
-        trip.iovs.clear();
         Ok(())
+    }
+}
+
+/// The filling half of `dump_pages`. With the parasite's link, one
+/// streaming command takes every trip (two bytes on the link each);
+/// without it, a command per trip. Returns how long it waited for empty
+/// pipes, and its trips.
+fn fill_pipes(
+    parasite: &mut Parasite,
+    lanes: Vec<VecDeque<Piece>>,
+    parts: &[mpsc::Sender<Part>],
+    free: &mpsc::Receiver<usize>,
+) -> Result<(Duration, usize)> {
+    let task = parasite.task;
+    // A quarter of the pipes per trip: three quarters stay queued for the
+    // writers while the parasite fills the next ones, so a trip held up by
+    // the scheduler does not leave a writer without pages.
+    let per_trip = (parasite.pipes.len() / 4).max(lanes.len());
+    let mut f = PipeFiller {
+        lanes,
+        parts,
+        free,
+        mem: &task.mem,
+        pid: task.pid.as_raw(),
+        pipe_size: parasite.pipe_size as u64,
+        per_trip,
+        trip: Trip::default(),
+        waited: Duration::ZERO,
+        trips: 0,
     };
-    let mut trip = Trip::default();
-    // The runs (each inside one VMA) cut where copied pages begin and end:
-    // (start, end, copied by crust).
-    let pieces = runs.iter().flat_map(|run| {
-        let (start, end) = (run.vaddr, run.vaddr + run.nr_pages * PAGE);
-        let (rs, re) = rseq.unwrap_or((end, end));
-        let cuts = if readable(start) {
-            [
-                (start, end.min(rs), false),
-                (start.max(rs), end.min(re), true),
-                (start.max(re), end, false),
-            ]
-        } else {
-            [(start, end, true), (end, end, true), (end, end, true)]
-        };
-        cuts.into_iter().filter(|&(s, e, _)| s < e)
-    });
-    for (mut addr, end, copy) in pieces {
-        if copy {
-            go(parasite, &mut trip, &mut stats)?;
-            while addr < end {
-                let mut data = vec![0u8; (end - addr).min(pipe_size) as usize];
-                parasite
-                    .task
-                    .mem
-                    .read_exact_at(&mut data, addr)
-                    .with_context(|| format!("reading pages of task {pid} at {addr:#x}"))?;
-                addr += data.len() as u64;
-                parts.send(Part::Bytes(data)).map_err(|_| stopped())?;
+    if !f.plan()? {
+        return Ok((f.waited, f.trips));
+    }
+    f.load(parasite.ctl())?;
+    if parasite.has_link() {
+        let r = parasite.run_stream(abi::PARASITE_CMD_DUMP_PAGES_STREAM, &mut |ctl| {
+            f.landed(ctl)?;
+            if !f.plan()? {
+                return Ok(false);
             }
-            continue;
+            f.load(ctl)?;
+            Ok(true)
+        })?;
+        if r != 0 {
+            bail!("the page stream of task {} ended with {r}", f.pid);
         }
-        while addr < end {
-            if trip.fills.last().is_none_or(|f| f.1 == pipe_size) {
-                trip.fills.push((0, 0));
+    } else {
+        loop {
+            parasite.run(abi::PARASITE_CMD_DUMP_PAGES)?;
+            f.landed(parasite.ctl())?;
+            if !f.plan()? {
+                break;
             }
-            let fill = trip.fills.last_mut().expect("just pushed");
-            let take = (end - addr).min(pipe_size - fill.1);
-            trip.iovs.push(IoVec {
-                base: addr,
-                len: take,
-            });
-            fill.0 += 1;
-            fill.1 += take;
-            addr += take;
-            let full = fill.1 == pipe_size && trip.fills.len() == per_trip;
-            if full || trip.iovs.len() == abi::MAX_IOVS {
-                go(parasite, &mut trip, &mut stats)?;
-            }
+            f.load(parasite.ctl())?;
         }
     }
-    go(parasite, &mut trip, &mut stats)?;
-    Ok(stats)
+    Ok((f.waited, f.trips))
 }
 
 // ------------------------------------------------------------- restore ---
@@ -1063,8 +1226,8 @@ const FILL_IOVS: usize = 1024;
 ///
 /// Either way the bytes are checksummed while they are hot.
 struct Filler<'a> {
-    pages: &'a File,
-    /// Offset in the image of the next byte of the stream, and of its end.
+    pages: &'a PagesImage,
+    /// Offset in the stream of its next byte, and its end.
     off: u64,
     end: u64,
     crc: crc32fast::Hasher,
@@ -1077,17 +1240,17 @@ struct Filler<'a> {
     /// the premapped VMAs registered with it, and the image's data mapped.
     uffd: Option<Option<crate::uffd::Uffd>>,
     registered: Vec<(u64, u64)>,
-    src: Option<u64>,
+    src: Option<crate::images::Mapping>,
     /// Bytes placed with UFFDIO_COPY.
     copied: u64,
 }
 
 impl<'a> Filler<'a> {
-    fn new(pages: &'a File, len: u64) -> Self {
+    fn new(pages: &'a PagesImage) -> Self {
         Filler {
             pages,
-            off: PAGES_HEADER_LEN,
-            end: PAGES_HEADER_LEN + len,
+            off: 0,
+            end: pages.len(),
             crc: crc32fast::Hasher::new(),
             step: Vec::new(),
             step_len: 0,
@@ -1114,33 +1277,10 @@ impl<'a> Filler<'a> {
         if self.off + len > self.end {
             bail!("pages image is truncated");
         }
-        let src = match self.src {
-            Some(s) => s,
-            None => {
-                let data = self.end - PAGES_HEADER_LEN;
-                // SAFETY: a fresh read-only shared mapping of the image's
-                // data, which is `data` bytes long (checked at open), so
-                // every byte read through it exists.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        data as usize,
-                        libc::PROT_READ,
-                        libc::MAP_SHARED,
-                        self.pages.as_raw_fd(),
-                        PAGES_HEADER_LEN as i64,
-                    )
-                };
-                if p == libc::MAP_FAILED {
-                    bail!(
-                        "mapping the pages image: {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
-                self.src = Some(p as u64);
-                p as u64
-            }
-        };
+        if self.src.is_none() {
+            self.src = Some(self.pages.map(libc::MAP_SHARED)?);
+        }
+        let src = self.src.as_ref().expect("mapped above").addr;
         let uffd = self
             .uffd
             .as_ref()
@@ -1151,7 +1291,7 @@ impl<'a> Filler<'a> {
                 .with_context(|| format!("registering premapped memory at {:#x}", vma.0))?;
             self.registered.push(vma);
         }
-        let from = src + (self.off - PAGES_HEADER_LEN);
+        let from = src + self.off;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(FILL_STEP);
@@ -1180,10 +1320,7 @@ impl<'a> Filler<'a> {
         }
         self.registered.clear();
         self.uffd = None;
-        if let Some(p) = self.src.take() {
-            // SAFETY: unmapping the image's data mapped in `copy`.
-            unsafe { libc::munmap(p as *mut _, (self.end - PAGES_HEADER_LEN) as usize) };
-        }
+        self.src = None;
         Ok(())
     }
 
@@ -1237,8 +1374,7 @@ impl<'a> Filler<'a> {
         let mut bufs = &mut bufs[..];
         let mut off = self.off;
         while !bufs.is_empty() {
-            let n = nix::sys::uio::preadv(self.pages, bufs, off as i64)
-                .context("reading the pages image")?;
+            let n = self.pages.preadv(bufs, off)?;
             if n == 0 {
                 bail!("pages image is truncated");
             }
@@ -1273,9 +1409,7 @@ impl<'a> Filler<'a> {
     /// what is queued).
     fn read(&mut self, buf: &mut [u8]) -> Result<()> {
         self.flush()?;
-        self.pages
-            .read_exact_at(buf, self.off)
-            .context("pages image is truncated")?;
+        self.pages.read_exact_at(buf, self.off)?;
         self.crc.update(buf);
         self.off += buf.len() as u64;
         crate::progress::bytes_done(buf.len() as u64);
@@ -1287,8 +1421,9 @@ impl<'a> Filler<'a> {
 /// VMA inherited from the parent only the pages that differ are written,
 /// and the pages the image does not hold are dropped (they read as zeros,
 /// as they did in the dumped task), so the rest stays shared.
-pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u32) -> Result<()> {
-    let mut fill = Filler::new(pages, expect_len);
+pub fn fill_pages(pre: &Premapped, pages: &PagesImage) -> Result<()> {
+    let (expect_len, expect_crc) = (pages.len(), pages.crc());
+    let mut fill = Filler::new(pages);
     let filled = fill_runs(pre, &mut fill);
     let finished = fill.finish();
     let (shared, written) = filled?;
@@ -1297,14 +1432,15 @@ pub fn fill_pages(pre: &Premapped, pages: &File, expect_len: u64, expect_crc: u3
         tracing::debug!("{shared} pages left shared with the parent, {written} written");
     }
     tracing::debug!(
-        "{} of {expect_len} bytes of pages placed with UFFDIO_COPY",
-        fill.copied
+        "{} of {expect_len} bytes of pages placed with UFFDIO_COPY, from {} part files",
+        fill.copied,
+        pages.nr_parts()
     );
-    if fill.off - PAGES_HEADER_LEN != expect_len {
+    if fill.off != expect_len {
         bail!(
             "pages image holds {} bytes, the pagemap names {}; the images are corrupt",
             expect_len,
-            fill.off - PAGES_HEADER_LEN
+            fill.off
         );
     }
     // Lazy runs were skipped, unread: the lazy-pages daemon checked the
@@ -1446,11 +1582,7 @@ pub fn fill_from_chain(pre: &Premapped, links: &[crate::images::chain::Link]) ->
             while at < e {
                 let n = (e - at).min(STEP);
                 let b = &mut buf[..n as usize];
-                l.pages
-                    .read_exact_at(b, PAGES_HEADER_LEN + off)
-                    .map_err(|_| {
-                        crate::images::ImageError::Truncated(l.path.clone(), "truncated".into())
-                    })?;
+                l.pages.read_exact_at(b, off)?;
                 crc.update(b);
                 for (ps, pe) in intersect(&[(at, at + n)], &l.take) {
                     let m = pre
@@ -1477,8 +1609,8 @@ pub fn fill_from_chain(pre: &Premapped, links: &[crate::images::chain::Link]) ->
                 off += n;
             }
         }
-        if off != l.len || crc.finalize() != l.crc {
-            return Err(crate::images::ImageError::Checksum(l.path.clone()).into());
+        if off != l.pages.len() || crc.finalize() != l.pages.crc() {
+            return Err(crate::images::ImageError::Checksum(l.pages.path().to_owned()).into());
         }
     }
     Ok(())

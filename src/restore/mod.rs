@@ -92,9 +92,7 @@ pub struct TaskImages {
     pub core: TaskCore,
     pub mm: MmEntry,
     pub files: FdTable,
-    pub pages: File,
-    pub pages_len: u64,
-    pub pages_crc: u32,
+    pub pages: images::PagesImage,
     /// The older images of the chain `mm.prev_pages` are read from.
     pub chain: Vec<crate::images::chain::Link>,
 }
@@ -103,7 +101,7 @@ fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
     let core: TaskCore = dir.read_msg(ImageKind::Core, pid)?;
     let mm: MmEntry = dir.read_msg(ImageKind::Mm, pid)?;
     let files: FdTable = dir.read_msg(ImageKind::Files, pid)?;
-    let (pages, hdr) = images::open_pages(dir, pid)?;
+    let pages = images::PagesImage::open(dir, pid)?;
     let chain = crate::images::chain::load(dir, pid, &mm.prev_pages)?;
     if core.threads.is_empty()
         || core
@@ -121,23 +119,27 @@ fn load_task(dir: &ImageDir, pid: i32) -> Result<TaskImages> {
         mm,
         files,
         pages,
-        pages_len: hdr.len,
-        pages_crc: hdr.crc,
         chain,
     })
 }
 
-/// The process holding `pid`, if any. A zombie left by the dump's kill is
-/// given a few seconds to be reaped (init reaps orphans late).
+/// The process holding `pid`, if any. A task of the dumped tree that the
+/// dump's kill left dying (a dump does not wait for a big address space to
+/// be torn down) or a zombie (init reaps orphans late) is given a few
+/// seconds to be gone.
 fn pid_holder(pid: i32) -> Option<String> {
+    /// PF_EXITING in the flags of /proc/PID/stat: the task is in exit(),
+    /// its memory and files not yet released.
+    const PF_EXITING: u64 = 0x4;
     let t = std::time::Instant::now();
     while t.elapsed() < std::time::Duration::from_secs(5) {
-        match crate::proc::status(pid) {
-            Ok(st) if st.state == 'Z' || st.state == 'X' => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            _ => break,
+        let zombie = crate::proc::status(pid).is_ok_and(|st| st.state == 'Z' || st.state == 'X');
+        let exiting = crate::proc::stat_fields(pid)
+            .is_ok_and(|f| crate::proc::stat_field(&f, 9) & PF_EXITING != 0);
+        if !zombie && !exiting {
+            break;
         }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     pid_comm(pid)
 }
@@ -574,7 +576,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
     let (status_rd, status_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (sync_rd, sync_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     crate::progress::add_tasks(set.tasks.len() as u64);
-    crate::progress::add_bytes(set.tasks.values().map(|t| t.pages_len).sum());
+    crate::progress::add_bytes(set.tasks.values().map(|t| t.pages.len()).sum());
     if let Some(s) = stats.as_mut() {
         s.stage("reading images, shared objects");
         s.count("tasks", set.tasks.len() as u64);
@@ -587,7 +589,7 @@ fn restore_tree(opts: &RestoreOpts, mut stats: Option<&mut Stats>) -> Result<Pid
         );
         s.count(
             "pages restored",
-            set.tasks.values().map(|t| t.pages_len / 4096).sum(),
+            set.tasks.values().map(|t| t.pages.len() / 4096).sum(),
         );
     }
     let forked = if opts.sibling {

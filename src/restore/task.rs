@@ -98,7 +98,7 @@ fn rebuild_memory<'a>(
         parent,
         set.lazy.is_some(),
     )?;
-    memory::fill_pages(&mem, &img.pages, img.pages_len, img.pages_crc)?;
+    memory::fill_pages(&mem, &img.pages)?;
     memory::fill_from_chain(&mem, &img.chain)?;
     Ok(Some(mem))
 }

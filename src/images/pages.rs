@@ -1,0 +1,643 @@
+//! Pages images: the page stream of one task, written by a dump and read
+//! by a restore, the lazy-pages daemon, `dedup` and `show`.
+//!
+//! The stream is stored in one file, `pages-PID.img`, or in consecutive
+//! parts: `pages-PID.img` holds its front, `pages-PID.part2.img` what
+//! follows. Each part is framed like every image (magic, version, its own
+//! length and CRC-32), padded to 4 KiB so that its data stays page-aligned
+//! and can be mapped; the header's `more` field says how many parts follow
+//! it. Why parts: tmpfs, like most file systems, writes into one file under
+//! its inode lock, so a file takes a stream at the speed of one core,
+//! splice or write(); two parts filled by two threads take it at nearly
+//! twice that (docs/PERFORMANCE.md).
+
+use std::fs::{File, OpenOptions};
+use std::io::{IoSliceMut, Seek, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::{
+    HEADER_LEN, Header, ImageDir, ImageError, ImageKind, PAGES_HEADER_LEN, crc_of_file_range,
+    header, parse_header,
+};
+
+/// The most parts a dump writes a stream in (one per writer thread).
+pub const MAX_PARTS: usize = 2;
+/// The most parts a reader follows: a header claiming more is corrupt.
+const PARTS_LIMIT: u32 = 16;
+
+/// The path of part `k` (from 0) of task `pid`'s pages image in `dir`.
+pub fn part_path(dir: &Path, pid: i32, k: usize) -> PathBuf {
+    if k == 0 {
+        dir.join(ImageKind::Pages.file_name(pid))
+    } else {
+        dir.join(format!("pages-{pid}.part{}.img", k + 1))
+    }
+}
+
+fn part_header(len: u64, crc: u32, more: u32) -> [u8; HEADER_LEN] {
+    let mut h = header(ImageKind::Pages, len, crc);
+    h[20..24].copy_from_slice(&more.to_le_bytes());
+    h
+}
+
+/// Where a stream of pages goes, in stream order: the pages image of a
+/// dump (`PagesWriter`), or any other file or socket a pipe splices into.
+/// Whoever fills the pipes knows the CRC-32 of what they hold (the parasite
+/// computes it where the pages are), so a sink never reads data back.
+pub trait PageSink: Send {
+    /// Moves `len` bytes out of `pipe`, which is empty afterwards; `crc` is
+    /// their CRC-32.
+    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()>;
+    /// Appends bytes crust holds itself (pages read through /proc/PID/mem).
+    fn take_bytes(&mut self, data: &[u8]) -> Result<()>;
+    /// The sink as up to `parts` sinks for consecutive parts of the stream,
+    /// which separate threads fill side by side: every byte of the first
+    /// comes before every byte of the second in the stream. A sink that
+    /// is one stream (a socket), or already holds bytes, is itself alone.
+    fn split(&mut self, parts: usize) -> Result<Vec<&mut dyn PageSink>>;
+}
+
+/// One part file being written: its header page, then the data spliced or
+/// written after it; `seal` writes the header.
+struct PartWriter {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl PartWriter {
+    fn create(path: PathBuf) -> Result<Self> {
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all_at(&[0u8; PAGES_HEADER_LEN as usize], 0)
+            .and_then(|_| (&file).seek(std::io::SeekFrom::Start(PAGES_HEADER_LEN)))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self {
+            path,
+            file,
+            len: 0,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Writes the header (its length, checksum and the parts after it)
+    /// and syncs the file.
+    fn seal(self, more: u32) -> Result<()> {
+        let crc = self.crc.finalize();
+        self.file
+            .write_all_at(&part_header(self.len, crc, more), 0)
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    fn take_checked(&mut self, data: &[u8], crc: u32) -> Result<()> {
+        (&self.file)
+            .write_all(data)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(
+            crc,
+            data.len() as u64,
+        ));
+        self.len += data.len() as u64;
+        Ok(())
+    }
+}
+
+impl PageSink for PartWriter {
+    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()> {
+        crate::sys::splice_all(pipe, self.file.as_raw_fd(), len as usize)
+            .with_context(|| format!("splicing pages into {}", self.path.display()))?;
+        self.crc
+            .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+        self.len += len;
+        Ok(())
+    }
+
+    fn take_bytes(&mut self, data: &[u8]) -> Result<()> {
+        self.take_checked(data, crc32fast::hash(data))
+    }
+
+    fn split(&mut self, _parts: usize) -> Result<Vec<&mut dyn PageSink>> {
+        Ok(vec![self])
+    }
+}
+
+/// The pages image of one task being written: one part file, or more
+/// once `split` asks for them. `finish` seals every part.
+pub struct PagesWriter {
+    dir: PathBuf,
+    pid: i32,
+    parts: Vec<PartWriter>,
+}
+
+impl PagesWriter {
+    pub fn create(dir: &ImageDir, pid: i32) -> Result<Self> {
+        Ok(Self {
+            dir: dir.path.clone(),
+            pid,
+            parts: vec![PartWriter::create(part_path(&dir.path, pid, 0))?],
+        })
+    }
+
+    /// Bytes of the stream taken so far.
+    pub fn len(&self) -> u64 {
+        self.parts.iter().map(|p| p.len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends bytes whose CRC-32 the caller computed already (a page
+    /// server checks each part it receives).
+    pub fn take_checked(&mut self, data: &[u8], crc: u32) -> Result<()> {
+        self.last().take_checked(data, crc)
+    }
+
+    fn last(&mut self) -> &mut PartWriter {
+        self.parts.last_mut().expect("a writer has its first part")
+    }
+
+    /// Seals every part with its length, checksum and the parts after it,
+    /// synced.
+    pub fn finish(self) -> Result<()> {
+        let n = self.parts.len() as u32;
+        for (k, p) in self.parts.into_iter().enumerate() {
+            p.seal(n - 1 - k as u32)?;
+        }
+        Ok(())
+    }
+}
+
+impl PageSink for PagesWriter {
+    fn take_pipe(&mut self, pipe: RawFd, len: u64, crc: u32) -> Result<()> {
+        self.last().take_pipe(pipe, len, crc)
+    }
+
+    fn take_bytes(&mut self, data: &[u8]) -> Result<()> {
+        self.last().take_bytes(data)
+    }
+
+    fn split(&mut self, parts: usize) -> Result<Vec<&mut dyn PageSink>> {
+        if self.parts.len() == 1 && self.is_empty() {
+            for k in 1..parts.min(MAX_PARTS) {
+                let p = PartWriter::create(part_path(&self.dir, self.pid, k))?;
+                self.parts.push(p);
+            }
+        }
+        let from = if self.is_empty() {
+            0
+        } else {
+            self.parts.len() - 1
+        };
+        Ok(self.parts[from..]
+            .iter_mut()
+            .map(|p| p as &mut dyn PageSink)
+            .collect())
+    }
+}
+
+/// One part file of a pages image being read: where its data lies in the
+/// stream.
+struct PartFile {
+    path: PathBuf,
+    file: File,
+    /// Offset of its first byte in the stream, and its bytes.
+    start: u64,
+    len: u64,
+    /// Parts after it (its header's, written back by `reseal`).
+    more: u32,
+}
+
+/// A pages image opened for reading (or for `dedup` to punch): every part,
+/// its framing checked; the CRC-32 of the whole stream, combined from the
+/// parts', which readers check as they consume the data.
+pub struct PagesImage {
+    parts: Vec<PartFile>,
+    len: u64,
+    crc: u32,
+}
+
+impl PagesImage {
+    pub fn open(dir: &ImageDir, pid: i32) -> Result<Self> {
+        Self::open_in(&dir.path, pid, false)
+    }
+
+    /// Opened for writing too: `punch` and `reseal`.
+    pub fn open_writable(dir: &ImageDir, pid: i32) -> Result<Self> {
+        Self::open_in(&dir.path, pid, true)
+    }
+
+    fn open_in(dir: &Path, pid: i32, write: bool) -> Result<Self> {
+        let mut parts: Vec<PartFile> = Vec::new();
+        let mut whole = crc32fast::Hasher::new();
+        let mut start = 0;
+        loop {
+            let path = part_path(dir, pid, parts.len());
+            let file = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .with_context(|| {
+                    format!("{}: cannot open; the dump is incomplete", path.display())
+                })?;
+            let hdr = read_part_header(&path, &file)?;
+            if let Some(prev) = parts.last()
+                && prev.more != hdr.more + 1
+            {
+                return Err(ImageError::Truncated(
+                    path,
+                    format!(
+                        "a part of {} stray parts, {} expected",
+                        hdr.more,
+                        prev.more - 1
+                    ),
+                )
+                .into());
+            }
+            if hdr.more >= PARTS_LIMIT {
+                return Err(ImageError::Truncated(
+                    path,
+                    format!("{} parts follow it; no dump writes that many", hdr.more),
+                )
+                .into());
+            }
+            whole.combine(&crc32fast::Hasher::new_with_initial_len(hdr.crc, hdr.len));
+            parts.push(PartFile {
+                path,
+                file,
+                start,
+                len: hdr.len,
+                more: hdr.more,
+            });
+            start += hdr.len;
+            if hdr.more == 0 {
+                break;
+            }
+        }
+        Ok(Self {
+            parts,
+            len: start,
+            crc: whole.finalize(),
+        })
+    }
+
+    /// Bytes in the stream.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    #[allow(dead_code)] // beside `len`, as clippy asks of a public type
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// CRC-32 of the whole stream.
+    pub fn crc(&self) -> u32 {
+        self.crc
+    }
+
+    /// The first part's path, which names the image in messages.
+    pub fn path(&self) -> &Path {
+        &self.parts[0].path
+    }
+
+    /// Part files it is stored in.
+    pub fn nr_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The part holding stream offset `off` (the last one at the end).
+    fn part_at(&self, off: u64) -> &PartFile {
+        self.parts
+            .iter()
+            .find(|p| off < p.start + p.len)
+            .unwrap_or_else(|| self.parts.last().expect("an image has a part"))
+    }
+
+    fn truncated(&self) -> anyhow::Error {
+        ImageError::Truncated(self.path().to_owned(), "shorter than its pagemap".into()).into()
+    }
+
+    /// Reads `buf.len()` bytes of the stream from `off`.
+    pub fn read_exact_at(&self, mut buf: &mut [u8], mut off: u64) -> Result<()> {
+        while !buf.is_empty() {
+            let p = self.part_at(off);
+            let n = ((p.start + p.len).saturating_sub(off) as usize).min(buf.len());
+            if n == 0 {
+                return Err(self.truncated());
+            }
+            p.file
+                .read_exact_at(&mut buf[..n], PAGES_HEADER_LEN + off - p.start)
+                .map_err(|_| self.truncated())?;
+            buf = &mut buf[n..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads the stream from `off` into `bufs`, up to the end of the part
+    /// holding `off` (the caller goes on for the rest); 0 at the end.
+    pub fn preadv(&self, bufs: &mut [IoSliceMut], off: u64) -> Result<usize> {
+        let p = self.part_at(off);
+        let room = (p.start + p.len).saturating_sub(off) as usize;
+        if room == 0 {
+            return Ok(0);
+        }
+        // Trim the buffers to the part's end: a short read is the caller's
+        // to continue from the next part.
+        let mut left = room;
+        let mut trimmed: Vec<IoSliceMut> = Vec::with_capacity(bufs.len());
+        for b in bufs.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let n = b.len().min(left);
+            trimmed.push(IoSliceMut::new(&mut b[..n]));
+            left -= n;
+        }
+        nix::sys::uio::preadv(
+            &p.file,
+            &mut trimmed,
+            (PAGES_HEADER_LEN + off - p.start) as i64,
+        )
+        .with_context(|| format!("reading {}", p.path.display()))
+    }
+
+    /// Maps the whole stream, read-only, at one address: each part's data
+    /// mapped in place (`flags`: MAP_SHARED or MAP_PRIVATE, with
+    /// MAP_POPULATE if wanted).
+    pub fn map(&self, flags: i32) -> Result<Mapping> {
+        if self.len == 0 {
+            return Ok(Mapping { addr: 0, len: 0 });
+        }
+        // SAFETY: a fresh reservation, owned by the Mapping returned.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            bail!(
+                "mapping {}: {}",
+                self.path().display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        let m = Mapping {
+            addr: base as u64,
+            len: self.len,
+        };
+        for p in self.parts.iter().filter(|p| p.len > 0) {
+            // SAFETY: replaces a piece of the reservation just made, which
+            // only `m` owns; the part's file holds `len` bytes of data after
+            // its header page (checked at open).
+            let r = unsafe {
+                libc::mmap(
+                    (m.addr + p.start) as *mut _,
+                    p.len as usize,
+                    libc::PROT_READ,
+                    flags | libc::MAP_FIXED,
+                    p.file.as_raw_fd(),
+                    PAGES_HEADER_LEN as i64,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                bail!(
+                    "mapping {}: {}",
+                    p.path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(m)
+    }
+
+    /// Punches `[off, off+len)` of the stream out of its parts (they read
+    /// as zeros; `reseal` then fixes the checksums).
+    pub fn punch(&self, mut off: u64, len: u64) -> Result<()> {
+        let end = off + len;
+        while off < end {
+            let p = self.part_at(off);
+            let n = (p.start + p.len).min(end).saturating_sub(off);
+            if n == 0 {
+                return Err(self.truncated());
+            }
+            // SAFETY: fallocate(2) on a file of ours.
+            let rc = unsafe {
+                libc::fallocate(
+                    p.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (PAGES_HEADER_LEN + off - p.start) as i64,
+                    n as i64,
+                )
+            };
+            if rc != 0 {
+                bail!(
+                    "punching a hole in {}: {}; its file system may not support holes",
+                    p.path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Recomputes each part's checksum after `punch` and writes it, synced.
+    pub fn reseal(&self) -> Result<()> {
+        for p in &self.parts {
+            let crc = crc_of_file_range(&p.file, PAGES_HEADER_LEN, p.len)
+                .with_context(|| format!("reading {}", p.path.display()))?;
+            p.file
+                .write_all_at(&part_header(p.len, crc, p.more), 0)
+                .and_then(|_| p.file.sync_data())
+                .with_context(|| format!("writing {}", p.path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks the header of one part file, and that the file holds
+/// the data it announces.
+fn read_part_header(path: &Path, f: &File) -> Result<Header> {
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|_| ImageError::Truncated(path.to_owned(), "no whole header".into()))?;
+    let hdr = parse_header(path, &h)?;
+    if hdr.kind != ImageKind::Pages {
+        return Err(ImageError::WrongKind(path.to_owned(), hdr.kind, ImageKind::Pages).into());
+    }
+    let size = f.metadata()?.len();
+    if size != PAGES_HEADER_LEN + hdr.len {
+        return Err(ImageError::Truncated(
+            path.to_owned(),
+            format!(
+                "{size} bytes, the header says {}",
+                PAGES_HEADER_LEN + hdr.len
+            ),
+        )
+        .into());
+    }
+    Ok(hdr)
+}
+
+/// Verifies one part file's framing and whole checksum (used by `show`,
+/// which lists every file).
+pub fn verify_pages_file(path: &Path) -> Result<Header> {
+    let f = File::open(path)?;
+    let hdr = read_part_header(path, &f)?;
+    if crc_of_file_range(&f, PAGES_HEADER_LEN, hdr.len)? != hdr.crc {
+        return Err(ImageError::Checksum(path.to_owned()).into());
+    }
+    Ok(hdr)
+}
+
+/// The stream of a `PagesImage`, mapped at one address; unmapped on drop.
+pub struct Mapping {
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl Mapping {
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `len` readable bytes mapped at `addr` for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len as usize) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping made by `PagesImage::map`, used by nothing
+            // else once its owner is dropped.
+            unsafe { libc::munmap(self.addr as *mut _, self.len as usize) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn scratch(name: &str) -> ImageDir {
+        let p =
+            std::env::temp_dir().join(format!("crust-unit-pages-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        ImageDir::create(&p).unwrap()
+    }
+
+    fn data(pages: u32) -> Vec<u8> {
+        (0..pages * 4096)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn pages_writer_checksums_what_it_wrote() {
+        let d = scratch("one");
+        let mut w = PagesWriter::create(&d, 9).unwrap();
+        let data = data(5);
+        w.take_bytes(&data[..4096]).unwrap();
+        // Two pages through a pipe, with the checksum its filler computed.
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        let mid = &data[4096..3 * 4096];
+        nix::unistd::write(&wr, mid).unwrap();
+        w.take_pipe(rd.as_raw_fd(), mid.len() as u64, crc32fast::hash(mid))
+            .unwrap();
+        w.take_bytes(&data[3 * 4096..]).unwrap();
+        w.finish().unwrap();
+        let hdr = verify_pages_file(&d.file(ImageKind::Pages, 9)).unwrap();
+        assert_eq!(hdr.len, data.len() as u64);
+        assert_eq!(hdr.crc, crc32fast::hash(&data));
+        let img = PagesImage::open(&d, 9).unwrap();
+        assert_eq!((img.len(), img.crc()), (hdr.len, hdr.crc));
+        // A flipped data byte fails the full check.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(d.file(ImageKind::Pages, 9))
+            .unwrap();
+        f.write_all_at(&[0xff], PAGES_HEADER_LEN + 100).unwrap();
+        assert!(verify_pages_file(&d.file(ImageKind::Pages, 9)).is_err());
+        std::fs::remove_dir_all(&d.path).unwrap();
+    }
+
+    #[test]
+    fn a_stream_in_two_parts_reads_as_one() {
+        let d = scratch("two");
+        let data = data(7);
+        let mut w = PagesWriter::create(&d, 5).unwrap();
+        {
+            let mut parts = w.split(2).unwrap();
+            assert_eq!(parts.len(), 2);
+            // The back part is written first: the parts are independent.
+            parts[1].take_bytes(&data[3 * 4096..]).unwrap();
+            parts[0].take_bytes(&data[..3 * 4096]).unwrap();
+        }
+        w.finish().unwrap();
+        assert!(part_path(&d.path, 5, 1).exists());
+        let img = PagesImage::open(&d, 5).unwrap();
+        assert_eq!(img.len(), data.len() as u64);
+        assert_eq!(img.crc(), crc32fast::hash(&data));
+        assert_eq!(img.nr_parts(), 2);
+        // Across the boundary, by pread and by preadv.
+        let mut b = vec![0u8; 2 * 4096];
+        img.read_exact_at(&mut b, 2 * 4096).unwrap();
+        assert_eq!(b, data[2 * 4096..4 * 4096]);
+        let mut b = vec![0u8; 2 * 4096];
+        let n = img
+            .preadv(&mut [IoSliceMut::new(&mut b)], 2 * 4096)
+            .unwrap();
+        assert_eq!(n, 4096, "a preadv stops at its part's end");
+        let m = img.map(libc::MAP_SHARED).unwrap();
+        assert_eq!(m.bytes(), &data[..]);
+        drop(m);
+        // Punched pages read as zeros, and the image checks again after
+        // the reseal.
+        let img = PagesImage::open_writable(&d, 5).unwrap();
+        img.punch(2 * 4096, 2 * 4096).unwrap();
+        img.reseal().unwrap();
+        let img = PagesImage::open(&d, 5).unwrap();
+        let mut want = data.clone();
+        want[2 * 4096..4 * 4096].fill(0);
+        assert_eq!(img.crc(), crc32fast::hash(&want));
+        // Without its second part the image is incomplete, and says so.
+        std::fs::remove_file(part_path(&d.path, 5, 1)).unwrap();
+        let e = PagesImage::open(&d, 5).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("part2"), "{e}");
+        std::fs::remove_dir_all(&d.path).unwrap();
+    }
+
+    #[test]
+    fn a_small_or_started_stream_stays_in_one_part() {
+        let d = scratch("started");
+        let mut w = PagesWriter::create(&d, 6).unwrap();
+        w.take_bytes(&data(1)).unwrap();
+        assert_eq!(w.split(2).unwrap().len(), 1);
+        w.finish().unwrap();
+        assert!(!part_path(&d.path, 6, 1).exists());
+        assert_eq!(PagesImage::open(&d, 6).unwrap().nr_parts(), 1);
+        std::fs::remove_dir_all(&d.path).unwrap();
+    }
+}
