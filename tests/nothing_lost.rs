@@ -436,6 +436,40 @@ fn big_memory_in_two_part_files() {
     t.pass();
 }
 
+/// A dump returns once the images are durable and the tree is killed, not
+/// once a big address space is torn down (as after criu's dump). A restore
+/// started at once, as a script does, while the killed task still exits
+/// and its parent reaps it, waits for the PID and restores a program that
+/// finds every word of its memory.
+#[test]
+fn restore_at_once_after_dump_waits_for_the_dying_task() {
+    let mut t = Spawn::new("bigmem").args(&["1024"]).start();
+    let out = t.dump_with(&[], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The parent (this test) reaps the killed task when it is dead.
+    let original = t.take_original().expect("the task is our child");
+    let reaper = std::thread::spawn(move || {
+        let mut c = original;
+        c.wait().unwrap()
+    });
+    let exiting = fs::read_to_string(format!("/proc/{}/stat", t.pid)).ok();
+    t.restore(&[]);
+    reaper.join().unwrap();
+    let log = fs::read_to_string(t.work.images().join("restore.log")).unwrap();
+    eprintln!(
+        "at the restore's start the killed task was {}; {}",
+        if exiting.is_some() { "there" } else { "gone" },
+        log.lines()
+            .find(|l| l.contains("waited"))
+            .unwrap_or("the restore did not wait")
+    );
+    t.pass();
+}
+
 /// A file the task had open changed size after the dump: the restore names
 /// it and refuses; put back, the same images restore.
 #[test]

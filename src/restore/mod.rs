@@ -141,6 +141,12 @@ fn pid_holder(pid: i32) -> Option<String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    if t.elapsed() >= std::time::Duration::from_millis(5) {
+        tracing::debug!(
+            "PID {pid} was held by a task exiting or a zombie; waited {:?}",
+            t.elapsed()
+        );
+    }
     pid_comm(pid)
 }
 
