@@ -240,6 +240,18 @@ pub fn parse_stat(text: &str) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// The state letter (field 3 of stat) and the flags (field 9: PF_*).
+pub fn state_and_flags(pid: i32) -> Result<(char, u64)> {
+    let text = read(pid, "stat")?;
+    let state = text
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|s| s.chars().next())
+        .with_context(|| format!("/proc/{pid}/stat: malformed"))?;
+    let fields = parse_stat(&text).with_context(|| format!("/proc/{pid}/stat"))?;
+    Ok((state, stat_field(&fields, 9)))
+}
+
 /// Field N of stat in proc(5) numbering (N >= 4).
 pub fn stat_field(fields: &[u64], n: usize) -> u64 {
     fields.get(n - 4).copied().unwrap_or(0)
@@ -290,6 +302,15 @@ pub fn on_fs(path: &str, magic: nix::sys::statfs::FsType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_state_and_flags() {
+        // This thread reads its own stat (/proc/TID works for any thread):
+        // running, not exiting.
+        let (state, flags) = state_and_flags(nix::unistd::gettid().as_raw()).unwrap();
+        assert_eq!(state, 'R');
+        assert_eq!(flags & 0x4, 0, "PF_EXITING");
+    }
 
     #[test]
     fn pid_paths() {

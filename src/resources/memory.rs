@@ -511,8 +511,11 @@ pub fn dump_pages(
     let bytes: u64 = runs.iter().map(|r| r.nr_pages * PAGE).sum();
     parasite.make_pipes(bytes.div_ceil(1 << 20) as usize)?;
     let pipes: Vec<RawFd> = parasite.pipes.iter().map(|f| f.as_raw_fd()).collect();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let parts = if bytes >= SPLIT_MIN && cores > 1 && pipes.len() > 1 {
+    // (available_parallelism reads the cgroup's files: only for a big one.)
+    let parts = if bytes >= SPLIT_MIN
+        && pipes.len() > 1
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+    {
         crate::images::MAX_PARTS
     } else {
         1

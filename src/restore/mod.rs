@@ -133,11 +133,9 @@ fn pid_holder(pid: i32) -> Option<String> {
     const PF_EXITING: u64 = 0x4;
     let t = std::time::Instant::now();
     while t.elapsed() < std::time::Duration::from_secs(5) {
-        let zombie = crate::proc::status(pid).is_ok_and(|st| st.state == 'Z' || st.state == 'X');
-        let exiting = crate::proc::stat_fields(pid)
-            .is_ok_and(|f| crate::proc::stat_field(&f, 9) & PF_EXITING != 0);
-        if !zombie && !exiting {
-            break;
+        match crate::proc::state_and_flags(pid) {
+            Ok((state, flags)) if matches!(state, 'Z' | 'X') || flags & PF_EXITING != 0 => {}
+            _ => break,
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
