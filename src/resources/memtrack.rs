@@ -539,12 +539,15 @@ fn hold(
     let end = Instant::now() + HOLD_FOR;
     let mut dead = vec![false; pidfds.len()];
     use std::os::unix::fs::MetadataExt;
+    // The socket's inode. A socket gone is gone, also if it was gone at
+    // the start (then no later look may match "none" with "none").
     let ino = std::fs::metadata(path).map(|m| m.ino()).ok();
     loop {
         let left = end.saturating_duration_since(Instant::now());
         // Its images gone (the directory removed, or the socket replaced):
         // no dump can come for the tracking any more.
-        if left.is_zero() || std::fs::metadata(path).map(|m| m.ino()).ok() != ino {
+        let now = std::fs::metadata(path).map(|m| m.ino()).ok();
+        if left.is_zero() || now.is_none() || now != ino {
             break;
         }
         let mut pfd: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
