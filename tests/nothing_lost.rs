@@ -857,36 +857,34 @@ fn tracked_by_userfaultfd(pid: i32) -> bool {
         .any(|l| l.split_whitespace().any(|f| f == "uw"))
 }
 
+/// What the fds of process `pid` (a number, as text) point at; empty if it
+/// is gone.
+fn fd_targets(pid: &str) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .map(|l| l.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn wait_untracked(pid: i32, what: &str) {
     let t0 = std::time::Instant::now();
     while tracked_by_userfaultfd(pid) {
         if t0.elapsed().as_secs() >= 10 {
             // What still holds it: the task's own fds, and the holders.
-            let fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| fs::read_link(e.path()).ok())
-                        .map(|l| l.display().to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let fds = fd_targets(&pid.to_string());
             let holders = Command::new("pgrep").args(["crust-tracker"]).output();
             let holders: Vec<String> = holders
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
                 .split_whitespace()
                 .map(|h| {
-                    let hfds: Vec<String> = fs::read_dir(format!("/proc/{h}/fd"))
-                        .map(|d| {
-                            d.flatten()
-                                .filter_map(|e| fs::read_link(e.path()).ok())
-                                .map(|l| l.display().to_string())
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     format!(
-                        "{h}: fds {hfds:?} cwd {:?} wchan {} stack {}",
-                        fs::read_link(format!("/proc/{h}/cwd")).ok(),
+                        "{h}: fds {:?} wchan {} stack {}",
+                        fd_targets(h),
                         fs::read_to_string(format!("/proc/{h}/wchan")).unwrap_or_default(),
                         fs::read_to_string(format!("/proc/{h}/stack"))
                             .unwrap_or_default()
