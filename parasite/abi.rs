@@ -46,7 +46,9 @@ pub const PARASITE_CMD_PIPES: u64 = 6;
 /// parasite sends `LINK_BATCH_DONE` and reads crust's answer,
 /// `LINK_NEXT_BATCH` when crust has put the next batch in place, anything
 /// else (`LINK_QUIT`, or the link broken) to end. A batch costs two bytes
-/// on the link instead of a command's ptrace stops. Returns 0.
+/// on the link instead of a command's ptrace stops. Returns 0; or, ended
+/// with `LINK_FINISH`, does `PARASITE_CMD_FINI`'s work as well (the
+/// stream was the parasite's last command) and returns `STREAM_FINISHED`.
 pub const PARASITE_CMD_DUMP_PAGES_STREAM: u64 = 7;
 
 /// Bytes on the link. The parasite: a free command is done (then it waits
@@ -56,6 +58,9 @@ pub const LINK_BATCH_DONE: u8 = 2;
 /// crust, in a stream: the next batch is in place; the stream is over.
 pub const LINK_NEXT_BATCH: u8 = b'b';
 pub const LINK_QUIT: u8 = b'q';
+pub const LINK_FINISH: u8 = b'f';
+/// What `PARASITE_CMD_DUMP_PAGES_STREAM` returns when `LINK_FINISH` ended it.
+pub const STREAM_FINISHED: i64 = 1;
 
 /// prctl that makes timer_create take the id it is given (Linux 6.15);
 /// argument 0 off, 1 on, 2 query.

@@ -71,9 +71,11 @@ extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
         PARASITE_CMD_GET_TIMERS => get_timers(ctl),
         _ => -22,
     };
+    let last = ctl.cmd == PARASITE_CMD_FINI
+        || (ctl.cmd == PARASITE_CMD_DUMP_PAGES_STREAM && ctl.ret == STREAM_FINISHED);
     if free {
         handshake(ctl);
-        if ctl.cmd == PARASITE_CMD_FINI {
+        if last {
             // SAFETY: closing this parasite's end of the link, used no more.
             unsafe { syscall2(SYS_CLOSE, ctl.link[0] as u64, 0) };
             ctl.link[0] = -1;
@@ -115,8 +117,13 @@ fn talk(ctl: &mut ParasiteCtl, say: u8) -> Option<u8> {
 fn dump_pages_stream(ctl: &mut ParasiteCtl) -> i64 {
     loop {
         ctl.ret = dump_pages(ctl);
-        if talk(ctl, LINK_BATCH_DONE) != Some(LINK_NEXT_BATCH) {
-            return 0;
+        match talk(ctl, LINK_BATCH_DONE) {
+            Some(LINK_NEXT_BATCH) => {}
+            Some(LINK_FINISH) => {
+                fini(ctl);
+                return STREAM_FINISHED;
+            }
+            _ => return 0,
         }
     }
 }

@@ -778,7 +778,8 @@ fn dump_task(
     // Before the page pipes: the userfaultfd borrows a pipe's slot.
     chain.arm_task(pid, &mm.vmas, Some(&mut parasite))?;
     let mut pages = dest.task(dir, pid)?;
-    memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages)?;
+    // The parasite's last command: `cure` follows.
+    memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages, true)?;
     fault_point("pages-drained");
     parasite.cure()?;
     let bytes = pages.len();

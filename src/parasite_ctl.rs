@@ -371,6 +371,8 @@ pub struct Parasite<'a> {
     link: Option<File>,
     guardian: &'a Guardian,
     cured: bool,
+    /// A stream ended with `Next::Finish` did FINI's work already.
+    finished: bool,
 }
 
 impl<'a> Parasite<'a> {
@@ -438,6 +440,7 @@ impl<'a> Parasite<'a> {
             link: None,
             guardian,
             cured: false,
+            finished: false,
         };
         // The shared anonymous region is a shmem file: map the same pages here.
         let path = format!("/proc/{}/map_files/{:x}-{:x}", task.pid, base, base + size);
@@ -645,8 +648,9 @@ impl<'a> Parasite<'a> {
     /// Runs a streaming command in the task's leader (see
     /// `PARASITE_CMD_DUMP_PAGES_STREAM`): `talk` is called after each batch,
     /// with the batch's result in the control block, and says whether it
-    /// put the next one in place. An error of `talk` ends the stream and
-    /// is returned once the command has ended and the task is itself again.
+    /// put the next one in place (`Next`). An error of `talk` ends the
+    /// stream and is returned once the command has ended and the task is
+    /// itself again.
     pub fn run_stream(&mut self, cmd: u64, talk: Talk) -> Result<i64> {
         if self.link.is_none() {
             bail!(
@@ -655,7 +659,14 @@ impl<'a> Parasite<'a> {
             );
         }
         let task = self.task;
-        self.run_talking(task, cmd, Some(talk))
+        let r = self.run_talking(task, cmd, Some(talk))?;
+        if r == abi::STREAM_FINISHED {
+            // Its pipes and its end of the link are closed: only the
+            // region is left for `cure`.
+            self.finished = true;
+            return Ok(0);
+        }
+        Ok(r)
     }
 
     fn run_talking(&mut self, t: &SeizedTask, cmd: u64, talk: Option<Talk>) -> Result<i64> {
@@ -771,15 +782,17 @@ impl<'a> Parasite<'a> {
                             bail!("the parasite in task {pid} sent a batch's end outside a stream");
                         };
                         // After an error the stream only ends.
-                        let next = talk_err.is_none()
-                            && talk(self.ctl()).unwrap_or_else(|e| {
+                        let next = match talk_err {
+                            Some(_) => Next::Quit,
+                            None => talk(self.ctl()).unwrap_or_else(|e| {
                                 *talk_err = Some(e);
-                                false
-                            });
-                        let say = if next {
-                            abi::LINK_NEXT_BATCH
-                        } else {
-                            abi::LINK_QUIT
+                                Next::Quit
+                            }),
+                        };
+                        let say = match next {
+                            Next::Batch => abi::LINK_NEXT_BATCH,
+                            Next::Quit => abi::LINK_QUIT,
+                            Next::Finish => abi::LINK_FINISH,
                         };
                         (&*link)
                             .write_all(&[say])
@@ -826,7 +839,11 @@ impl<'a> Parasite<'a> {
         self.cured = true;
         self.pipes.clear();
         // FINI runs free: the link goes after it.
-        let fini = self.run(abi::PARASITE_CMD_FINI);
+        let fini = if self.finished {
+            Ok(0)
+        } else {
+            self.run(abi::PARASITE_CMD_FINI)
+        };
         self.link = None;
         // SAFETY: unmapping crust's own view of the region; nothing refers to it now.
         unsafe { libc::munmap(self.local.cast(), self.size as usize) };
@@ -849,10 +866,20 @@ impl<'a> Parasite<'a> {
     }
 }
 
-/// What crust answers a streaming command after each batch: given the
-/// control block (the batch's result in `ret`), true when it put the next
-/// batch in place, false to end the stream.
-pub type Talk<'t> = &'t mut dyn FnMut(&mut ParasiteCtl) -> Result<bool>;
+/// What crust answers a streaming command after each batch, given the
+/// control block (the batch's result in `ret`).
+pub type Talk<'t> = &'t mut dyn FnMut(&mut ParasiteCtl) -> Result<Next>;
+
+/// crust's answer after a batch of a stream.
+pub enum Next {
+    /// The next batch is in place.
+    Batch,
+    /// The stream is over; the parasite stays for more commands.
+    Quit,
+    /// The stream is over, and was the parasite's last command: it closes
+    /// its pipes and link as FINI does, and `cure` only unmaps it.
+    Finish,
+}
 
 impl Drop for Parasite<'_> {
     fn drop(&mut self) {

@@ -23,7 +23,7 @@ use super::files::TreeObjects;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
 use crate::images::{PageSink, PagesImage};
-use crate::parasite_ctl::Parasite;
+use crate::parasite_ctl::{Next, Parasite};
 use crate::proc::{self, MapsEntry};
 
 const PAGE: u64 = abi::PAGE_SIZE;
@@ -496,11 +496,16 @@ const SPLIT_MIN: u64 = 64 << 20;
 /// at the speed of one core: see `images/pages.rs`); each trip fills pipes
 /// of both. Every pipe the parasite gets holds its whole batch: its
 /// non-blocking vmsplice never has to wait for crust.
+///
+/// `last`: nothing else runs in the parasite after the stream but its
+/// cure, so the stream's end does FINI's work too (one command fewer per
+/// process).
 pub fn dump_pages(
     parasite: &mut Parasite,
     vmas: &[VmaEntry],
     runs: &[PagemapEntry],
     sink: &mut dyn PageSink,
+    last: bool,
 ) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
@@ -564,7 +569,7 @@ pub fn dump_pages(
         // With every writer gone, the filler's wait for a pipe ends.
         drop(free_tx);
         let t = Instant::now();
-        let filled = fill_pipes(parasite, lanes, &part_txs, &free_rx);
+        let filled = fill_pipes(parasite, lanes, &part_txs, &free_rx, last);
         drop(part_txs);
         let mut idle = Vec::new();
         let mut failed = None;
@@ -815,6 +820,7 @@ fn fill_pipes(
     lanes: Vec<VecDeque<Piece>>,
     parts: &[mpsc::Sender<Part>],
     free: &mpsc::Receiver<usize>,
+    last: bool,
 ) -> Result<(Duration, usize)> {
     let task = parasite.task;
     // A quarter of the pipes per trip: three quarters stay queued for the
@@ -841,10 +847,10 @@ fn fill_pipes(
         let r = parasite.run_stream(abi::PARASITE_CMD_DUMP_PAGES_STREAM, &mut |ctl| {
             f.landed(ctl)?;
             if !f.plan()? {
-                return Ok(false);
+                return Ok(if last { Next::Finish } else { Next::Quit });
             }
             f.load(ctl)?;
-            Ok(true)
+            Ok(Next::Batch)
         })?;
         if r != 0 {
             bail!("the page stream of task {} ended with {r}", f.pid);
