@@ -1867,6 +1867,17 @@ impl Drop for Reaped {
 /// `crust lazy-pages` with `extra`, run through `prefix` (nsenter into a
 /// namespace, or nothing), logging into `dir`.
 fn lazy_daemon(prefix: &[String], dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    lazy_daemon_cmd(prefix, dir, extra)
+        .spawn()
+        .expect("running crust lazy-pages")
+}
+
+/// The `crust lazy-pages -D dir` command of `lazy_daemon`, not started.
+fn lazy_daemon_cmd(
+    prefix: &[String],
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(prefix.first().map_or(CRUST, |p| p.as_str()));
     if !prefix.is_empty() {
         cmd.args(&prefix[1..]).arg(CRUST);
@@ -1880,7 +1891,7 @@ fn lazy_daemon(prefix: &[String], dir: &std::path::Path, extra: &[&str]) -> std:
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     close_inherited_fds(&mut cmd);
-    cmd.spawn().expect("running crust lazy-pages")
+    cmd
 }
 
 fn stderr_of(c: &mut std::process::Child) -> String {
@@ -1967,17 +1978,12 @@ fn lazy_daemon_dies() {
     let mut t = Spawn::new("lazy").args(&["256"]).start();
     t.dump(&[]);
     let before = images_digest(&t.work.images());
-    let mut cmd = std::process::Command::new(CRUST);
-    cmd.arg("lazy-pages")
-        .arg("-D")
-        .arg(t.work.images())
-        .args(["-o", "lazy.log", "-v4"])
-        .env("CRUST_FAULT", "lazy-forked")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    close_inherited_fds(&mut cmd);
-    let mut daemon = Reaped(cmd.spawn().unwrap());
+    let mut daemon = Reaped(
+        lazy_daemon_cmd(&[], &t.work.images(), &[])
+            .env("CRUST_FAULT", "lazy-forked")
+            .spawn()
+            .unwrap(),
+    );
     t.restore(&["--lazy-pages"]);
     // The program forks its checker and both touch memory still to come.
     nix::sys::signal::kill(
@@ -2026,16 +2032,12 @@ fn lazy_daemon_dies_during_restore() {
     let mut t = Spawn::new("lazy").args(&["64"]).start();
     t.dump(&[]);
     let before = images_digest(&t.work.images());
-    let mut cmd = std::process::Command::new(CRUST);
-    cmd.arg("lazy-pages")
-        .arg("-D")
-        .arg(t.work.images())
-        .env("CRUST_FAULT", "lazy-registered")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    close_inherited_fds(&mut cmd);
-    let mut daemon = Reaped(cmd.spawn().unwrap());
+    let mut daemon = Reaped(
+        lazy_daemon_cmd(&[], &t.work.images(), &[])
+            .env("CRUST_FAULT", "lazy-registered")
+            .spawn()
+            .unwrap(),
+    );
     let t0 = std::time::Instant::now();
     let out = t
         .restore_cmd(&["--lazy-pages"])
