@@ -128,6 +128,26 @@ impl Chain {
         }
     }
 
+    /// About how many bytes of pages task `pid` will store, asked before
+    /// the tree is frozen (`PageDest::reserve`): what tracking has seen
+    /// written so far, and a margin for what is written until the freeze;
+    /// without tracking, its resident private memory.
+    pub fn estimate(&self, pid: i32) -> u64 {
+        let tracked = self.use_tracking
+            && self.backend == Backend::UffdWp
+            && self
+                .parent
+                .as_ref()
+                .is_some_and(|p| Backend::from_u32(p.inv.tracking) == Backend::UffdWp);
+        if tracked {
+            match memtrack::written_bytes(pid) {
+                Ok(b) => return b + b / 8,
+                Err(e) => tracing::debug!("PID {pid}: no estimate from tracking: {e:#}"),
+            }
+        }
+        crate::proc::status(pid).map_or(0, |s| s.rss_anon)
+    }
+
     /// Leaves to the chain the pages of `mm.pagemap` tracking says were
     /// not written since the parent (the task is frozen).
     pub fn select(&mut self, pid: i32, mm: &mut MmEntry) -> Result<()> {
@@ -139,7 +159,7 @@ impl Chain {
         }
         let unchanged = match Backend::from_u32(parent.inv.tracking) {
             Backend::UffdWp if self.from_holder.contains_key(&pid) => {
-                let (unchanged, tracked) = memtrack::unchanged_uffd(pid, &mm.vmas)?;
+                let (unchanged, tracked) = memtrack::unchanged_uffd(pid, &mm.vmas, self.arm)?;
                 self.still_tracked.insert(pid, tracked);
                 unchanged
             }

@@ -164,6 +164,16 @@ fn pagemap_scan(pm: &File, start: u64, end: u64, category: u64, protect: bool) -
     Ok(normalize(out))
 }
 
+/// Bytes of the task's memory present and written since tracking was
+/// armed (all present memory where none is armed), the task running: an
+/// estimate of what the next dump stores, made before it freezes the task.
+pub fn written_bytes(pid: i32) -> Result<u64> {
+    let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
+    // Up to the top of the x86-64 user address space (47 bits).
+    let r = pagemap_scan(&pm, 0, 0x7fff_ffff_f000, PAGE_IS_WRITTEN, false)?;
+    Ok(pages_in(&r) * PAGE)
+}
+
 /// Whether a VMA's pages are tracked: private memory of this process
 /// only. Shared memory is written through other mappings too, which this
 /// process's page tables do not see: it is always stored whole.
@@ -250,17 +260,20 @@ fn uses_userfaultfd(pid: i32) -> bool {
 }
 
 /// The pages of the task's tracked VMAs not written since tracking was
-/// last armed, with the written ones protected again (the task is frozen):
-/// from here on, its writes count towards the next dump. Also returns the
+/// last armed; with `rearm`, the written ones are protected again (the task
+/// is frozen): from here on, its writes count towards the next dump. Also returns the
 /// ranges still tracked (PAGE_IS_WPALLOWED), which need no arming again.
-pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry]) -> Result<(Ranges, Ranges)> {
+pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry], rearm: bool) -> Result<(Ranges, Ranges)> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let mut allowed = Vec::new();
     let mut written = Vec::new();
     for v in vmas.iter().filter(|v| tracked(v)) {
-        // Written first, protecting them again; then what is tracked at all
-        // (a VMA that is not, the walk with WP_MATCHING skips silently).
-        written.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WRITTEN, true)?);
+        // Written first, protecting them again when tracking goes on
+        // (`rearm`); then what is tracked at all (a VMA that is not, the
+        // walk with WP_MATCHING skips silently). Without `rearm` the walk
+        // changes nothing: cheaper, and should the dump fail, the pages
+        // written still show as written to whoever reads the tracking next.
+        written.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WRITTEN, rearm)?);
         allowed.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WPALLOWED, false)?);
     }
     let allowed = normalize(allowed);
