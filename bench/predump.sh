@@ -11,7 +11,8 @@
 # SIZE, plus SIZE for a moment before the full dump (bench/warm.c).
 # Usage: bench/predump.sh [-r ROUNDS] [-i INTERVAL_S] [-p PCT] [SIZE_MIB]
 # (defaults: 3 rounds, 5 s, 1%/s, 4096 MiB; CRUST=path measures another
-# crust binary than this tree's)
+# crust binary than this tree's; LOGS=DIR keeps each dump's log there,
+# VERBOSITY=N logs at -vN instead of -v3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=3
@@ -55,10 +56,13 @@ start() {
     # Its writes under way before the first dump.
     sleep 1
 }
-# finish DIR: restores DIR, has the process check itself.
+# finish DIR: restores DIR, has the process check itself. Sets after:
+# the process's count of page writes right after the restore, which is
+# about its count at the freeze (it writes PCT% a second).
 finish() {
     while [ -e "/proc/$pid" ]; do sleep 0.02; done
     "$crust" restore -D "$1" -d -o restore.log || { echo "restore failed: $(tail -3 "$1/restore.log")"; exit 1; }
+    after=$(count)
     kill -TERM "$pid"
     while [ -e "/proc/$pid" ]; do sleep 0.05; done
     pid=
@@ -66,6 +70,8 @@ finish() {
 }
 # sleep_until T: until INTERVAL s after T.
 sleep_until() { sleep "$(awk -v t="$1" -v n="$(now)" -v i="$interval" 'BEGIN { d = t + i - n; print (d > 0) ? d : 0 }')"; }
+# keep_log DIR NAME: DIR's crust.log into $LOGS/NAME.log, when LOGS is set.
+keep_log() { [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS" && cp "$1/crust.log" "$LOGS/$2.log"; }; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
@@ -77,8 +83,9 @@ for r in $(seq "$rounds"); do
     rm -rf "$tmpfs"/*
     start
     bench_warm
-    "$crust" dump -t "$pid" -D "$img" -o crust.log -v3
+    "$crust" dump -t "$pid" -D "$img" -o crust.log -v${VERBOSITY:-3}
     full=$(frozen "$img")
+    keep_log "$img" "full-$r"
     finish "$img"
 
     rm -rf "$tmpfs"/*
@@ -89,13 +96,13 @@ for r in $(seq "$rounds"); do
     # longer).
     c1=$(count)
     ta=$(now)
-    "$crust" pre-dump -t "$pid" -D "$tmpfs/pre1" -o crust.log -v3
+    "$crust" pre-dump -t "$pid" -D "$tmpfs/pre1" -o crust.log -v${VERBOSITY:-3}
     p1=$(frozen "$tmpfs/pre1")
     b1=$(pages_bytes "$tmpfs/pre1")
     sleep_until "$ta"
     c2=$(count)
     ta=$(now)
-    "$crust" pre-dump -t "$pid" -D "$tmpfs/pre2" --prev-images-dir ../pre1 -o crust.log -v3
+    "$crust" pre-dump -t "$pid" -D "$tmpfs/pre2" --prev-images-dir ../pre1 -o crust.log -v${VERBOSITY:-3}
     p2=$(frozen "$tmpfs/pre2")
     b2=$(pages_bytes "$tmpfs/pre2")
     # As much warm memory as the final dump stores, give or take: the
@@ -103,12 +110,14 @@ for r in $(seq "$rounds"); do
     warm_mib=$((size / 8))
     bench_warm
     sleep_until "$ta"
-    c3=$(count)
-    "$crust" dump -t "$pid" -D "$tmpfs/final" --prev-images-dir ../pre2 --track-mem -o crust.log -v3
+    # (The final count is taken after the restore: a dump takes the
+    # space for its pages before it freezes the tree, which writes on.)
+    "$crust" dump -t "$pid" -D "$tmpfs/final" --prev-images-dir ../pre2 --track-mem -o crust.log -v${VERBOSITY:-3}
     fin=$(frozen "$tmpfs/final")
+    for d in pre1 pre2 final; do keep_log "$tmpfs/$d" "$d-$r"; done
     b3=$(pages_bytes "$tmpfs/final")
     finish "$tmpfs/final"
     w2=$(((c2 - c1) * 4096))
-    w3=$(((c3 - c2) * 4096))
+    w3=$(((after - c2) * 4096))
     echo "round $r: full dump frozen $full s | pre-dump 1 frozen $p1 s, stored $(mib "$b1") MiB; pre-dump 2 frozen $p2 s, stored $(mib "$b2") MiB for $(mib "$w2") MiB written ($(div "$b2" "$w2")x); final dump frozen $fin s, stored $(mib "$b3") MiB for about $(mib "$w3") MiB written ($(div "$b3" "$w3")x) | final/full frozen $(div "$fin" "$full")"
 done

@@ -312,6 +312,9 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         opts.track_mem,
         opts.track_mem && runs_on,
     )?;
+    if opts.lazy_pages.is_none() && opts.prev_images_dir.is_some() {
+        reserve_pages(&mut pages, &dir, &chain, &tree)?;
+    }
     // From here on, whatever the dump changes outside crust is undone by
     // crust's guards if the dump fails, and by the guardian if crust dies.
     let guardian = Guardian::spawn()?;
@@ -636,6 +639,45 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
 /// Waits until the killed tasks have died (a big address space takes a
 /// while to tear down): a restore run right after the dump then finds
 /// their PIDs free, or held by zombies it knows to wait for.
+/// A task whose pages are estimated below this has them written into
+/// blocks allocated as they come: too little to be worth a file early.
+const RESERVE_MIN: u64 = 8 << 20;
+
+/// Allocates the pages images' space while the tree still runs, so that
+/// the frozen tree waits only for the copy (`PagesWriter::reserve`). Only
+/// for a dump that builds on a pre-dump: one run to keep the freeze short,
+/// whose pages are those written since, few. A full dump would write its
+/// space twice, zeros and then pages: its freeze would be shorter but the
+/// dump longer (docs/PERFORMANCE.md). A pre-dump has no use for it: its
+/// tree runs again before pages are written.
+fn reserve_pages(
+    pages: &mut crate::page_xfer::PageDest,
+    dir: &ImageDir,
+    chain: &Chain,
+    tree: &[TreeNode],
+) -> Result<()> {
+    if !pages.is_local() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let mut total = 0;
+    for n in tree.iter().filter(|n| !n.zombie) {
+        let bytes = chain.estimate(n.pid);
+        if bytes >= RESERVE_MIN {
+            pages.reserve(dir, n.pid, bytes)?;
+            total += bytes;
+        }
+    }
+    if total > 0 {
+        info!(
+            "{} MiB reserved for pages images in {:?}",
+            total >> 20,
+            t.elapsed()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn wait_dead(pids: &[i32]) {
     let t = Instant::now();
     while !pids.iter().all(|&p| gone_or_zombie(p)) {
@@ -714,10 +756,17 @@ fn dump_task(
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let st = proc::status(pid)?;
+    let t_mm = Instant::now();
     let ahead = memory::prefetch_pagemap(pid);
     let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
+    let d_vmas = t_mm.elapsed();
     memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
+    let d_scan = t_mm.elapsed();
     chain.select(pid, &mut mm)?;
+    tracing::debug!(
+        "PID {pid}: VMAs read at {d_vmas:?}, pages found at {d_scan:?}, chain's pages left at {:?}",
+        t_mm.elapsed()
+    );
     if let Some(lazy) = lazy {
         crate::lazy::split_lazy(&mut mm);
         lazy.push((pid, mm.lazy_pages.clone()));

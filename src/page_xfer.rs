@@ -20,6 +20,7 @@
 //! `--tls-cacert`: a page stream is all of the process's secrets
 //! (`crate::tls`, shared with lazy migration's page stream).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
@@ -481,7 +482,8 @@ impl PageSink for RemotePages<'_> {
 /// Where a dump's pages go: pages images in the images directory, or a
 /// page server. The page pipeline writes to either through `TaskPages`.
 pub enum PageDest {
-    Local,
+    /// Into -D, with the writers `reserve` made ahead, per PID.
+    Local(HashMap<i32, PagesWriter>),
     Remote(PageClient),
 }
 
@@ -497,16 +499,35 @@ impl PageDest {
         Ok(match args.target()? {
             None => {
                 crate::tls::check_unused(&args.tls)?;
-                PageDest::Local
+                PageDest::Local(HashMap::new())
             }
             Some((address, port)) => PageDest::Remote(PageClient::connect(args, &address, port)?),
         })
     }
 
+    /// Whether the pages go into pages images in -D.
+    pub fn is_local(&self) -> bool {
+        matches!(self, PageDest::Local(_))
+    }
+
+    /// Allocates ahead the image space of about `bytes` of task `pid`'s
+    /// pages, before the tree is frozen (`PagesWriter::reserve`); nothing
+    /// for a page server.
+    pub fn reserve(&mut self, dir: &ImageDir, pid: i32, bytes: u64) -> Result<()> {
+        if let PageDest::Local(ahead) = self {
+            let parts = crate::resources::memory::stream_parts(bytes);
+            ahead.insert(pid, PagesWriter::reserve(dir, pid, bytes, parts)?);
+        }
+        Ok(())
+    }
+
     /// Starts the pages of task `pid`.
     pub fn task(&mut self, dir: &ImageDir, pid: i32) -> Result<TaskPages<'_>> {
         Ok(match self {
-            PageDest::Local => TaskPages::Local(PagesWriter::create(dir, pid)?),
+            PageDest::Local(ahead) => TaskPages::Local(match ahead.remove(&pid) {
+                Some(w) => w,
+                None => PagesWriter::create(dir, pid)?,
+            }),
             PageDest::Remote(c) => TaskPages::Remote(RemotePages::open(c, pid)?),
         })
     }
@@ -515,7 +536,7 @@ impl PageDest {
     /// are sealed; a page server confirms it has synced them all.
     pub fn finish(self) -> Result<()> {
         match self {
-            PageDest::Local => Ok(()),
+            PageDest::Local(_) => Ok(()),
             PageDest::Remote(c) => c.finish(),
         }
     }

@@ -486,6 +486,16 @@ enum Part {
 /// cost more than they save.
 const SPLIT_MIN: u64 = 64 << 20;
 
+/// How many parts a stream of `bytes` is written in, side by side.
+pub fn stream_parts(bytes: u64) -> usize {
+    // (available_parallelism reads the cgroup's files: only for a big one.)
+    if bytes >= SPLIT_MIN && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        crate::images::MAX_PARTS
+    } else {
+        1
+    }
+}
+
 /// Streams the pages of `runs` (page runs of the task's `vmas`, in the
 /// order the image lists them: `mm.pagemap`, or any selection of it) into
 /// `sink`. The parasite checksums and vmsplices a batch into empty page
@@ -516,12 +526,8 @@ pub fn dump_pages(
     let bytes: u64 = runs.iter().map(|r| r.nr_pages * PAGE).sum();
     parasite.make_pipes(bytes.div_ceil(1 << 20) as usize)?;
     let pipes: Vec<RawFd> = parasite.pipes.iter().map(|f| f.as_raw_fd()).collect();
-    // (available_parallelism reads the cgroup's files: only for a big one.)
-    let parts = if bytes >= SPLIT_MIN
-        && pipes.len() > 1
-        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
-    {
-        crate::images::MAX_PARTS
+    let parts = if pipes.len() > 1 {
+        stream_parts(bytes)
     } else {
         1
     };
