@@ -380,7 +380,10 @@ pub struct RawWriter {
 impl RawWriter {
     pub fn create(dir: &ImageDir, kind: ImageKind, id: i32) -> Result<Self> {
         let (path, file) = dir.create_file(kind, id)?;
-        file.write_all_at(&[0u8; HEADER_LEN], 0)
+        // A header of no data until `finish`: a dump that dies before it
+        // leaves a file still known for an image (`ImageDir::create`
+        // removes it), which readers refuse (longer than it says).
+        file.write_all_at(&header(kind, 0, 0), 0)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(RawWriter {
             path,
@@ -600,6 +603,11 @@ mod tests {
         let d = scratch("replace");
         d.write_msg(ImageKind::Inventory, 0, &sample()).unwrap();
         d.write_msg(ImageKind::Core, 4321, &sample()).unwrap();
+        // A raw image its dump did not finish (crust killed): still an
+        // image to remove, not someone's file.
+        let mut raw = RawWriter::create(&d, ImageKind::GhostData, 3).unwrap();
+        raw.write(b"half of it").unwrap();
+        drop(raw);
         fs::write(d.path.join("dump.log"), "old log").unwrap();
         fs::write(d.path.join("dump.log.77"), "old log").unwrap();
         let again = ImageDir::create(&d.path).unwrap();

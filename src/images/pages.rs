@@ -92,7 +92,12 @@ impl PartWriter {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        file.write_all_at(&[0u8; PAGES_HEADER_LEN as usize], 0)
+        // A header already, of no data: should the dump die before `seal`,
+        // the file is still known for a pages image (a later dump into the
+        // directory removes it) and refused by readers (longer than it says).
+        let mut head = [0u8; PAGES_HEADER_LEN as usize];
+        head[..HEADER_LEN].copy_from_slice(&part_header(0, 0, 0));
+        file.write_all_at(&head, 0)
             .and_then(|_| (&file).seek(std::io::SeekFrom::Start(PAGES_HEADER_LEN)))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(Self {
@@ -794,9 +799,15 @@ mod tests {
             let mut w = PagesWriter::reserve_in(&d, 7, 4 << 20, 1, in_memory).unwrap();
             w.take_bytes(&data[..4096]).unwrap();
             drop(w);
-            let (size, allocated) = size_and_allocated(&part_path(&d.path, 7, 0));
+            let p7 = part_path(&d.path, 7, 0);
+            let (size, allocated) = size_and_allocated(&p7);
             assert_eq!(size, PAGES_HEADER_LEN + 4096, "{in_memory}");
             assert!(allocated <= size, "{in_memory}: {allocated} bytes kept");
+            // Unsealed, it is refused, and the next dump into the
+            // directory takes it for an older image to remove.
+            assert!(PagesImage::open(&d, 7).is_err(), "{in_memory}");
+            ImageDir::create(&d.path).unwrap();
+            assert!(!p7.exists(), "{in_memory}");
             std::fs::remove_dir_all(&d.path).unwrap();
         }
     }
