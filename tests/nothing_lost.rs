@@ -190,6 +190,14 @@ fn crust_killed_mid_dump_leaves_task_unharmed() {
             !ok && err.contains("inventory"),
             "stage {stage}: restore of a half dump: {err}"
         );
+        // A second try into the same directory takes over what the killed
+        // dump left there.
+        let out = t.dump_with(&["--leave-running"], &[]);
+        assert!(
+            out.status.success(),
+            "stage {stage}: dump again into the directory: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_unharmed(t, &maps, &fds);
     }
 }
