@@ -1,6 +1,8 @@
 /* POSIX timers on several clocks and notify modes, with sparse ids; one
  * signals a thread of its own, one has its signal pending (blocked) at the
- * dump. After restore every timer_t handle still names its timer, with its
+ * dump, and one runs a function in glibc's timer thread every millisecond
+ * (SIGEV_THREAD: glibc's own signal 32, which it never lets a program
+ * block; it fires while the restore runs). After restore every timer_t handle still names its timer, with its
  * clock, interval and remaining time, and the signals keep coming, with
  * their sigev_value, to the thread they target. */
 #include "zdtmlib.h"
@@ -37,6 +39,15 @@ static void on_pending(int sig, siginfo_t *si, void *uc)
 	if (si->si_value.sival_int != 0xF)
 		pending_bad = 1;
 	pending_hits++;
+}
+
+static volatile int glibc_hits, glibc_bad;
+
+static void on_glibc_timer(union sigval v)
+{
+	if (v.sival_int != 0xC)
+		glibc_bad = 1;
+	__atomic_add_fetch(&glibc_hits, 1, __ATOMIC_RELAXED);
 }
 
 static void *worker(void *arg)
@@ -132,7 +143,16 @@ int main(void)
 	arm(hour, 3600 * 1000, 0);
 	arm(cpu, 100 * 1000, 7 * 1000);
 	arm(pending, 1, 1);
-	while (periodic_hits < 3 || thread_hits < 3)
+	struct sigevent tev;
+	memset(&tev, 0, sizeof(tev));
+	tev.sigev_notify = SIGEV_THREAD;
+	tev.sigev_notify_function = on_glibc_timer;
+	tev.sigev_value.sival_int = 0xC;
+	timer_t glibc_timer;
+	if (timer_create(CLOCK_MONOTONIC, &tev, &glibc_timer))
+		fail("timer_create(SIGEV_THREAD): %m");
+	arm(glibc_timer, 1, 1);
+	while (periodic_hits < 3 || thread_hits < 3 || glibc_hits < 3)
 		usleep(1000);
 
 	test_ready();
@@ -161,14 +181,15 @@ int main(void)
 	if (pending_hits < 1)
 		fail("the pending timer signal was not delivered");
 	/* The timers keep firing, to the right thread. */
-	int p0 = periodic_hits, t0 = thread_hits, q0 = pending_hits;
-	for (int i = 0; i < 2000 && (periodic_hits < p0 + 3 || thread_hits < t0 + 3 || pending_hits < q0 + 3); i++)
+	int p0 = periodic_hits, t0 = thread_hits, q0 = pending_hits, g0 = glibc_hits;
+	for (int i = 0; i < 2000 && (periodic_hits < p0 + 3 || thread_hits < t0 + 3 ||
+				    pending_hits < q0 + 3 || glibc_hits < g0 + 3); i++)
 		usleep(1000);
-	if (periodic_hits < p0 + 3 || thread_hits < t0 + 3 || pending_hits < q0 + 3)
-		fail("timers stopped firing: periodic %d->%d thread %d->%d pending %d->%d", p0,
-		     periodic_hits, t0, thread_hits, q0, pending_hits);
-	if (periodic_bad || thread_bad || pending_bad)
-		fail("a timer signal came with the wrong value or to the wrong thread (%d %d %d)",
-		     periodic_bad, thread_bad, pending_bad);
+	if (periodic_hits < p0 + 3 || thread_hits < t0 + 3 || pending_hits < q0 + 3 || glibc_hits < g0 + 3)
+		fail("timers stopped firing: periodic %d->%d thread %d->%d pending %d->%d glibc %d->%d",
+		     p0, periodic_hits, t0, thread_hits, q0, pending_hits, g0, glibc_hits);
+	if (periodic_bad || thread_bad || pending_bad || glibc_bad)
+		fail("a timer signal came with the wrong value or to the wrong thread (%d %d %d %d)",
+		     periodic_bad, thread_bad, pending_bad, glibc_bad);
 	pass();
 }

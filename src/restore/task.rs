@@ -64,8 +64,24 @@ pub fn run_child(
 
 fn start_task(set: &RestoreSet, pid: i32, sync: Option<OwnedFd>) -> Result<()> {
     // Signals stay blocked until rt_sigreturn installs the task's own mask.
-    let all = nix::sys::signal::SigSet::all();
-    nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&all), None)?;
+    // All 64: glibc's sigprocmask leaves its own two (32 and 33) unblocked,
+    // and 32 is the signal of glibc's SIGEV_THREAD timers, which the
+    // restorer arms again: one firing before the task is whole would stop
+    // its thread in the restorer.
+    let all: u64 = !0;
+    // SAFETY: rt_sigprocmask reads one 8-byte mask of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            &all as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("blocking every signal");
+    }
     if let Some(sync) = sync {
         // The root waits until crust traces it (its descendants are traced
         // from birth): the restorer's final trap needs a tracer.
