@@ -313,16 +313,21 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         opts.track_mem && runs_on,
     )?;
     if opts.lazy_pages.is_none() && opts.prev_images_dir.is_some() {
-        reserve_pages(&mut pages, &dir, &chain, &tree)?;
+        reserve_pages(&mut pages, &dir, &chain, &tree);
     }
     // From here on, whatever the dump changes outside crust is undone by
     // crust's guards if the dump fails, and by the guardian if crust dies.
     let guardian = Guardian::spawn()?;
     let t_freeze = Instant::now();
-    let (tree, seized) = freeze_tree(opts.pid, tree, t0, opts.freeze_timeout)?;
+    // (The freeze timeout counts from here: the reservation is no freeze.)
+    let (tree, seized) = freeze_tree(opts.pid, tree, t_freeze, opts.freeze_timeout)?;
     fault_point("seized");
     chain.take_tracking();
-    info!("seized {} task(s) in {:?}", seized.len(), t0.elapsed());
+    info!(
+        "seized {} task(s) in {:?}",
+        seized.len(),
+        t_freeze.elapsed()
+    );
     crate::progress::add_tasks(seized.len() as u64);
     if let Some(s) = stats.as_mut() {
         s.stage("freezing");
@@ -636,9 +641,6 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the killed tasks have died (a big address space takes a
-/// while to tear down): a restore run right after the dump then finds
-/// their PIDs free, or held by zombies it knows to wait for.
 /// A task whose pages are estimated below this has them written into
 /// blocks allocated as they come: too little to be worth a file early.
 const RESERVE_MIN: u64 = 8 << 20;
@@ -655,17 +657,30 @@ fn reserve_pages(
     dir: &ImageDir,
     chain: &Chain,
     tree: &[TreeNode],
-) -> Result<()> {
+) {
     if !pages.is_local() {
-        return Ok(());
+        return;
     }
     let t = Instant::now();
+    // At most half the room left where the images go: the space one task
+    // holds ahead is given back only once its own stream is in, and the
+    // tasks after it need room for theirs.
+    let mut room = nix::sys::statvfs::statvfs(&dir.path)
+        .map_or(0, |s| s.blocks_available() * s.fragment_size())
+        / 2;
     let mut total = 0;
     for n in tree.iter().filter(|n| !n.zombie) {
         let bytes = chain.estimate(n.pid);
-        if bytes >= RESERVE_MIN {
-            pages.reserve(dir, n.pid, bytes)?;
-            total += bytes;
+        if bytes < RESERVE_MIN || bytes > room {
+            continue;
+        }
+        // An optimization only: the dump goes on without it.
+        match pages.reserve(dir, n.pid, bytes) {
+            Ok(()) => {
+                total += bytes;
+                room -= bytes;
+            }
+            Err(e) => tracing::warn!("PID {}: no space reserved for its pages: {e:#}", n.pid),
         }
     }
     if total > 0 {
@@ -675,9 +690,11 @@ fn reserve_pages(
             t.elapsed()
         );
     }
-    Ok(())
 }
 
+/// Waits until the killed tasks have died (a big address space takes a
+/// while to tear down): a restore run right after the dump then finds
+/// their PIDs free, or held by zombies it knows to wait for.
 pub(crate) fn wait_dead(pids: &[i32]) {
     let t = Instant::now();
     while !pids.iter().all(|&p| gone_or_zombie(p)) {

@@ -536,7 +536,8 @@ impl PageDest {
     /// are sealed; a page server confirms it has synced them all.
     pub fn finish(self) -> Result<()> {
         match self {
-            PageDest::Local(_) => Ok(()),
+            // Space reserved for a task that exited before the freeze.
+            PageDest::Local(ahead) => ahead.into_values().try_for_each(PagesWriter::discard),
             PageDest::Remote(c) => c.finish(),
         }
     }

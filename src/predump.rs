@@ -129,9 +129,11 @@ impl Chain {
     }
 
     /// About how many bytes of pages task `pid` will store, asked before
-    /// the tree is frozen (`PageDest::reserve`): what tracking has seen
-    /// written so far, and a margin for what is written until the freeze;
-    /// without tracking, its resident private memory.
+    /// the tree is frozen (`dump::reserve_pages`): what userfaultfd
+    /// tracking has seen written so far, and an eighth more for what is
+    /// written until the freeze. 0 (no estimate) without that tracking:
+    /// then the dump may store every page, or only those soft-dirty bits
+    /// name, and which is not known before the freeze.
     pub fn estimate(&self, pid: i32) -> u64 {
         let tracked = self.use_tracking
             && self.backend == Backend::UffdWp
@@ -139,13 +141,16 @@ impl Chain {
                 .parent
                 .as_ref()
                 .is_some_and(|p| Backend::from_u32(p.inv.tracking) == Backend::UffdWp);
-        if tracked {
-            match memtrack::written_bytes(pid) {
-                Ok(b) => return b + b / 8,
-                Err(e) => tracing::debug!("PID {pid}: no estimate from tracking: {e:#}"),
+        if !tracked {
+            return 0;
+        }
+        match memtrack::written_bytes(pid) {
+            Ok(b) => b + b / 8,
+            Err(e) => {
+                tracing::debug!("PID {pid}: no estimate from tracking: {e:#}");
+                0
             }
         }
-        crate::proc::status(pid).map_or(0, |s| s.rss_anon)
     }
 
     /// Leaves to the chain the pages of `mm.pagemap` tracking says were

@@ -340,7 +340,6 @@ pub fn fork_into_new_pid_ns() -> io::Result<i32> {
     clone3(&args)
 }
 
-/// splice(2) from a pipe into a file at the file's current offset.
 /// fallocate(2): `mode` over `[off, off+len)` of the file `fd`.
 pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate(2) takes no pointers; a bad fd is an error.
@@ -351,6 +350,7 @@ pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// splice(2) from a pipe into a file at the file's current offset.
 pub fn splice_all(from: RawFd, to: RawFd, mut len: usize) -> io::Result<()> {
     while len > 0 {
         // SAFETY: plain fd-to-fd splice, no user memory involved.

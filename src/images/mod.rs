@@ -381,8 +381,8 @@ impl RawWriter {
     pub fn create(dir: &ImageDir, kind: ImageKind, id: i32) -> Result<Self> {
         let (path, file) = dir.create_file(kind, id)?;
         // A header of no data until `finish`: a dump that dies before it
-        // leaves a file still known for an image (`ImageDir::create`
-        // removes it), which readers refuse (longer than it says).
+        // leaves a file still known for an image, which `ImageDir::create`
+        // removes. (Without an inventory no restore reads it.)
         file.write_all_at(&header(kind, 0, 0), 0)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(RawWriter {

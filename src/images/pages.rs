@@ -93,8 +93,8 @@ impl PartWriter {
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
         // A header already, of no data: should the dump die before `seal`,
-        // the file is still known for a pages image (a later dump into the
-        // directory removes it) and refused by readers (longer than it says).
+        // the file is still known for a pages image, which a later dump into
+        // the directory removes. (Without an inventory no restore reads it.)
         let mut head = [0u8; PAGES_HEADER_LEN as usize];
         head[..HEADER_LEN].copy_from_slice(&part_header(0, 0, 0));
         file.write_all_at(&head, 0)
@@ -136,30 +136,31 @@ impl PartWriter {
         };
         if let Err(e) = done {
             tracing::debug!("{}: nothing reserved ({e})", self.path.display());
-            self.release();
+            if let Err(e) = self.release() {
+                tracing::warn!("{}: giving back its space: {e}", self.path.display());
+            }
         }
     }
 
     /// Gives back what was reserved and not written: the file ends where
-    /// its data does.
-    fn release(&mut self) {
+    /// its data does (cut even when the hole cannot be punched).
+    fn release(&mut self) -> std::io::Result<()> {
+        let mut res = Ok(());
         if self.reserved > self.len {
             let end = PAGES_HEADER_LEN + self.len;
-            let rest = self.reserved - self.len;
-            if let Err(e) = punch_hole(&self.file, end, rest).and_then(|_| self.file.set_len(end)) {
-                tracing::warn!(
-                    "{}: the space reserved past its data stays taken ({e})",
-                    self.path.display()
-                );
-            }
+            let punched = punch_hole(&self.file, end, self.reserved - self.len);
+            res = self.file.set_len(end).and(punched);
         }
         self.reserved = 0;
+        res
     }
 
     /// Writes the header (its length, checksum and the parts after it)
     /// and syncs the file.
     fn seal(mut self, more: u32) -> Result<()> {
-        self.release();
+        self.release().with_context(|| {
+            format!("giving back the space reserved in {}", self.path.display())
+        })?;
         let crc = self.crc.clone().finalize();
         self.file
             .write_all_at(&part_header(self.len, crc, more), 0)
@@ -183,7 +184,12 @@ impl PartWriter {
 impl Drop for PartWriter {
     /// A dump that failed leaves no space taken beyond what it wrote.
     fn drop(&mut self) {
-        self.release();
+        if let Err(e) = self.release() {
+            tracing::warn!(
+                "{}: the space reserved past its data stays taken ({e})",
+                self.path.display()
+            );
+        }
     }
 }
 
@@ -254,6 +260,17 @@ impl PagesWriter {
             }
         });
         Ok(w)
+    }
+
+    /// Removes the part files of a writer that got no stream (reserved
+    /// for a task that exited before the freeze).
+    pub fn discard(mut self) -> Result<()> {
+        for p in std::mem::take(&mut self.parts) {
+            let path = p.path.clone();
+            drop(p);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Bytes of the stream taken so far.
@@ -803,6 +820,12 @@ mod tests {
             let (size, allocated) = size_and_allocated(&p7);
             assert_eq!(size, PAGES_HEADER_LEN + 4096, "{in_memory}");
             assert!(allocated <= size, "{in_memory}: {allocated} bytes kept");
+            // Reserved for a task that exited before the freeze: its files go.
+            PagesWriter::reserve_in(&d, 8, 4 << 20, 2, in_memory)
+                .unwrap()
+                .discard()
+                .unwrap();
+            assert!(!part_path(&d.path, 8, 0).exists() && !part_path(&d.path, 8, 1).exists());
             // Unsealed, it is refused, and the next dump into the
             // directory takes it for an older image to remove.
             assert!(PagesImage::open(&d, 7).is_err(), "{in_memory}");

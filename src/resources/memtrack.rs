@@ -164,14 +164,20 @@ fn pagemap_scan(pm: &File, start: u64, end: u64, category: u64, protect: bool) -
     Ok(normalize(out))
 }
 
-/// Bytes of the task's memory present and written since tracking was
-/// armed (all present memory where none is armed), the task running: an
-/// estimate of what the next dump stores, made before it freezes the task.
+/// Bytes of the task's private memory present and written since tracking
+/// was armed (all of a private mapping's present pages where none is
+/// armed), the task running: an estimate of what the next dump stores,
+/// made before it freezes the task. Shared mappings store no pages here.
 pub fn written_bytes(pid: i32) -> Result<u64> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
-    // Up to the top of the x86-64 user address space (47 bits).
-    let r = pagemap_scan(&pm, 0, 0x7fff_ffff_f000, PAGE_IS_WRITTEN, false)?;
-    Ok(pages_in(&r) * PAGE)
+    let mut bytes = 0;
+    for e in crate::proc::maps(pid)?
+        .iter()
+        .filter(|e| !e.shared && !e.path.starts_with("[v"))
+    {
+        bytes += pages_in(&pagemap_scan(&pm, e.start, e.end, PAGE_IS_WRITTEN, false)?) * PAGE;
+    }
+    Ok(bytes)
 }
 
 /// Whether a VMA's pages are tracked: private memory of this process
@@ -271,8 +277,7 @@ pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry], rearm: bool) -> Result<(Range
         // Written first, protecting them again when tracking goes on
         // (`rearm`); then what is tracked at all (a VMA that is not, the
         // walk with WP_MATCHING skips silently). Without `rearm` the walk
-        // changes nothing: cheaper, and should the dump fail, the pages
-        // written still show as written to whoever reads the tracking next.
+        // changes nothing, and costs less.
         written.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WRITTEN, rearm)?);
         allowed.extend(pagemap_scan(&pm, v.start, v.end, PAGE_IS_WPALLOWED, false)?);
     }
