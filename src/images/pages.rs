@@ -155,6 +155,13 @@ impl PartWriter {
         res
     }
 
+    /// Closes the file and removes it: a part no stream came for.
+    fn remove(self) -> Result<()> {
+        let path = self.path.clone();
+        drop(self);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+    }
+
     /// Writes the header (its length, checksum and the parts after it)
     /// and syncs the file.
     fn seal(mut self, more: u32) -> Result<()> {
@@ -265,12 +272,9 @@ impl PagesWriter {
     /// Removes the part files of a writer that got no stream (reserved
     /// for a task that exited before the freeze).
     pub fn discard(mut self) -> Result<()> {
-        for p in std::mem::take(&mut self.parts) {
-            let path = p.path.clone();
-            drop(p);
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-        Ok(())
+        std::mem::take(&mut self.parts)
+            .into_iter()
+            .try_for_each(PartWriter::remove)
     }
 
     /// Bytes of the stream taken so far.
@@ -321,11 +325,7 @@ impl PageSink for PagesWriter {
             let want = parts.clamp(1, MAX_PARTS);
             // Parts reserved for a stream that turned out smaller go.
             while self.parts.len() > want {
-                let p = self.parts.pop().expect("more parts than wanted");
-                let path = p.path.clone();
-                drop(p);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
+                self.parts.pop().expect("more parts than wanted").remove()?;
             }
             for k in self.parts.len()..want {
                 let p = PartWriter::create(part_path(&self.dir, self.pid, k))?;
