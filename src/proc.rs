@@ -57,22 +57,27 @@ fn parse_maps_line(line: &str) -> Option<MapsEntry> {
 
 /// /proc/PID/smaps, one entry per VMA.
 pub fn smaps(pid: i32) -> Result<Vec<MapsEntry>> {
-    parse_smaps(&read_by_entry(pid, "smaps")?).with_context(|| format!("/proc/{pid}/smaps"))
+    let text = read_by_entry(pid, "smaps", |_| false)?;
+    let text =
+        String::from_utf8(text).with_context(|| format!("/proc/{pid}/smaps is not UTF-8"))?;
+    parse_smaps(&text).with_context(|| format!("/proc/{pid}/smaps"))
 }
 
-/// A seq_file read in pieces smaller than one of its entries. The kernel
-/// fills a read with whole entries into a page-sized buffer; the entry that
-/// does not fit is thrown away and made again for the next read. For smaps
-/// making an entry walks every page of its VMA, so a big read walks about
-/// every third VMA twice (4 GiB: 127 ms against 66 ms in 1 KiB reads).
-/// A read smaller than an entry stops after one, and none is made twice.
-fn read_by_entry(pid: i32, name: &str) -> Result<String> {
+/// A seq_file read in pieces smaller than one of its entries, to its end
+/// or until `enough` says the text so far will do. The kernel fills a read
+/// with whole entries into a page-sized buffer; the entry that does not
+/// fit is thrown away and made again for the next read. For smaps making
+/// an entry walks every page of its VMA, so a big read walks about every
+/// third VMA twice (4 GiB: 127 ms against 66 ms in 1 KiB reads). A read
+/// smaller than an entry stops after one, and none is made twice; entries
+/// after the last one read are not made at all.
+fn read_by_entry(pid: i32, name: &str, enough: impl Fn(&[u8]) -> bool) -> Result<Vec<u8>> {
     use std::io::Read;
     let path = format!("/proc/{pid}/{name}");
     let mut f = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
     let mut text = Vec::with_capacity(64 << 10);
     let mut buf = [0u8; 512];
-    loop {
+    while !enough(&text) {
         let n = match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -81,34 +86,25 @@ fn read_by_entry(pid: i32, name: &str) -> Result<String> {
         };
         text.extend_from_slice(&buf[..n]);
     }
-    String::from_utf8(text).with_context(|| format!("{path} is not UTF-8"))
+    Ok(text)
 }
 
-/// The first entry of /proc/PID/smaps, read in small pieces: the kernel
-/// counts the pages of a VMA only when its entry is read, so the VMAs after
-/// the first cost nothing.
+/// The end of the first smaps entry in `text` (past its VmFlags line, the
+/// last of an entry), if it is all there.
+fn first_entry_end(text: &[u8]) -> Option<usize> {
+    let at = text.windows(9).position(|w| w == b"\nVmFlags:")?;
+    let eol = text[at + 1..].iter().position(|&c| c == b'\n')?;
+    Some(at + 1 + eol + 1)
+}
+
+/// The first entry of /proc/PID/smaps: the kernel counts the pages of a
+/// VMA only when its entry is read, so the VMAs after the first cost
+/// nothing.
 pub fn first_smaps_entry(pid: i32) -> Result<MapsEntry> {
-    use std::io::Read;
     let path = format!("/proc/{pid}/smaps");
-    let mut f = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    let mut text = Vec::new();
-    let mut buf = [0u8; 256];
-    // Up to the end of the first VmFlags line, the last of an entry.
-    let end = loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {path}"))?;
-        text.extend_from_slice(&buf[..n]);
-        let flags = text.windows(9).position(|w| w == b"\nVmFlags:");
-        if let Some(eol) = flags.and_then(|at| text[at + 1..].iter().position(|&c| c == b'\n')) {
-            break flags.unwrap() + 1 + eol + 1;
-        }
-        if n == 0 {
-            break text.len();
-        }
-    };
-    let text = String::from_utf8_lossy(&text[..end]);
-    parse_smaps(&text)
+    let text = read_by_entry(pid, "smaps", |t| first_entry_end(t).is_some())?;
+    let end = first_entry_end(&text).unwrap_or(text.len());
+    parse_smaps(&String::from_utf8_lossy(&text[..end]))
         .with_context(|| path.clone())?
         .into_iter()
         .next()
