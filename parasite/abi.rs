@@ -207,8 +207,10 @@ pub struct ParasiteCtl {
     /// The command runs free (PTRACE_CONT, no stop per system call) and
     /// ends with a handshake on the link: the parasite sends one byte when
     /// done and reads one back before its rt_sigreturn. crust, woken by the
-    /// first, stops the thread (PTRACE_INTERRUPT), sends the second and
-    /// traces the rest; with crust gone the read ends at once (crust held
+    /// first, stops the thread (PTRACE_INTERRUPT) and puts its own state
+    /// back itself, as the rt_sigreturn would; after the last command
+    /// (which closes the link once answered) it sends the second and
+    /// traces the rest. With crust gone the read ends at once (crust held
     /// the link's only other end), and the thread returns into its own
     /// code. Never waits on anything but crust.
     pub free_run: u64,

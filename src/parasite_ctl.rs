@@ -687,9 +687,21 @@ impl<'a> Parasite<'a> {
         ptrace::setregs(pid, r)?;
         sys::set_sigmask(pid, !0)?;
         let mut talk_err = None;
-        if self.link.is_some() {
-            self.run_free(t, talk, &mut talk_err)?;
+        let ended = self.link.is_some() && self.run_free(t, cmd, talk, &mut talk_err)?;
+        if !ended {
+            self.trace_to_sigreturn(t)?;
         }
+        compiler_fence(Ordering::SeqCst);
+        match talk_err {
+            Some(e) => Err(e),
+            None => Ok(self.ctl().ret),
+        }
+    }
+
+    /// Runs thread `t` stop by stop (PTRACE_SYSCALL) until the exit of the
+    /// parasite's rt_sigreturn: the thread is itself again.
+    fn trace_to_sigreturn(&self, t: &SeizedTask) -> Result<()> {
+        let pid = t.pid;
         let region = self.remote_base..self.remote_base + self.size;
         let mut in_sigreturn = false;
         loop {
@@ -697,7 +709,7 @@ impl<'a> Parasite<'a> {
             match wait_task(pid)? {
                 WaitStatus::PtraceSyscall(_) => {
                     if in_sigreturn {
-                        break;
+                        return Ok(());
                     }
                     let now = ptrace::getregs(pid)?;
                     in_sigreturn =
@@ -707,24 +719,26 @@ impl<'a> Parasite<'a> {
                 other => return Err(parasite_stopped(t, other)),
             }
         }
-        compiler_fence(Ordering::SeqCst);
-        match talk_err {
-            Some(e) => Err(e),
-            None => Ok(self.ctl().ret),
-        }
     }
 
     /// The free part of a command (see `ParasiteCtl::free_run`): thread `t`
     /// runs the parasite without a stop per system call until the parasite
-    /// says it is done; then crust stops it, answers, and leaves the rest
-    /// (the end of the handshake and the rt_sigreturn) to `run_on`'s
-    /// tracing. A signal stop meanwhile fails the command as in `run_on`.
+    /// says it is done; then crust stops it. Returns true when that ended
+    /// the command: crust put the thread's own state back itself
+    /// (`SeizedTask::leave_parasite`), which saves the traced way out.
+    /// The parasite's last command (FINI, or a stream told to finish) still
+    /// closes its link after the handshake: crust answers it, and leaves
+    /// the rest (the handshake's end, the close and the rt_sigreturn) to
+    /// `run_on`'s tracing. A signal stop meanwhile fails the command as in
+    /// `run_on`.
     fn run_free(
         &mut self,
         t: &SeizedTask,
+        cmd: u64,
         mut talk: Option<Talk>,
         talk_err: &mut Option<anyhow::Error>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut last = cmd == abi::PARASITE_CMD_FINI;
         let pid = t.pid;
         // crust's own second descriptor of its end, so that `talk` may
         // have the control block meanwhile; closed on return.
@@ -789,6 +803,7 @@ impl<'a> Parasite<'a> {
                                 Next::Quit
                             }),
                         };
+                        last |= matches!(next, Next::Finish);
                         let say = match next {
                             Next::Batch => abi::LINK_NEXT_BATCH,
                             Next::Quit => abi::LINK_QUIT,
@@ -806,8 +821,7 @@ impl<'a> Parasite<'a> {
                 }
             }
         }
-        // Stopped where it waits for the answer (or on its way there); from
-        // here every system call of the thread stops again.
+        // Stopped where it waits for the answer (or on its way there).
         ptrace::interrupt(pid)?;
         match wait_task(pid)? {
             WaitStatus::PtraceEvent(..) => {}
@@ -821,10 +835,17 @@ impl<'a> Parasite<'a> {
             }
             other => bail!("task {pid}: unexpected {other:?} while running the parasite"),
         }
+        if !last {
+            // The parasite waits for an answer it will not get: the
+            // thread goes home from here. (A crust killed before this
+            // breaks the link, and the parasite takes it home itself.)
+            t.leave_parasite()?;
+            return Ok(true);
+        }
         (&*link)
             .write_all(b"g")
             .context("answering the parasite on its link")?;
-        Ok(())
+        Ok(false)
     }
 
     /// Removes the parasite: closes its pipe, unmaps its region in the task.

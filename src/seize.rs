@@ -214,6 +214,20 @@ impl SeizedTask {
         })
     }
 
+    /// Puts the task back in its own state from a stop inside the parasite,
+    /// as the command's rt_sigreturn would (the registers for the live
+    /// task, orig_rax -1, its FPU state and mask; the parasite changes
+    /// neither its alternate stack nor anything else of the thread's). The
+    /// registers come last: a crust killed before them leaves the thread
+    /// in the parasite, whose broken link then takes it home through the
+    /// frame, rather than in its own code with every signal blocked.
+    pub fn leave_parasite(&self) -> Result<()> {
+        sys::set_xstate(self.pid, &self.xstate)?;
+        sys::set_sigmask(self.pid, self.sigmask)?;
+        ptrace::setregs(self.pid, self.regs)?;
+        Ok(())
+    }
+
     /// Puts back registers, FPU state and signal mask as they were at the stop.
     pub fn restore_state(&self) -> Result<()> {
         ptrace::setregs(self.pid, self.regs)?;

@@ -202,6 +202,28 @@ fn crust_killed_mid_dump_leaves_task_unharmed() {
     }
 }
 
+/// A crust killed mid-dump leaves every thread its vector registers: the
+/// parasite's commands use xmm registers, and crust ends most of them by
+/// putting the thread's state back itself, not by the parasite's
+/// rt_sigreturn; a second thread holds values of its own. The task checks
+/// its registers itself once crust is gone.
+#[test]
+fn crust_killed_mid_dump_leaves_registers_unharmed() {
+    if !cpu_has("avx") {
+        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+        return;
+    }
+    for stage in ["infected", "parasite-free", "pages-drained"] {
+        let mut t = Spawn::new("fpu").args(&["avx", "threads"]).start();
+        eprintln!("stage {stage}: task {}", t.pid);
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let out = t.dump_with(&[], &[("CRUST_FAULT", stage)]);
+        assert!(!out.status.success(), "stage {stage}: crust was not killed");
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
 #[test]
 fn restore_bad_directories() {
     let w = WorkDir::new("baddirs");

@@ -40,6 +40,43 @@ fn fpu_avx() {
     cycle("fpu", &["avx"]);
 }
 
+/// A dump that lets the tree run on gives each thread back the vector
+/// registers it held (the parasite's commands use xmm registers), twice,
+/// to see a second dump find them whole too; the task checks them itself.
+/// (`crust_killed_mid_dump_leaves_registers_unharmed` checks the same
+/// without crust's detach to put them back.)
+#[test]
+fn leave_running_keeps_vector_registers() {
+    if !cpu_has("avx") {
+        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+        return;
+    }
+    let mut t = Spawn::new("fpu").args(&["avx", "threads"]).quiet().start();
+    t.dump(&["--leave-running"]);
+    t.dump(&["--leave-running"]);
+    let mut orig = t.take_original().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = orig.wait().unwrap();
+    assert!(
+        st.success(),
+        "the original's registers changed under --leave-running: {st}"
+    );
+}
+
+/// The same in two threads, each with values of its own.
+#[test]
+fn fpu_avx_threads() {
+    if !cpu_has("avx") {
+        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+        return;
+    }
+    cycle("fpu", &["avx", "threads"]);
+}
+
 #[test]
 fn signals() {
     cycle("signals", &[]);
