@@ -283,14 +283,15 @@ struct Held {
     last_word: Option<u8>,
 }
 
+/// The guardian's name (comm), by which a dump knows a task it finds
+/// traced is still being put back by the guardian of a killed dump.
+pub const COMM: &std::ffi::CStr = c"crust-guardian";
+
 /// The guardian's life: read crust's words until the end of the channel,
 /// then settle. Its exit status: 0, or 1 when something could not be
 /// undone (logged).
 fn guard(chan: OwnedFd, crust: OwnedFd, sigchld: RawFd) -> i32 {
-    leave_crusts_things(
-        &[chan.as_raw_fd(), crust.as_raw_fd(), sigchld],
-        c"crust-guardian",
-    );
+    leave_crusts_things(&[chan.as_raw_fd(), crust.as_raw_fd(), sigchld], COMM);
     // The kernel lets the tree run the moment crust is gone (its ptrace
     // stops end as crust exits), while a connection may be in repair mode,
     // where the tree's reads and writes on it fail. Woken by the end of

@@ -116,10 +116,30 @@ impl SeizeError {
 }
 
 /// Seizes and stops one task. The dump's tree walk calls this for each task.
+/// How long a seize waits for a killed dump's guardian to let a task go.
+const GUARDIAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether `pid` is a crust dump's guardian (`crate::guardian`).
+fn is_guardian(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end().as_bytes() == crate::guardian::COMM.to_bytes())
+}
+
 pub fn seize_task(pid: i32) -> Result<SeizedTask> {
-    let Ok(st) = proc::status(pid) else {
+    let Ok(mut st) = proc::status(pid) else {
         return Err(SeizeError::NoProcess(pid).into());
     };
+    // The guardian of a crust killed mid-dump traces the task for as long
+    // as it takes to put it back (milliseconds): a dump started again at
+    // once waits for it.
+    let t0 = std::time::Instant::now();
+    while st.tracer_pid != 0 && is_guardian(st.tracer_pid) && t0.elapsed() < GUARDIAN_WAIT {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let Ok(now) = proc::status(pid) else {
+            return Err(SeizeError::NoProcess(pid).into());
+        };
+        st = now;
+    }
     if st.tracer_pid != 0 {
         return Err(SeizeError::Traced(pid, st.name, st.tracer_pid).into());
     }
