@@ -18,8 +18,8 @@ use crate::predump::Chain;
 use crate::proc;
 use crate::resources::ghost::GhostStore;
 use crate::resources::{
-    creds, fdt, files, inet, membarrier, memory, netlock, pipes, prctl, regs, sched, seccomp,
-    signals, timers,
+    creds, fdt, files, inet, membarrier, memory, netlock, pipes, prctl, regs, seccomp, signals,
+    timers,
 };
 use crate::seize::{SeizedTask, seize_threads};
 use crate::stats::Stats;
@@ -91,20 +91,13 @@ pub(crate) fn gone_or_zombie(pid: i32) -> bool {
 pub(crate) fn check_tree(tree: &[TreeNode]) -> Result<()> {
     let root = &tree[0];
     let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    if let Some((pid, ppid)) = memory_sharer(tree) {
+        bail!(
+            "task {pid} shares its memory with its parent {ppid} (a vfork() in progress for over {} s, or CLONE_VM); dump again once it has exec'd or exited",
+            VFORK_WAIT.as_secs()
+        );
+    }
     for n in tree.iter().filter(|n| !n.zombie) {
-        // A vfork() child (or any CLONE_VM child) shares its parent's memory;
-        // restored apart they would not. kcmp tells.
-        const KCMP_VM: i32 = 1;
-        // SAFETY: kcmp compares two kernel objects; it reads no memory of ours.
-        if n.pid != root.pid
-            && unsafe { libc::syscall(libc::SYS_kcmp, n.pid, n.ppid, KCMP_VM, 0, 0) } == 0
-        {
-            bail!(
-                "task {} shares its memory with its parent {} (a vfork() in progress, or CLONE_VM); dump again once it has exec'd or exited",
-                n.pid,
-                n.ppid
-            );
-        }
         for kind in ["pid", "mnt", "net"] {
             if n.pid != root.pid && ns(n.pid, kind) != ns(root.pid, kind) {
                 let comm = proc::status(n.pid).map(|s| s.name).unwrap_or_default();
@@ -140,6 +133,37 @@ pub(crate) fn check_tree(tree: &[TreeNode]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A task of the tree (PID, parent's PID) that shares its memory with its
+/// parent: a vfork() child that has not exec'd yet, or any CLONE_VM
+/// child. Restored apart they would not share it. kcmp tells.
+fn memory_sharer(tree: &[TreeNode]) -> Option<(i32, i32)> {
+    const KCMP_VM: i32 = 1;
+    tree.iter()
+        .skip(1)
+        .filter(|n| !n.zombie)
+        // SAFETY: kcmp compares two kernel objects; it reads no memory of ours.
+        .find(|n| unsafe { libc::syscall(libc::SYS_kcmp, n.pid, n.ppid, KCMP_VM, 0, 0) } == 0)
+        .map(|n| (n.pid, n.ppid))
+}
+
+/// How long a dump waits for a vfork() child of the tree to exec or exit.
+const VFORK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The tree of `pid` (`collect_tree`) once no task of it is a vfork()
+/// child that has not exec'd: a shell or make starting a command is one
+/// for a moment. After `VFORK_WAIT`, the tree as it is (`check_tree`
+/// refuses it).
+pub(crate) fn collect_settled_tree(pid: i32) -> Result<Vec<TreeNode>> {
+    let t0 = Instant::now();
+    loop {
+        let tree = collect_tree(pid)?;
+        if memory_sharer(&tree).is_none() || t0.elapsed() > VFORK_WAIT {
+            return Ok(tree);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// Seizes every process of the tree until it stands still (a task may fork
@@ -295,7 +319,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let t0 = Instant::now();
     // A PID that is no process is refused before anything is written.
     check_not_ancestor(opts.pid)?;
-    let tree = collect_tree(opts.pid)?;
+    let tree = collect_settled_tree(opts.pid)?;
     check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
@@ -428,31 +452,46 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         })
         .collect();
     // Parents first (tree order): a child's private pages still shared with
-    // its parent are left to the parent's image.
-    let mut vmas_of: std::collections::HashMap<i32, Vec<crate::images::pb::VmaEntry>> =
-        std::collections::HashMap::new();
+    // its parent are left to the parent's image. What /proc shows of each
+    // process is read one process ahead (`collect::read_ahead`).
+    let order: Vec<(i32, i32)> = live
+        .iter()
+        .map(|&pid| {
+            (
+                pid,
+                tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid),
+            )
+        })
+        .collect();
+    let tids: Vec<Vec<i32>> = seized
+        .iter()
+        .map(|t| t.iter().map(|t| t.pid.as_raw()).collect())
+        .collect();
     // --lazy-pages: each task's pages to serve once the images are written.
     let mut lazy_runs = opts.lazy_pages.as_ref().map(|_| Vec::new());
-    for (threads, fds) in seized.iter().zip(tables) {
-        let pid = threads[0].pid.as_raw();
-        let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
-        let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        let vmas = dump_task(
-            threads,
-            fds,
-            parent,
-            &mut TaskOut {
-                dir: &dir,
-                pages: &mut pages,
-                chain: &mut chain,
-                ghosts: &ghosts,
-                guardian: &guardian,
-                lazy: lazy_runs.as_mut(),
-            },
-        )?;
-        vmas_of.insert(pid, vmas);
-        crate::progress::task_done();
-    }
+    let mut tables = tables.into_iter();
+    crate::collect::read_ahead(
+        &order,
+        |i, parent| crate::collect::Process::read(order[i].0, &tids[i], parent),
+        |i, read| {
+            let fds = tables.next().expect("an fd table per process");
+            dump_task(
+                &seized[i],
+                fds,
+                read,
+                &mut TaskOut {
+                    dir: &dir,
+                    pages: &mut pages,
+                    chain: &mut chain,
+                    ghosts: &ghosts,
+                    guardian: &guardian,
+                    lazy: lazy_runs.as_mut(),
+                },
+            )?;
+            crate::progress::task_done();
+            Ok(())
+        },
+    )?;
     if let Some(s) = stats.as_mut() {
         s.stage("memory and task state");
     }
@@ -706,18 +745,16 @@ pub(crate) fn wait_dead(pids: &[i32]) {
     }
 }
 
-/// What one thread holds of its own, read from outside (ptrace, /proc).
-fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
+/// What one thread holds of its own, read from outside: through ptrace,
+/// and what /proc showed (`read`).
+fn dump_thread(t: &SeizedTask, read: crate::collect::Thread) -> Result<ThreadCore> {
     let tid = t.pid.as_raw();
     let (resume, restarted) = regs::resume_regs(tid, &t.stop_regs, regs::ResumeIn::Image);
-    let st = proc::status(tid)?;
-    let (robust_list, robust_len) = sys::get_robust_list(t.pid).unwrap_or((0, 0));
+    let st = read.status;
+    let (robust_list, robust_len) = read.robust_list;
     Ok(ThreadCore {
         tid,
-        comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-            .unwrap_or_default()
-            .trim_end()
-            .to_string(),
+        comm: read.comm,
         regs: Some(regs::to_pb(&resume)),
         xsave: t.xstate.clone(),
         sigmask: t.sigmask,
@@ -733,7 +770,7 @@ fn dump_thread(t: &SeizedTask, pid: i32) -> Result<ThreadCore> {
         robust_len,
         creds: Some(creds::dump_creds(&st)),
         restarted_syscall: restarted,
-        sched: Some(sched::dump_sched(tid)),
+        sched: Some(read.sched),
         pending: sys::peek_pending(t.pid, false).context("reading pending signals")?,
         seccomp: seccomp::dump_thread_seccomp(t.pid, st.seccomp)?,
         ..Default::default()
@@ -755,13 +792,13 @@ struct TaskOut<'a> {
     lazy: Option<&'a mut Vec<(i32, Vec<crate::images::pb::PagemapEntry>)>>,
 }
 
-/// Dumps one process; returns its VMAs, for its children's dumps.
+/// Dumps one process, given what /proc showed of it (`read`).
 fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
-    parent: Option<(i32, &[crate::images::pb::VmaEntry])>,
+    read: crate::collect::Process,
     out: &mut TaskOut,
-) -> Result<Vec<crate::images::pb::VmaEntry>> {
+) -> Result<()> {
     let TaskOut {
         dir,
         pages: dest,
@@ -772,17 +809,24 @@ fn dump_task(
     } = out;
     let task = &threads[0];
     let pid = task.pid.as_raw();
-    let st = proc::status(pid)?;
-    let t_mm = Instant::now();
-    let ahead = memory::prefetch_pagemap(pid);
-    let mut mm = memory::dump_mm(pid, ghosts).with_context(|| format!("PID {pid}: memory"))?;
-    let d_vmas = t_mm.elapsed();
-    memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
-    let d_scan = t_mm.elapsed();
+    let crate::collect::Process {
+        status: st,
+        memory,
+        threads: threads_read,
+        personality,
+        oom_score_adj,
+        loginuid,
+        posix_timers,
+    } = read;
+    let mut mm = memory.mm;
+    memory::add_ghosts(ghosts, &memory.ghosts)?;
+    let t_select = Instant::now();
     chain.select(pid, &mut mm)?;
     tracing::debug!(
-        "PID {pid}: VMAs read at {d_vmas:?}, pages found at {d_scan:?}, chain's pages left at {:?}",
-        t_mm.elapsed()
+        "PID {pid}: VMAs read at {:?}, pages found at {:?} (ahead), chain's pages left in {:?}",
+        memory.vmas_read,
+        memory.pages_found,
+        t_select.elapsed()
     );
     if let Some(lazy) = lazy {
         crate::lazy::split_lazy(&mut mm);
@@ -790,25 +834,19 @@ fn dump_task(
     }
     let mut threads_core = threads
         .iter()
-        .map(|t| dump_thread(t, pid))
+        .zip(threads_read)
+        .map(|(t, r)| dump_thread(t, r))
         .collect::<Result<Vec<_>>>()?;
     let mut core = TaskCore {
         pid,
         comm: st.name.clone(),
-        personality: std::fs::read_to_string(format!("/proc/{pid}/personality"))
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-            .unwrap_or(0),
+        personality,
         shared_pending: sys::peek_pending(task.pid, true).context("reading pending signals")?,
-        loginuid: creds::dump_loginuid(pid)?,
-        oom_score_adj: std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0),
+        loginuid,
+        oom_score_adj,
         ..Default::default()
     };
 
-    let posix_timers = timers::list_posix_timers(pid)?;
     let t = Instant::now();
     let mut parasite = Parasite::infect(task, guardian)?;
     fault_point("infected");
@@ -859,7 +897,7 @@ fn dump_task(
     dir.write_msg(ImageKind::Core, pid, &core)?;
     dir.write_msg(ImageKind::Mm, pid, &mm)?;
     dir.write_msg(ImageKind::Files, pid, &fds)?;
-    Ok(mm.vmas)
+    Ok(())
 }
 
 /// The network-lock scripts of a dump: network-unlock runs when the dump

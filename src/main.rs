@@ -11,6 +11,7 @@ mod actions;
 mod blobs;
 mod check;
 mod cli;
+mod collect;
 /// The parasite's checksum, compiled here to be held to crc32fast.
 #[cfg(test)]
 #[path = "../parasite/crc32.rs"]

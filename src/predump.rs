@@ -251,7 +251,7 @@ pub fn auto_dedup(dir: &Path) -> Result<()> {
 pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let t0 = Instant::now();
     dump::check_not_ancestor(opts.pid)?;
-    let tree = dump::collect_tree(opts.pid)?;
+    let tree = dump::collect_settled_tree(opts.pid)?;
     dump::check_tree(&tree)?;
     opts.actions.set_init_pid(opts.pid);
     opts.actions.run(Action::PreDump)?;
@@ -271,38 +271,48 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
     // Pages crust only reads: the memory of ghost files is not saved here.
     let ghosts = GhostStore::new(&dir, u64::MAX, false);
     let mut jobs = Vec::new();
-    let mut vmas_of: HashMap<i32, Vec<VmaEntry>> = HashMap::new();
-    for threads in &seized {
-        let task = &threads[0];
-        let pid = task.pid.as_raw();
-        let ppid = tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid);
-        let t = Instant::now();
-        let ahead = memory::prefetch_pagemap(pid);
-        let mut mm = memory::dump_mm(pid, &ghosts).with_context(|| format!("PID {pid}: memory"))?;
-        let t_mm = t.elapsed();
-        let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
-        memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
-        let t_scan = t.elapsed();
-        chain.select(pid, &mut mm)?;
-        let t_select = t.elapsed();
-        if chain.needs_parasite(pid) {
-            let mut p = Parasite::infect(task, &guardian)?;
-            dump::fault_point("infected");
-            chain.arm_task(pid, &mm.vmas, Some(&mut p))?;
-            p.cure()?;
-        } else {
-            chain.arm_task(pid, &mm.vmas, None)?;
-        }
-        tracing::debug!(
-            "PID {pid}: smaps read at {t_mm:?}, pagemap at {t_scan:?}, tracking read at {t_select:?}, armed at {:?}",
-            t.elapsed()
-        );
-        // Opened while the task is crust's: read once it runs again.
-        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-            .with_context(|| format!("opening /proc/{pid}/mem"))?;
-        vmas_of.insert(pid, mm.vmas.clone());
-        jobs.push((pid, mm, mem));
-    }
+    // Parents first; each process's memory read one ahead (`collect`).
+    let order: Vec<(i32, i32)> = seized
+        .iter()
+        .map(|t| {
+            let pid = t[0].pid.as_raw();
+            (
+                pid,
+                tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid),
+            )
+        })
+        .collect();
+    crate::collect::read_ahead(
+        &order,
+        |i, parent| crate::collect::Memory::read(order[i].0, parent),
+        |i, read| {
+            let task = &seized[i][0];
+            let pid = task.pid.as_raw();
+            let t = Instant::now();
+            let mut mm = read.mm;
+            memory::add_ghosts(&ghosts, &read.ghosts)?;
+            let (t_mm, t_scan) = (read.vmas_read, read.pages_found);
+            chain.select(pid, &mut mm)?;
+            let t_select = t.elapsed();
+            if chain.needs_parasite(pid) {
+                let mut p = Parasite::infect(task, &guardian)?;
+                dump::fault_point("infected");
+                chain.arm_task(pid, &mm.vmas, Some(&mut p))?;
+                p.cure()?;
+            } else {
+                chain.arm_task(pid, &mm.vmas, None)?;
+            }
+            tracing::debug!(
+                "PID {pid}: smaps read at {t_mm:?}, pagemap at {t_scan:?} (ahead); tracking read in {t_select:?}, armed in {:?}",
+                t.elapsed()
+            );
+            // Opened while the task is crust's: read once it runs again.
+            let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+                .with_context(|| format!("opening /proc/{pid}/mem"))?;
+            jobs.push((pid, mm, mem));
+            Ok(())
+        },
+    )?;
     dump::fault_point("armed");
     for threads in seized {
         let mut threads = threads.into_iter();

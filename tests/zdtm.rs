@@ -817,6 +817,17 @@ fn make_j2() {
     assert_eq!(got, want, "the program built across the checkpoint differs");
 }
 
+/// A vfork() in progress when the dump starts (a shell or make starting a
+/// command): the dump waits for it to end, and the parent, restored, runs
+/// on.
+#[test]
+fn dump_waits_for_a_vfork() {
+    let mut t = Spawn::new("vfork").args(&["300"]).start();
+    t.dump(&[]);
+    t.restore(&[]);
+    t.pass();
+}
+
 #[test]
 fn event_fds() {
     cycle("eventfds", &[]);

@@ -96,8 +96,28 @@ fn classify(e: &MapsEntry) -> Result<Option<VmaKind>> {
     }))
 }
 
-/// Collects the address space of a task, without its pages.
-pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
+/// A mapping of a deleted file, whose contents the dump keeps as a ghost
+/// file (`GhostStore::add`, in the dump's order: `add_ghosts`).
+pub struct MappedGhost {
+    /// The mapping's /proc/PID/map_files entry.
+    proc_path: String,
+    /// The path /proc shows ("... (deleted)").
+    shown: String,
+    whose: String,
+}
+
+/// Hands the ghost store the deleted files `read_mm` found mapped.
+pub fn add_ghosts(ghosts: &super::ghost::GhostStore, mapped: &[MappedGhost]) -> Result<()> {
+    for g in mapped {
+        ghosts.add(&g.proc_path, &g.shown, &g.whose, None)?;
+    }
+    Ok(())
+}
+
+/// Collects the address space of a task, without its pages, and the
+/// deleted files it maps. Reads /proc only (any thread of crust's may).
+pub fn read_mm(pid: i32) -> Result<(MmEntry, Vec<MappedGhost>)> {
+    let mut mapped_ghosts = Vec::new();
     let stat = proc::stat_fields(pid)?;
     let f = |n| proc::stat_field(&stat, n);
     let mut mm = MmEntry {
@@ -177,8 +197,11 @@ pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
             if super::ghost::is_ghost_path(&e.path) {
                 v.ghost = true;
                 v.path = e.path.trim_end_matches(" (deleted)").to_string();
-                let whose = format!("PID {pid} mapping {:#x}-{:#x}", e.start, e.end);
-                ghosts.add(&mf, &e.path, &whose, None)?;
+                mapped_ghosts.push(MappedGhost {
+                    proc_path: mf.clone(),
+                    shown: e.path.clone(),
+                    whose: format!("PID {pid} mapping {:#x}-{:#x}", e.start, e.end),
+                });
             }
             v.pgoff = e.offset;
             v.file_size = md.size();
@@ -197,7 +220,7 @@ pub fn dump_mm(pid: i32, ghosts: &super::ghost::GhostStore) -> Result<MmEntry> {
     if mm.brk == 0 {
         mm.brk = mm.start_brk;
     }
-    Ok(mm)
+    Ok((mm, mapped_ghosts))
 }
 
 /// Whether a page of this VMA holds data only the images can bring back.
