@@ -50,6 +50,10 @@ pub const PARASITE_CMD_PIPES: u64 = 6;
 /// with `LINK_FINISH`, does `PARASITE_CMD_FINI`'s work as well (the
 /// stream was the parasite's last command) and returns `STREAM_FINISHED`.
 pub const PARASITE_CMD_DUMP_PAGES_STREAM: u64 = 7;
+/// `PARASITE_CMD_GET_MISC`'s per-thread part only (`MiscState`'s
+/// sigaltstack, tid_address and first five prctl values), for threads
+/// other than the one that read the process-wide state.
+pub const PARASITE_CMD_GET_THREAD_MISC: u64 = 8;
 
 /// Bytes on the link. The parasite: a free command is done (then it waits
 /// for crust's answer before its rt_sigreturn), a stream's batch is done.

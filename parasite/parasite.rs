@@ -66,7 +66,8 @@ extern "C" fn parasite_main(ctl: *mut ParasiteCtl) -> u64 {
         PARASITE_CMD_PIPES => make_pipes(ctl),
         PARASITE_CMD_DUMP_PAGES => dump_pages(ctl),
         PARASITE_CMD_DUMP_PAGES_STREAM => dump_pages_stream(ctl),
-        PARASITE_CMD_GET_MISC => get_misc(ctl),
+        PARASITE_CMD_GET_MISC => get_misc(ctl, true),
+        PARASITE_CMD_GET_THREAD_MISC => get_misc(ctl, false),
         PARASITE_CMD_FINI => fini(ctl),
         PARASITE_CMD_GET_TIMERS => get_timers(ctl),
         _ => -22,
@@ -262,8 +263,43 @@ fn get_timers(ctl: &mut ParasiteCtl) -> i64 {
     0
 }
 
-fn get_misc(ctl: &mut ParasiteCtl) -> i64 {
+/// Fills `ctl.misc`: the calling thread's own state, and with `whole` the
+/// process-wide state too (`PARASITE_CMD_GET_MISC`; without it,
+/// `PARASITE_CMD_GET_THREAD_MISC`).
+fn get_misc(ctl: &mut ParasiteCtl, whole: bool) -> i64 {
     let m = &mut ctl.misc;
+    // SAFETY: sigaltstack writes one stack_t.
+    let r = unsafe { syscall2(SYS_SIGALTSTACK, 0, &mut m.sigaltstack as *mut _ as u64) };
+    if r < 0 {
+        return r;
+    }
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer.
+    let r = unsafe { syscall4(SYS_PRCTL, PR_GET_TID_ADDRESS, &mut m.tid_address as *mut _ as u64, 0, 0) };
+    if r < 0 {
+        m.tid_address = 0;
+    }
+    const PR_GET_PDEATHSIG: u64 = 2;
+    const PR_GET_DUMPABLE: u64 = 3;
+    const PR_GET_SECUREBITS: u64 = 27;
+    const PR_GET_TIMERSLACK: u64 = 30;
+    const PR_MCE_KILL_GET: u64 = 34;
+    const PR_GET_CHILD_SUBREAPER: u64 = 37;
+    const PR_GET_NO_NEW_PRIVS: u64 = 39;
+    const PR_GET_THP_DISABLE: u64 = 42;
+    let mut v = 0i32;
+    // SAFETY: these prctls return their value or write one int into v.
+    unsafe {
+        syscall4(SYS_PRCTL, PR_GET_PDEATHSIG, &mut v as *mut i32 as u64, 0, 0);
+        m.pdeath_signal = v;
+        m.securebits = syscall4(SYS_PRCTL, PR_GET_SECUREBITS, 0, 0, 0) as i32;
+        m.timer_slack = syscall4(SYS_PRCTL, PR_GET_TIMERSLACK, 0, 0, 0) as u64;
+        m.mce_kill = syscall6(SYS_PRCTL, PR_MCE_KILL_GET, 0, 0, 0, 0, 0) as i32;
+        m.no_new_privs = syscall6(SYS_PRCTL, PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0, 0) as i32;
+    }
+    if !whole {
+        return 0;
+    }
     m.sigactions_ok = 0;
     for sig in 1..=NSIG {
         if sig == 9 || sig == 19 {
@@ -284,11 +320,6 @@ fn get_misc(ctl: &mut ParasiteCtl) -> i64 {
             return r;
         }
     }
-    // SAFETY: sigaltstack writes one stack_t.
-    let r = unsafe { syscall2(SYS_SIGALTSTACK, 0, &mut m.sigaltstack as *mut _ as u64) };
-    if r < 0 {
-        return r;
-    }
     for res in 0..NR_RLIMITS {
         // SAFETY: prlimit64 on ourselves writes one rlimit.
         let r = unsafe { syscall4(SYS_PRLIMIT64, 0, res as u64, 0, &mut m.rlimits[res] as *mut _ as u64) };
@@ -296,35 +327,14 @@ fn get_misc(ctl: &mut ParasiteCtl) -> i64 {
             return r;
         }
     }
-    const PR_GET_TID_ADDRESS: u64 = 40;
-    // SAFETY: PR_GET_TID_ADDRESS writes one pointer.
-    let r = unsafe { syscall4(SYS_PRCTL, PR_GET_TID_ADDRESS, &mut m.tid_address as *mut _ as u64, 0, 0) };
-    if r < 0 {
-        m.tid_address = 0;
-    }
     // SAFETY: brk(0) only reports the current break.
     m.brk = unsafe { syscall2(SYS_BRK, 0, 0) } as u64;
-    const PR_GET_PDEATHSIG: u64 = 2;
-    const PR_GET_DUMPABLE: u64 = 3;
-    const PR_GET_SECUREBITS: u64 = 27;
-    const PR_GET_TIMERSLACK: u64 = 30;
-    const PR_MCE_KILL_GET: u64 = 34;
-    const PR_GET_CHILD_SUBREAPER: u64 = 37;
-    const PR_GET_NO_NEW_PRIVS: u64 = 39;
-    const PR_GET_THP_DISABLE: u64 = 42;
-    let mut v = 0i32;
     // SAFETY: these prctls return their value or write one int into v.
     unsafe {
-        syscall4(SYS_PRCTL, PR_GET_PDEATHSIG, &mut v as *mut i32 as u64, 0, 0);
-        m.pdeath_signal = v;
         v = 0;
         syscall4(SYS_PRCTL, PR_GET_CHILD_SUBREAPER, &mut v as *mut i32 as u64, 0, 0);
         m.child_subreaper = v;
         m.dumpable = syscall4(SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0) as i32;
-        m.securebits = syscall4(SYS_PRCTL, PR_GET_SECUREBITS, 0, 0, 0) as i32;
-        m.timer_slack = syscall4(SYS_PRCTL, PR_GET_TIMERSLACK, 0, 0, 0) as u64;
-        m.mce_kill = syscall6(SYS_PRCTL, PR_MCE_KILL_GET, 0, 0, 0, 0, 0) as i32;
-        m.no_new_privs = syscall6(SYS_PRCTL, PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0, 0) as i32;
         m.thp_disable = syscall6(SYS_PRCTL, PR_GET_THP_DISABLE, 0, 0, 0, 0, 0) as i32;
         m.membarrier = syscall4(SYS_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, 0) as i32;
     }

@@ -854,7 +854,11 @@ fn dump_task(
     // What only a thread can read about itself: asked in each thread, the
     // leader first (whose answer also holds the process-wide state).
     for (i, (t, th)) in threads.iter().zip(threads_core.iter_mut()).enumerate() {
-        let r = parasite.run_on(t, abi::PARASITE_CMD_GET_MISC)?;
+        let cmd = match i {
+            0 => abi::PARASITE_CMD_GET_MISC,
+            _ => abi::PARASITE_CMD_GET_THREAD_MISC,
+        };
+        let r = parasite.run_on(t, cmd)?;
         if r < 0 {
             bail!(
                 "thread {} of {pid}: the parasite could not read its state: errno {}",

@@ -124,10 +124,14 @@ const PAGE_PIPE_SIZE: usize = 4 << 20;
 /// Grows a pipe to `PAGE_PIPE_SIZE`, or to pipe-max-size without
 /// CAP_SYS_RESOURCE; returns the size it has.
 fn grow_pipe(f: &File) -> usize {
-    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .unwrap_or(1 << 20);
+    // Read once per crust: a dump grows a pipe for each process.
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(1 << 20)
+    });
     for want in [PAGE_PIPE_SIZE, max.min(PAGE_PIPE_SIZE)] {
         // SAFETY: fcntl on an fd we own.
         let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
@@ -308,12 +312,16 @@ fn lowest_free_fd(pid: i32) -> i32 {
 /// The lowest `size` bytes of address space free in task `pid` below all
 /// its mappings (from mmap_min_addr on, with a page to spare), if any.
 fn low_free_range(pid: i32, size: u64) -> Option<u64> {
-    let min = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(65536)
-        .max(65536)
-        .next_multiple_of(abi::PAGE_SIZE);
+    // Read once per crust: a dump infects each process.
+    static MIN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let min = *MIN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(65536)
+            .max(65536)
+            .next_multiple_of(abi::PAGE_SIZE)
+    });
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     let first = u64::from_str_radix(maps.split('-').next()?, 16).ok()?;
     (min + size + abi::PAGE_SIZE <= first).then_some(min)
