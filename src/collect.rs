@@ -20,6 +20,7 @@ use anyhow::{Context, Result, anyhow};
 use crate::abi;
 use crate::images::pb::{MmEntry, Sched, VmaEntry};
 use crate::proc;
+use crate::resources::memtrack::Ranges;
 use crate::resources::{creds, memory, sched, timers};
 use crate::sys;
 
@@ -32,23 +33,35 @@ pub struct Memory {
     /// from the start of the read.
     pub vmas_read: Duration,
     pub pages_found: Duration,
+    /// Whether the pages the chain keeps are chosen already
+    /// (`mm.prev_pages`, from `held`): the chain's `select` is not to
+    /// choose again.
+    pub chained: bool,
 }
 
 impl Memory {
     /// Reads the mappings and pages of `pid`; `parent`: its parent's PID
     /// and VMAs when the parent is in the dump (`memory::scan_pages`).
-    pub fn read(pid: i32, parent: Option<(i32, &[VmaEntry])>) -> Result<Memory> {
+    /// `held`: the pages of `pid` a chain's parent holds, when tracking
+    /// may say which of them stay as they are (`Chain::held_for_reading`).
+    pub fn read(
+        pid: i32,
+        parent: Option<(i32, &[VmaEntry])>,
+        held: Option<&Ranges>,
+    ) -> Result<Memory> {
         let t = Instant::now();
-        let ahead = memory::prefetch_pagemap(pid);
+        let ahead = memory::prefetch_pagemap(pid, held.cloned());
         let (mut mm, ghosts) =
             memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
         let vmas_read = t.elapsed();
-        memory::scan_pages(pid, &mut mm, parent, memory::prefetched(ahead))?;
+        let pre = memory::prefetched(ahead, pid, held.map(|h| h.as_slice()));
+        let chained = memory::scan_pages(pid, &mut mm, parent, pre)?;
         Ok(Memory {
             mm,
             ghosts,
             vmas_read,
             pages_found: t.elapsed(),
+            chained,
         })
     }
 }
@@ -88,10 +101,15 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn read(pid: i32, tids: &[i32], parent: Option<(i32, &[VmaEntry])>) -> Result<Process> {
+    pub fn read(
+        pid: i32,
+        tids: &[i32],
+        parent: Option<(i32, &[VmaEntry])>,
+        held: Option<&Ranges>,
+    ) -> Result<Process> {
         Ok(Process {
             status: proc::status(pid)?,
-            memory: Memory::read(pid, parent)?,
+            memory: Memory::read(pid, parent, held)?,
             threads: tids
                 .iter()
                 .map(|&tid| Thread::read(pid, tid))

@@ -467,12 +467,24 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         .iter()
         .map(|t| t.iter().map(|t| t.pid.as_raw()).collect())
         .collect();
+    // The pages the chain holds of each process whose pagemap need not be
+    // read where tracking shows them unchanged (`Chain::held_for_reading`).
+    let mut held = std::collections::HashMap::new();
+    for &(pid, ppid) in &order {
+        let parent_dumped = order.iter().any(|&(p, _)| p == ppid);
+        if let Some(h) = chain.held_for_reading(pid, parent_dumped)? {
+            held.insert(pid, h);
+        }
+    }
     // --lazy-pages: each task's pages to serve once the images are written.
     let mut lazy_runs = opts.lazy_pages.as_ref().map(|_| Vec::new());
     let mut tables = tables.into_iter();
     crate::collect::read_ahead(
         &order,
-        |i, parent| crate::collect::Process::read(order[i].0, &tids[i], parent),
+        |i, parent| {
+            let pid = order[i].0;
+            crate::collect::Process::read(pid, &tids[i], parent, held.get(&pid))
+        },
         |i, read| {
             let fds = tables.next().expect("an fd table per process");
             dump_task(
@@ -821,7 +833,14 @@ fn dump_task(
     let mut mm = memory.mm;
     memory::add_ghosts(ghosts, &memory.ghosts)?;
     let t_select = Instant::now();
-    chain.select(pid, &mut mm)?;
+    if memory.chained {
+        tracing::debug!(
+            "PID {pid}: {} pages left to the chain as tracking shows them, their pagemap unread",
+            mm.prev_pages.iter().map(|r| r.nr_pages).sum::<u64>()
+        );
+    } else {
+        chain.select(pid, &mut mm)?;
+    }
     tracing::debug!(
         "PID {pid}: VMAs read at {:?}, pages found at {:?} (ahead), chain's pages left in {:?}",
         memory.vmas_read,

@@ -27,7 +27,7 @@ use crate::images::{FORMAT_VERSION, ImageDir, ImageKind};
 use crate::parasite_ctl::Parasite;
 use crate::resources::ghost::GhostStore;
 use crate::resources::memory;
-use crate::resources::memtrack::{self, Backend, intersect};
+use crate::resources::memtrack::{self, Backend, Ranges, intersect};
 use crate::stats::Stats;
 
 pub struct PreDumpOpts {
@@ -151,6 +151,27 @@ impl Chain {
                 0
             }
         }
+    }
+
+    /// The pages of process `pid` the chain's parent holds, when tracking
+    /// can tell, before its pagemap is read, which of them stay as they
+    /// are (`collect::Memory::read`, `memtrack::unchanged_present`): a
+    /// final dump (tracking not armed again) from a tracked parent, of a
+    /// process whose parent is not dumped with it (a child's pages shared
+    /// with its parent are found by comparing their pagemaps).
+    pub fn held_for_reading(&self, pid: i32, parent_dumped: bool) -> Result<Option<Ranges>> {
+        let Some(parent) = &self.parent else {
+            return Ok(None);
+        };
+        if !self.use_tracking
+            || self.arm
+            || parent_dumped
+            || Backend::from_u32(parent.inv.tracking) != Backend::UffdWp
+            || !self.from_holder.contains_key(&pid)
+        {
+            return Ok(None);
+        }
+        parent.pages_of(pid, chain::start_time(pid))
     }
 
     /// Leaves to the chain the pages of `mm.pagemap` tracking says were
@@ -284,7 +305,7 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
         .collect();
     crate::collect::read_ahead(
         &order,
-        |i, parent| crate::collect::Memory::read(order[i].0, parent),
+        |i, parent| crate::collect::Memory::read(order[i].0, parent, None),
         |i, read| {
             let task = &seized[i][0];
             let pid = task.pid.as_raw();

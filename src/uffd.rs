@@ -79,7 +79,9 @@ pub const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// `struct pm_scan_arg`.
 #[repr(C)]

@@ -1855,6 +1855,31 @@ fn pre_dumps_then_a_final_dump_store_only_what_was_written() {
     t.pass();
 }
 
+/// Pages dropped (MADV_DONTNEED) between a pre-dump and the final dump
+/// keep their write-protection: tracking shows them unwritten, while they
+/// read as zeros, or (a private file page copied before) as the file
+/// again. The final dump leaves to the chain only the pages tracking shows
+/// unchanged and still present as they were, without reading their
+/// pagemap (said in its log), and the restored process finds zeros and
+/// the file's pages where it dropped them, and every other page as it
+/// last wrote it.
+#[test]
+fn final_dump_after_pre_dumps_keeps_dropped_pages_dropped() {
+    let mut t = Spawn::new("predump").args(&["64", "drops"]).start();
+    pre_dump_ok(&t, "pre1", &[]);
+    scatter_writes(&t, 1);
+    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    assert!(
+        log.contains("left to the chain as tracking shows them"),
+        "{log}"
+    );
+    t.restore(&[]);
+    t.pass();
+}
+
 /// After dedup the older images of the chain take less disk (st_blocks),
 /// and the chain still restores a process that verifies all its memory.
 #[test]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::files::TreeObjects;
+use super::memtrack::Ranges;
 use crate::abi::{self, IoVec, VmaMove};
 use crate::images::pb::{MmEntry, PagemapEntry, VmaEntry, VmaKind};
 use crate::images::{PageSink, PagesImage};
@@ -300,18 +301,47 @@ fn push_page(runs: &mut Vec<PagemapEntry>, vma_start: u64, addr: u64) {
     }
 }
 
-/// Pagemap entries per mapping (start, end), read ahead.
-pub type Prefetched = std::collections::HashMap<(u64, u64), Vec<u8>>;
+/// What `prefetch_pagemap` read.
+#[derive(Default)]
+pub struct Prefetched {
+    /// Pagemap entries per mapping (start, end); zeros where
+    /// `left_to_chain` is.
+    pub entries: std::collections::HashMap<(u64, u64), Vec<u8>>,
+    /// With the pages a chain's parent holds (`held`): those of them
+    /// tracking shows unchanged and still present
+    /// (`memtrack::unchanged_present`), which the dump leaves to the chain
+    /// without reading their pagemap. None without `held`, or when
+    /// tracking could not tell (the dump then reads every page's entry).
+    pub left_to_chain: Option<Ranges>,
+}
 
 /// Resident memory past which a task's pagemap is read by a second thread
 /// while crust reads its smaps (both walk every page table entry, each
 /// costs about 25 ms per GiB here; the task is frozen meanwhile).
 const PREFETCH_MIN: u64 = 64 << 20;
 
+/// The pages of `held` that the task need not store: unchanged since
+/// tracking was armed, and present as they were (None: tracking could not
+/// tell; logged).
+fn left_to_chain(pid: i32, held: &[(u64, u64)]) -> Option<Ranges> {
+    match super::memtrack::unchanged_present(pid) {
+        Ok(u) => Some(super::memtrack::intersect(&u, held)),
+        Err(e) => {
+            tracing::debug!("PID {pid}: reading every page's entry: {e:#}");
+            None
+        }
+    }
+}
+
 /// Starts reading the task's pagemap, per mapping of /proc/PID/maps, in a
-/// thread of its own when the task is big; `join` gives what it read (or
-/// nothing: `scan_pages` then reads it all).
-pub fn prefetch_pagemap(pid: i32) -> Option<std::thread::JoinHandle<Prefetched>> {
+/// thread of its own when the task is big; `prefetched` gives what it
+/// read. With `held` (the pages of the task a chain's parent holds, when
+/// tracking can say which it may keep), the thread first finds those left
+/// to the chain, and reads no entry of theirs.
+pub fn prefetch_pagemap(
+    pid: i32,
+    held: Option<Ranges>,
+) -> Option<std::thread::JoinHandle<Prefetched>> {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -323,15 +353,25 @@ pub fn prefetch_pagemap(pid: i32) -> Option<std::thread::JoinHandle<Prefetched>>
     std::thread::Builder::new()
         .name("pagemap".into())
         .spawn(move || {
-            let mut out = Prefetched::new();
+            let mut out = Prefetched {
+                left_to_chain: held.and_then(|h| left_to_chain(pid, &h)),
+                ..Default::default()
+            };
             let (Ok(maps), Ok(pm)) = (proc::maps(pid), File::open(format!("/proc/{pid}/pagemap")))
             else {
                 return out;
             };
+            let skip = out.left_to_chain.clone().unwrap_or_default();
             for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
                 let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
-                if pm.read_exact_at(&mut b, e.start / PAGE * 8).is_ok() {
-                    out.insert((e.start, e.end), b);
+                let read = super::memtrack::subtract(&[(e.start, e.end)], &skip);
+                let whole = read.iter().all(|&(s, t)| {
+                    let at = ((s - e.start) / PAGE * 8) as usize;
+                    let len = ((t - s) / PAGE * 8) as usize;
+                    pm.read_exact_at(&mut b[at..at + len], s / PAGE * 8).is_ok()
+                });
+                if whole {
+                    out.entries.insert((e.start, e.end), b);
                 }
             }
             out
@@ -339,9 +379,20 @@ pub fn prefetch_pagemap(pid: i32) -> Option<std::thread::JoinHandle<Prefetched>>
         .ok()
 }
 
-/// What `prefetch_pagemap` read.
-pub fn prefetched(h: Option<std::thread::JoinHandle<Prefetched>>) -> Prefetched {
-    h.and_then(|h| h.join().ok()).unwrap_or_default()
+/// What `prefetch_pagemap` read; without its thread (a small task), the
+/// pages left to the chain are found here.
+pub fn prefetched(
+    h: Option<std::thread::JoinHandle<Prefetched>>,
+    pid: i32,
+    held: Option<&[(u64, u64)]>,
+) -> Prefetched {
+    match h {
+        Some(h) => h.join().unwrap_or_default(),
+        None => Prefetched {
+            left_to_chain: held.and_then(|h| left_to_chain(pid, h)),
+            ..Default::default()
+        },
+    }
 }
 
 /// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
@@ -351,12 +402,25 @@ pub fn prefetched(h: Option<std::thread::JoinHandle<Prefetched>>) -> Prefetched 
 ///
 /// `pre`: pagemap entries `prefetch_pagemap` read meanwhile, per mapping;
 /// a mapping it did not read (or read with other bounds) is read here.
+/// Its `left_to_chain` pages go into `mm.prev_pages`, whatever their
+/// entries say: the chain's parent holds them as they are. Returns
+/// whether it had them (the chain's own choice is then made).
 pub fn scan_pages(
     pid: i32,
     mm: &mut MmEntry,
     parent: Option<(i32, &[VmaEntry])>,
-    mut pre: Prefetched,
-) -> Result<()> {
+    pre: Prefetched,
+) -> Result<bool> {
+    let Prefetched {
+        entries: mut pre,
+        left_to_chain,
+    } = pre;
+    let chained = left_to_chain.is_some();
+    let skip = left_to_chain.unwrap_or_default();
+    // The next range of `skip` at or past the page looked at (pages are
+    // looked at in address order).
+    let mut next_skip = 0;
+    let mut visited = Vec::new();
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let parent_pm = match parent {
         Some((ppid, _)) => File::open(format!("/proc/{ppid}/pagemap")).ok(),
@@ -383,6 +447,7 @@ pub fn scan_pages(
         ) {
             continue;
         }
+        visited.push((v.start, v.end));
         let n = ((v.end - v.start) / PAGE) as usize;
         match pre.remove(&(v.start, v.end)) {
             Some(b) => buf = b,
@@ -405,6 +470,12 @@ pub fn scan_pages(
         for (i, c) in buf.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(c.try_into().unwrap());
             let addr = v.start + i as u64 * PAGE;
+            while next_skip < skip.len() && skip[next_skip].1 <= addr {
+                next_skip += 1;
+            }
+            if next_skip < skip.len() && skip[next_skip].0 <= addr {
+                continue;
+            }
             let pfn = e & PM_PFN_MASK;
             if e & PM_GUARD != 0 {
                 push_page(&mut guards, v.start, addr);
@@ -444,7 +515,16 @@ pub fn scan_pages(
     mm.pagemap = runs;
     mm.parent_pages = shared_runs;
     mm.guard_pages = guards;
-    Ok(())
+    if chained {
+        // Only what lies in the VMAs looked at (the chain's pages of a
+        // mapping not stored at all, a droppable one, stay out).
+        let prev = super::memtrack::intersect(&skip, &super::memtrack::normalize(visited));
+        let n = super::memtrack::pages_in(&prev);
+        crate::stats::count(&crate::stats::PAGES_SCANNED, n);
+        crate::stats::count(&crate::stats::PAGES_IN_PREV, n);
+        mm.prev_pages = crate::images::chain::ranges_to_runs(&prev);
+    }
+    Ok(chained)
 }
 
 /// Leaves out of the pages to store those `unchanged` (not written since

@@ -126,14 +126,30 @@ pub fn pages_in(r: &[(u64, u64)]) -> u64 {
 // -------------------------------------------------------- userfaultfd ---
 
 use crate::uffd::{
-    self, FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
-    PAGEMAP_SCAN, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, USER_MODE_ONLY,
+    self, FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT,
+    PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PAGEMAP_SCAN, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg,
+    USER_MODE_ONLY,
 };
 
 /// The pages of `[start, end)` in one category, asked of the pagemap
 /// `pm`, with PM_SCAN_WP_MATCHING when `protect` (the matching pages are
 /// write-protected again in the same walk).
 fn pagemap_scan(pm: &File, start: u64, end: u64, category: u64, protect: bool) -> Result<Ranges> {
+    pagemap_scan_matching(pm, start, end, category, 0, protect)
+}
+
+/// The pages of `[start, end)` with every category of `mask`, those of
+/// `inverted` counted as their opposite (PAGEMAP_SCAN's
+/// category_inverted): `mask` WRITTEN with `inverted` WRITTEN asks for
+/// the pages not written.
+fn pagemap_scan_matching(
+    pm: &File,
+    start: u64,
+    end: u64,
+    mask: u64,
+    inverted: u64,
+    protect: bool,
+) -> Result<Ranges> {
     let mut out = Vec::new();
     let mut vec = vec![PageRegion::default(); 4096];
     let mut at = start;
@@ -145,8 +161,9 @@ fn pagemap_scan(pm: &File, start: u64, end: u64, category: u64, protect: bool) -
             end,
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
-            category_mask: category,
-            return_mask: category,
+            category_inverted: inverted,
+            category_mask: mask,
+            return_mask: mask,
             ..Default::default()
         };
         // SAFETY: PAGEMAP_SCAN reads and updates one pm_scan_arg and writes
@@ -283,6 +300,35 @@ pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry], rearm: bool) -> Result<(Range
     }
     let allowed = normalize(allowed);
     Ok((subtract(&allowed, &normalize(written)), allowed))
+}
+
+/// The pages of the task's private mappings that tracking armed and that
+/// are still as they were when it was: present, not written since
+/// (PAGE_IS_WRITTEN clear), and neither a file's page nor the zero page.
+/// A page of a file's private mapping dropped since (MADV_DONTNEED) and
+/// read again keeps its write-protection (the kernel leaves a marker in
+/// its page table entry) but reads as the file again, no longer as the
+/// copy the chain holds: PAGE_IS_FILE leaves it out. Dropped anonymous
+/// memory loses its protection on this kernel (it shows as written once
+/// read again, as the zero page); PAGE_IS_PFNZERO would leave it out
+/// were the marker kept. One walk per mapping, made before the VMAs are
+/// read (from /proc/PID/maps; the walk skips a mapping no tracking
+/// armed). The task is frozen.
+pub fn unchanged_present(pid: i32) -> Result<Ranges> {
+    let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
+    let mask =
+        PAGE_IS_WPALLOWED | PAGE_IS_PRESENT | PAGE_IS_WRITTEN | PAGE_IS_PFNZERO | PAGE_IS_FILE;
+    let not = PAGE_IS_WRITTEN | PAGE_IS_PFNZERO | PAGE_IS_FILE;
+    let mut out = Vec::new();
+    for e in crate::proc::maps(pid)?
+        .iter()
+        .filter(|e| !e.shared && !e.path.starts_with("[v"))
+    {
+        out.extend(pagemap_scan_matching(
+            &pm, e.start, e.end, mask, not, false,
+        )?);
+    }
+    Ok(normalize(out))
 }
 
 // ---------------------------------------------------------- soft-dirty ---
