@@ -209,8 +209,7 @@ fn crust_killed_mid_dump_leaves_task_unharmed() {
 /// its registers itself once crust is gone.
 #[test]
 fn crust_killed_mid_dump_leaves_registers_unharmed() {
-    if !cpu_has("avx") {
-        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+    if lacks_cpu("avx") {
         return;
     }
     for stage in ["infected", "parasite-free", "pages-drained"] {

@@ -23,8 +23,7 @@ fn maps() {
 /// AVX-512 state (zmm0-31, opmask k3, x87): only where the CPU has it.
 #[test]
 fn fpu_avx512() {
-    if !cpu_has("avx512f") {
-        eprintln!("skipped: this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)");
+    if lacks_cpu("avx512f") {
         return;
     }
     cycle("fpu", &["avx512"]);
@@ -33,8 +32,7 @@ fn fpu_avx512() {
 /// AVX state (the upper halves of ymm0-15, x87) on every CPU with AVX.
 #[test]
 fn fpu_avx() {
-    if !cpu_has("avx") {
-        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+    if lacks_cpu("avx") {
         return;
     }
     cycle("fpu", &["avx"]);
@@ -47,13 +45,18 @@ fn fpu_avx() {
 /// without crust's detach to put them back.)
 #[test]
 fn leave_running_keeps_vector_registers() {
-    if !cpu_has("avx") {
-        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+    if lacks_cpu("avx") {
         return;
     }
     let mut t = Spawn::new("fpu").args(&["avx", "threads"]).quiet().start();
     t.dump(&["--leave-running"]);
     t.dump(&["--leave-running"]);
+    original_checks_itself(&mut t, "its registers changed under --leave-running");
+}
+
+/// Has the original task (left running by a dump) check itself, and
+/// asserts that it passed; `what` says what a failure means.
+fn original_checks_itself(t: &mut Task, what: &str) {
     let mut orig = t.take_original().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(t.pid),
@@ -61,17 +64,13 @@ fn leave_running_keeps_vector_registers() {
     )
     .unwrap();
     let st = orig.wait().unwrap();
-    assert!(
-        st.success(),
-        "the original's registers changed under --leave-running: {st}"
-    );
+    assert!(st.success(), "the original failed its check: {what}: {st}");
 }
 
 /// The same in two threads, each with values of its own.
 #[test]
 fn fpu_avx_threads() {
-    if !cpu_has("avx") {
-        eprintln!("skipped: this CPU has no AVX (no avx in /proc/cpuinfo)");
+    if lacks_cpu("avx") {
         return;
     }
     cycle("fpu", &["avx", "threads"]);
@@ -478,17 +477,7 @@ fn leave_running() {
         !status_field(t.pid, "State").starts_with('t'),
         "the original is stopped"
     );
-    let mut orig = t.take_original().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(t.pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let st = orig.wait().unwrap();
-    assert!(
-        st.success(),
-        "the original failed its own check after --leave-running: {st}"
-    );
+    original_checks_itself(&mut t, "after --leave-running");
     wait_gone(t.pid);
     t.restore(&[]);
     t.pass();

@@ -65,6 +65,16 @@ pub fn build(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// Whether a test of `flag`'s state must skip: the CPU lacks it (said on
+/// stderr).
+pub fn lacks_cpu(flag: &str) -> bool {
+    let lacks = !cpu_has(flag);
+    if lacks {
+        eprintln!("skipped: this CPU has no {flag} (not in /proc/cpuinfo's flags)");
+    }
+    lacks
+}
+
 /// Whether /proc/cpuinfo lists the CPU feature flag `flag` (e.g. "avx512f").
 pub fn cpu_has(flag: &str) -> bool {
     fs::read_to_string("/proc/cpuinfo")
