@@ -135,6 +135,18 @@ pub(crate) fn check_tree(tree: &[TreeNode]) -> Result<()> {
     Ok(())
 }
 
+/// Each of `pids` with its parent's PID in `tree` (0 for none), in order.
+pub(crate) fn with_parents(pids: &[i32], tree: &[TreeNode]) -> Vec<(i32, i32)> {
+    pids.iter()
+        .map(|&pid| {
+            (
+                pid,
+                tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid),
+            )
+        })
+        .collect()
+}
+
 /// A task of the tree (PID, parent's PID) that shares its memory with its
 /// parent: a vfork() child that has not exec'd yet, or any CLONE_VM
 /// child. Restored apart they would not share it. kcmp tells.
@@ -366,14 +378,11 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let ghosts = GhostStore::new(&dir, opts.ghost_limit, opts.link_remap);
     let zombies: Vec<i32> = tree.iter().filter(|n| n.zombie).map(|n| n.pid).collect();
     let fctx = files::DumpCtx::new(&live, &zombies, opts, &ghosts, &guardian);
+    // Every live process with its parent, in tree order.
+    let order = with_parents(&live, &tree);
     // fd tables and fs contexts shared with a parent (CLONE_FILES,
     // CLONE_FS): a shared table is dumped once, with its owner.
-    let with_parent: Vec<(i32, i32)> = tree
-        .iter()
-        .filter(|n| live.contains(&n.pid))
-        .map(|n| (n.pid, n.ppid))
-        .collect();
-    let owners = fdt::dump_sharing(&with_parent)?;
+    let owners = fdt::dump_sharing(&order)?;
     // A tree in a network namespace of its own: as with criu, the
     // network-lock action scripts run first (with `--network-lock skip`
     // they are the lock), and network-unlock ones when the dump lets the
@@ -454,15 +463,6 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     // Parents first (tree order): a child's private pages still shared with
     // its parent are left to the parent's image. What /proc shows of each
     // process is read one process ahead (`collect::read_ahead`).
-    let order: Vec<(i32, i32)> = live
-        .iter()
-        .map(|&pid| {
-            (
-                pid,
-                tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid),
-            )
-        })
-        .collect();
     let tids: Vec<Vec<i32>> = seized
         .iter()
         .map(|t| t.iter().map(|t| t.pid.as_raw()).collect())
@@ -823,17 +823,17 @@ fn dump_task(
     let pid = task.pid.as_raw();
     let crate::collect::Process {
         status: st,
-        memory,
+        memory: mem_read,
         threads: threads_read,
         personality,
         oom_score_adj,
         loginuid,
         posix_timers,
     } = read;
-    let mut mm = memory.mm;
-    memory::add_ghosts(ghosts, &memory.ghosts)?;
+    let mut mm = mem_read.mm;
+    memory::add_ghosts(ghosts, &mem_read.ghosts)?;
     let t_select = Instant::now();
-    if memory.chained {
+    if mem_read.chained {
         tracing::debug!(
             "PID {pid}: {} pages left to the chain as tracking shows them, their pagemap unread",
             mm.prev_pages.iter().map(|r| r.nr_pages).sum::<u64>()
@@ -843,8 +843,8 @@ fn dump_task(
     }
     tracing::debug!(
         "PID {pid}: VMAs read at {:?}, pages found at {:?} (ahead), chain's pages left in {:?}",
-        memory.vmas_read,
-        memory.pages_found,
+        mem_read.vmas_read,
+        mem_read.pages_found,
         t_select.elapsed()
     );
     if let Some(lazy) = lazy {

@@ -293,16 +293,8 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
     let ghosts = GhostStore::new(&dir, u64::MAX, false);
     let mut jobs = Vec::new();
     // Parents first; each process's memory read one ahead (`collect`).
-    let order: Vec<(i32, i32)> = seized
-        .iter()
-        .map(|t| {
-            let pid = t[0].pid.as_raw();
-            (
-                pid,
-                tree.iter().find(|n| n.pid == pid).map_or(0, |n| n.ppid),
-            )
-        })
-        .collect();
+    let pids: Vec<i32> = seized.iter().map(|t| t[0].pid.as_raw()).collect();
+    let order = dump::with_parents(&pids, &tree);
     crate::collect::read_ahead(
         &order,
         |i, parent| crate::collect::Memory::read(order[i].0, parent, None),

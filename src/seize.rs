@@ -115,7 +115,6 @@ impl SeizeError {
     }
 }
 
-/// Seizes and stops one task. The dump's tree walk calls this for each task.
 /// How long a seize waits for a killed dump's guardian to let a task go.
 const GUARDIAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -125,6 +124,7 @@ fn is_guardian(pid: i32) -> bool {
         .is_ok_and(|c| c.trim_end().as_bytes() == crate::guardian::COMM.to_bytes())
 }
 
+/// Seizes and stops one task. The dump's tree walk calls this for each task.
 pub fn seize_task(pid: i32) -> Result<SeizedTask> {
     let Ok(mut st) = proc::status(pid) else {
         return Err(SeizeError::NoProcess(pid).into());
