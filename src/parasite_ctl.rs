@@ -706,22 +706,31 @@ impl<'a> Parasite<'a> {
         }
     }
 
-    /// Runs thread `t` stop by stop (PTRACE_SYSCALL) until the exit of the
-    /// parasite's rt_sigreturn: the thread is itself again.
+    /// Runs thread `t` stop by stop (PTRACE_SYSCALL) to the entry of the
+    /// parasite's rt_sigreturn, and makes the thread itself again there
+    /// (`SeizedTask::leave_parasite`: its registers have orig_rax -1, so the
+    /// kernel skips the call): rt_sigreturn would also reset the thread's
+    /// restart block, and a sleep the freeze interrupted
+    /// (ERESTART_RESTARTBLOCK) would end with EINTR once the task runs on.
+    /// Stops again at that skipped call's exit. A crust killed before the
+    /// registers are set leaves the rt_sigreturn to run, which takes the
+    /// thread home through its frame; after, the thread goes on as itself.
     fn trace_to_sigreturn(&self, t: &SeizedTask) -> Result<()> {
         let pid = t.pid;
         let region = self.remote_base..self.remote_base + self.size;
-        let mut in_sigreturn = false;
+        let mut home = false;
         loop {
             ptrace::syscall(pid, None)?;
             match wait_task(pid)? {
                 WaitStatus::PtraceSyscall(_) => {
-                    if in_sigreturn {
+                    if home {
                         return Ok(());
                     }
                     let now = ptrace::getregs(pid)?;
-                    in_sigreturn =
-                        now.orig_rax == libc::SYS_rt_sigreturn as u64 && region.contains(&now.rip);
+                    if now.orig_rax == libc::SYS_rt_sigreturn as u64 && region.contains(&now.rip) {
+                        t.leave_parasite()?;
+                        home = true;
+                    }
                 }
                 WaitStatus::PtraceEvent(..) => {}
                 other => return Err(parasite_stopped(t, other)),

@@ -223,6 +223,21 @@ fn crust_killed_mid_dump_leaves_registers_unharmed() {
     }
 }
 
+/// A crust killed mid-dump leaves a task asleep in nanosleep asleep: the
+/// sleep lasts its whole time and returns 0 (the task checks).
+#[test]
+fn crust_killed_mid_dump_lets_a_sleep_go_on() {
+    for stage in ["infected", "pages-drained", "before-inventory"] {
+        let mut t = Spawn::new("sleeping").args(&["whole"]).start();
+        eprintln!("stage {stage}: task {}", t.pid);
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let out = t.dump_with(&[], &[("CRUST_FAULT", stage)]);
+        assert!(!out.status.success(), "stage {stage}: crust was not killed");
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
 #[test]
 fn restore_bad_directories() {
     let w = WorkDir::new("baddirs");

@@ -67,6 +67,17 @@ fn original_checks_itself(t: &mut Task, what: &str) {
     assert!(st.success(), "the original failed its check: {what}: {st}");
 }
 
+/// A task asleep in nanosleep when a dump lets it run on sleeps its whole
+/// time, and the call returns 0: the parasite's commands leave the
+/// thread's restart block alone (an rt_sigreturn would reset it, and the
+/// sleep would end with EINTR).
+#[test]
+fn leave_running_lets_a_sleep_go_on() {
+    let mut t = Spawn::new("sleeping").args(&["whole"]).start();
+    t.dump(&["--leave-running"]);
+    original_checks_itself(&mut t, "its sleep was cut short by --leave-running");
+}
+
 /// The same in two threads, each with values of its own.
 #[test]
 fn fpu_avx_threads() {
