@@ -214,7 +214,8 @@ pub struct ParasiteCtl {
     /// first, stops the thread (PTRACE_INTERRUPT) and puts its own state
     /// back itself, as the rt_sigreturn would; after the last command
     /// (which closes the link once answered) it sends the second and
-    /// traces the rest. With crust gone the read ends at once (crust held
+    /// traces the rest to the rt_sigreturn's entry, where it does the same
+    /// and the call is skipped. With crust gone the read ends at once (crust held
     /// the link's only other end), and the thread returns into its own
     /// code. Never waits on anything but crust.
     pub free_run: u64,

@@ -1,9 +1,10 @@
 //! The parasite: runs inside a seized task, one command per call. crust sets
 //! rip to `parasite_entry`, rsp to the parasite's own stack and rdi to the
 //! control block. Each command ends with rt_sigreturn through a frame crust
-//! built from the task's own registers, FPU state and signal mask: crust
-//! watches for that syscall's exit, and if crust is gone the task simply
-//! goes on as it was.
+//! built from the task's own registers, FPU state and signal mask, unless
+//! crust, alive, puts the thread's state back itself first (while the
+//! parasite waits for its answer, or at that syscall's entry, which it
+//! then skips): if crust is gone the task simply goes on as it was.
 
 #![no_std]
 #![no_main]
