@@ -212,8 +212,19 @@ fn crust_killed_mid_dump_leaves_registers_unharmed() {
     if lacks_cpu("avx") {
         return;
     }
-    for stage in ["infected", "parasite-free", "pages-drained"] {
-        let mut t = Spawn::new("fpu").args(&["avx", "threads"]).start();
+    killed_at_stages(
+        "fpu",
+        &["avx", "threads"],
+        &["infected", "parasite-free", "pages-drained"],
+    );
+}
+
+/// For each of `stages`: starts `program` with `args`, kills crust at
+/// that stage of its dump, and asserts the task unharmed (it checks
+/// itself last).
+fn killed_at_stages(program: &str, args: &[&str], stages: &[&str]) {
+    for stage in stages {
+        let mut t = Spawn::new(program).args(args).start();
         eprintln!("stage {stage}: task {}", t.pid);
         let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
         let fds = fd_list(t.pid);
@@ -227,15 +238,11 @@ fn crust_killed_mid_dump_leaves_registers_unharmed() {
 /// sleep lasts its whole time and returns 0 (the task checks).
 #[test]
 fn crust_killed_mid_dump_lets_a_sleep_go_on() {
-    for stage in ["infected", "pages-drained", "before-inventory"] {
-        let mut t = Spawn::new("sleeping").args(&["whole"]).start();
-        eprintln!("stage {stage}: task {}", t.pid);
-        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
-        let fds = fd_list(t.pid);
-        let out = t.dump_with(&[], &[("CRUST_FAULT", stage)]);
-        assert!(!out.status.success(), "stage {stage}: crust was not killed");
-        assert_unharmed(t, &maps, &fds);
-    }
+    killed_at_stages(
+        "sleeping",
+        &["whole"],
+        &["infected", "pages-drained", "before-inventory"],
+    );
 }
 
 #[test]
