@@ -107,11 +107,13 @@ fn run_init(opts: &RestoreOpts, report: OwnedFd) -> i32 {
             return 1;
         }
     };
+    // Named before the report: the restore that waits for it returns on it,
+    // and whoever looks at the namespace's init then sees its name.
+    let _ = nix::sys::prctl::set_name(c"crust-init");
     if report.write_all(format!("R{root}").as_bytes()).is_err() {
         return 1;
     }
     drop(report);
-    let _ = nix::sys::prctl::set_name(c"crust-init");
     detach_stdio();
     reap_until_empty(root)
 }
