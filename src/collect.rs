@@ -54,7 +54,7 @@ impl Memory {
         let (mut mm, ghosts) =
             memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
         let vmas_read = t.elapsed();
-        let pre = memory::prefetched(ahead, pid, held.map(|h| h.as_slice()));
+        let pre = memory::prefetched(ahead);
         let chained = memory::scan_pages(pid, &mut mm, parent, pre)?;
         Ok(Memory {
             mm,

@@ -322,9 +322,9 @@ const PREFETCH_MIN: u64 = 64 << 20;
 
 /// The pages of `held` that the task need not store: unchanged since
 /// tracking was armed, and present as they were (None: tracking could not
-/// tell; logged).
-fn left_to_chain(pid: i32, held: &[(u64, u64)]) -> Option<Ranges> {
-    match super::memtrack::unchanged_present(pid) {
+/// tell; logged). `maps`: the task's /proc/PID/maps.
+fn left_to_chain(pid: i32, maps: &[MapsEntry], held: &[(u64, u64)]) -> Option<Ranges> {
+    match super::memtrack::unchanged_present(pid, maps) {
         Ok(u) => Some(super::memtrack::intersect(&u, held)),
         Err(e) => {
             tracing::debug!("PID {pid}: reading every page's entry: {e:#}");
@@ -333,63 +333,76 @@ fn left_to_chain(pid: i32, held: &[(u64, u64)]) -> Option<Ranges> {
     }
 }
 
+/// The pagemap reading `prefetch_pagemap` started: in a thread of its
+/// own, or left to `prefetched`.
+pub struct Ahead {
+    pid: i32,
+    /// The pages a chain's parent holds, when `prefetched` is to find
+    /// those left to the chain itself (no thread took them).
+    held: Option<Ranges>,
+    thread: Option<std::thread::JoinHandle<Prefetched>>,
+}
+
 /// Starts reading the task's pagemap, per mapping of /proc/PID/maps, in a
 /// thread of its own when the task is big; `prefetched` gives what it
 /// read. With `held` (the pages of the task a chain's parent holds, when
-/// tracking can say which it may keep), the thread first finds those left
-/// to the chain, and reads no entry of theirs.
-pub fn prefetch_pagemap(
-    pid: i32,
-    held: Option<Ranges>,
-) -> Option<std::thread::JoinHandle<Prefetched>> {
+/// tracking can say which it may keep), the pages left to the chain are
+/// found first, and no entry of theirs is read.
+pub fn prefetch_pagemap(pid: i32, held: Option<Ranges>) -> Ahead {
     let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .unwrap_or(0)
         * PAGE;
     if rss < PREFETCH_MIN {
-        return None;
+        return Ahead {
+            pid,
+            held,
+            thread: None,
+        };
     }
-    std::thread::Builder::new()
-        .name("pagemap".into())
-        .spawn(move || {
-            let mut out = Prefetched {
-                left_to_chain: held.and_then(|h| left_to_chain(pid, &h)),
-                ..Default::default()
-            };
-            let (Ok(maps), Ok(pm)) = (proc::maps(pid), File::open(format!("/proc/{pid}/pagemap")))
-            else {
-                return out;
-            };
-            let skip = out.left_to_chain.clone().unwrap_or_default();
-            for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
-                let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
-                let read = super::memtrack::subtract(&[(e.start, e.end)], &skip);
-                let whole = read.iter().all(|&(s, t)| {
-                    let at = ((s - e.start) / PAGE * 8) as usize;
-                    let len = ((t - s) / PAGE * 8) as usize;
-                    pm.read_exact_at(&mut b[at..at + len], s / PAGE * 8).is_ok()
-                });
-                if whole {
-                    out.entries.insert((e.start, e.end), b);
-                }
+    let read = move || {
+        let mut out = Prefetched::default();
+        let (Ok(maps), Ok(pm)) = (proc::maps(pid), File::open(format!("/proc/{pid}/pagemap")))
+        else {
+            return out;
+        };
+        out.left_to_chain = held.and_then(|h| left_to_chain(pid, &maps, &h));
+        let skip = out.left_to_chain.clone().unwrap_or_default();
+        for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
+            let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
+            let read = super::memtrack::subtract(&[(e.start, e.end)], &skip);
+            let whole = read.iter().all(|&(s, t)| {
+                let at = ((s - e.start) / PAGE * 8) as usize;
+                let len = ((t - s) / PAGE * 8) as usize;
+                pm.read_exact_at(&mut b[at..at + len], s / PAGE * 8).is_ok()
+            });
+            if whole {
+                out.entries.insert((e.start, e.end), b);
             }
-            out
-        })
-        .ok()
+        }
+        out
+    };
+    Ahead {
+        pid,
+        held: None,
+        thread: std::thread::Builder::new()
+            .name("pagemap".into())
+            .spawn(read)
+            .ok(),
+    }
 }
 
 /// What `prefetch_pagemap` read; without its thread (a small task), the
 /// pages left to the chain are found here.
-pub fn prefetched(
-    h: Option<std::thread::JoinHandle<Prefetched>>,
-    pid: i32,
-    held: Option<&[(u64, u64)]>,
-) -> Prefetched {
-    match h {
+pub fn prefetched(a: Ahead) -> Prefetched {
+    match a.thread {
         Some(h) => h.join().unwrap_or_default(),
         None => Prefetched {
-            left_to_chain: held.and_then(|h| left_to_chain(pid, h)),
+            left_to_chain: a.held.and_then(|h| {
+                let maps = proc::maps(a.pid).ok()?;
+                left_to_chain(a.pid, &maps, &h)
+            }),
             ..Default::default()
         },
     }

@@ -311,16 +311,16 @@ pub fn unchanged_uffd(pid: i32, vmas: &[VmaEntry], rearm: bool) -> Result<(Range
 /// copy the chain holds: PAGE_IS_FILE leaves it out. Dropped anonymous
 /// memory loses its protection on this kernel (it shows as written once
 /// read again, as the zero page); PAGE_IS_PFNZERO would leave it out
-/// were the marker kept. One walk per mapping, made before the VMAs are
-/// read (from /proc/PID/maps; the walk skips a mapping no tracking
-/// armed). The task is frozen.
-pub fn unchanged_present(pid: i32) -> Result<Ranges> {
+/// were the marker kept. One walk per private mapping of `maps` (the
+/// task's /proc/PID/maps, read before its VMAs are; the walk skips a
+/// mapping no tracking armed). The task is frozen.
+pub fn unchanged_present(pid: i32, maps: &[crate::proc::MapsEntry]) -> Result<Ranges> {
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let mask =
         PAGE_IS_WPALLOWED | PAGE_IS_PRESENT | PAGE_IS_WRITTEN | PAGE_IS_PFNZERO | PAGE_IS_FILE;
     let not = PAGE_IS_WRITTEN | PAGE_IS_PFNZERO | PAGE_IS_FILE;
     let mut out = Vec::new();
-    for e in crate::proc::maps(pid)?
+    for e in maps
         .iter()
         .filter(|e| !e.shared && !e.path.starts_with("[v"))
     {
