@@ -168,7 +168,9 @@ where
                 for (i, &(pid, ppid)) in tasks.iter().enumerate() {
                     let parent = vmas_of.get(&ppid).map(|v| (ppid, v.as_slice()));
                     let r = read(i, parent);
-                    if let Ok(t) = &r {
+                    // Kept only for a parent of processes still to come.
+                    let has_children = tasks[i + 1..].iter().any(|&(_, pp)| pp == pid);
+                    if let (Ok(t), true) = (&r, has_children) {
                         vmas_of.insert(pid, t.memory().mm.vmas.clone());
                     }
                     let failed = r.is_err();
