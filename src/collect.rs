@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 
 use crate::abi;
-use crate::images::pb::{MmEntry, Sched, VmaEntry};
+use crate::images::pb::{MmEntry, PagemapEntry, Sched, VmaEntry};
 use crate::proc;
 use crate::resources::memtrack::Ranges;
 use crate::resources::{creds, memory, sched, timers};
@@ -44,18 +44,22 @@ impl Memory {
     /// and VMAs when the parent is in the dump (`memory::scan_pages`).
     /// `held`: the pages of `pid` a chain's parent holds, when tracking
     /// may say which of them stay as they are (`Chain::held_for_reading`).
+    /// `parasite`: the region of a parasite in it already, not one of its
+    /// mappings.
     pub fn read(
         pid: i32,
         parent: Option<(i32, &[VmaEntry])>,
         held: Option<&Ranges>,
+        parasite: Option<(u64, u64)>,
     ) -> Result<Memory> {
         let t = Instant::now();
         let ahead = memory::prefetch_pagemap(pid, held.cloned());
         let (mut mm, ghosts) =
             memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
+        without_parasite(&mut mm.vmas, parasite);
         let vmas_read = t.elapsed();
         let pre = memory::prefetched(ahead);
-        let chained = memory::scan_pages(pid, &mut mm, parent, pre)?;
+        let chained = memory::scan_pages(pid, &mut mm, parent, &pre)?;
         Ok(Memory {
             mm,
             ghosts,
@@ -64,6 +68,147 @@ impl Memory {
             chained,
         })
     }
+}
+
+/// Leaves a parasite's mapping out of a process's: shared anonymous
+/// memory, it never merges with another.
+fn without_parasite<T>(maps: &mut Vec<T>, parasite: Option<(u64, u64)>)
+where
+    T: Bounds,
+{
+    if let Some(region) = parasite {
+        maps.retain(|m| m.bounds() != region);
+    }
+}
+
+/// A mapping's [start, end).
+trait Bounds {
+    fn bounds(&self) -> (u64, u64);
+}
+
+impl Bounds for VmaEntry {
+    fn bounds(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+}
+
+impl Bounds for proc::MapsEntry {
+    fn bounds(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+}
+
+/// A big process's pages found before its VMAs are read: the dump
+/// streams them while smaps is read beside it (both cores busy, where the
+/// stream otherwise waits for smaps, the longest walk of a final dump).
+/// Only where tracking tells which pages a chain keeps (`held`): that walk
+/// is shorter than smaps', and the stream is all that is left to wait for.
+///
+/// The pages are found as `memory::scan_pages` finds them, with the
+/// mappings /proc/PID/maps shows for VMAs (`memory::maps_vmas`: what smaps
+/// adds, a mapping's flags, may leave a page out, as MAP_DROPPABLE does).
+/// `finish` gives the process's memory read with its VMAs; the stream is
+/// right when its `mm.pagemap` is `runs`, and is made again otherwise.
+pub struct PagesAhead {
+    /// The pages to store, in address order.
+    pub runs: Vec<PagemapEntry>,
+    /// The mappings they were found in.
+    pub vmas: Vec<VmaEntry>,
+    /// Lets the smaps thread begin, with the parasite's region
+    /// (`parasite_in`).
+    go: Option<mpsc::Sender<(u64, u64)>>,
+    rest: std::thread::JoinHandle<Result<Memory>>,
+}
+
+impl PagesAhead {
+    /// Finds the pages of `pid` to store, with `held` the pages of it a
+    /// chain's parent holds; smaps is read in a thread of its own, once
+    /// the parasite is in (`parasite`: it is already, there), and goes on
+    /// after. None for a small process, or one with a mapping only smaps
+    /// tells the kind of.
+    fn start(pid: i32, held: &Ranges, parasite: Option<(u64, u64)>) -> Result<Option<PagesAhead>> {
+        let t = Instant::now();
+        if !memory::is_big(pid) {
+            return Ok(None);
+        }
+        let mut maps = proc::maps(pid)?;
+        without_parasite(&mut maps, parasite);
+        let Some(vmas) = memory::maps_vmas(&maps) else {
+            return Ok(None);
+        };
+        let (pre_tx, pre_rx) = mpsc::channel::<memory::Prefetched>();
+        let (go, go_rx) = mpsc::channel::<(u64, u64)>();
+        let rest = std::thread::Builder::new()
+            .name("smaps".into())
+            .spawn(move || -> Result<Memory> {
+                // A sender gone: the dump failed, or found no pages.
+                let parasite = go_rx
+                    .recv()
+                    .map_err(|_| anyhow!("PID {pid}: smaps not to be read"))?;
+                let parasite = Some(parasite);
+                let (mut mm, ghosts) =
+                    memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
+                without_parasite(&mut mm.vmas, parasite);
+                let vmas_read = t.elapsed();
+                let pre = pre_rx
+                    .recv()
+                    .map_err(|_| anyhow!("PID {pid}: its pagemap was not read"))?;
+                let chained = memory::scan_pages(pid, &mut mm, None, &pre)?;
+                Ok(Memory {
+                    mm,
+                    ghosts,
+                    vmas_read,
+                    pages_found: t.elapsed(),
+                    chained,
+                })
+            })
+            .context("starting the thread that reads smaps")?;
+        if let Some(region) = parasite {
+            let _ = go.send(region);
+        }
+        let pre = memory::read_pagemap(pid, &maps, Some(held.clone()));
+        let found = memory::find_pages(pid, &vmas, None, &pre);
+        // The smaps thread ends when it has the pagemap, or without it.
+        let _ = pre_tx.send(pre);
+        match found {
+            Ok(f) => Ok(Some(PagesAhead {
+                runs: f.runs,
+                vmas,
+                go: Some(go),
+                rest,
+            })),
+            Err(e) => {
+                // (Without its go, the smaps thread reads nothing more.)
+                drop(go);
+                let _ = rest.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// The parasite is in, at `region`: smaps may be read. Its walk holds
+    /// the address space's lock for reading, VMA after VMA, and the
+    /// parasite's mmap would wait for the whole walk.
+    pub fn parasite_in(&mut self, region: (u64, u64)) {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(region);
+        }
+    }
+
+    /// The process's memory, its VMAs read (after `parasite_in`).
+    pub fn finish(mut self) -> Result<Memory> {
+        self.go = None;
+        self.rest
+            .join()
+            .map_err(|_| anyhow!("the thread reading smaps panicked"))?
+    }
+}
+
+/// A process's memory as read: whole, or its pages found ahead of its
+/// VMAs (`PagesAhead`).
+pub enum MemoryRead {
+    Whole(Box<Memory>),
+    Ahead(PagesAhead),
 }
 
 /// What /proc shows of one thread.
@@ -89,10 +234,24 @@ impl Thread {
     }
 }
 
+/// How a process's memory is to be read.
+#[derive(Clone, Copy, Default)]
+pub struct MemoryPlan<'a> {
+    /// The pages of it a chain's parent holds, when tracking may say
+    /// which of them stay as they are (`Chain::held_for_reading`).
+    pub held: Option<&'a Ranges>,
+    /// Whether its pages may be found before its VMAs are read
+    /// (`PagesAhead`, with `held`): they go into a pages image of this dump
+    /// as they come, and no process read later is its child.
+    pub ahead: bool,
+    /// The region of a parasite in it already: not one of its mappings.
+    pub parasite: Option<(u64, u64)>,
+}
+
 /// What /proc shows of a process, its threads in the order given.
 pub struct Process {
     pub status: proc::Status,
-    pub memory: Memory,
+    pub memory: MemoryRead,
     pub threads: Vec<Thread>,
     pub personality: u32,
     pub oom_score_adj: i32,
@@ -105,11 +264,25 @@ impl Process {
         pid: i32,
         tids: &[i32],
         parent: Option<(i32, &[VmaEntry])>,
-        held: Option<&Ranges>,
+        plan: MemoryPlan,
     ) -> Result<Process> {
+        let status = proc::status(pid)?;
+        let early = match plan.held {
+            Some(h) if plan.ahead && parent.is_none() => PagesAhead::start(pid, h, plan.parasite)?,
+            _ => None,
+        };
+        let memory = match early {
+            Some(a) => MemoryRead::Ahead(a),
+            None => MemoryRead::Whole(Box::new(Memory::read(
+                pid,
+                parent,
+                plan.held,
+                plan.parasite,
+            )?)),
+        };
         Ok(Process {
-            status: proc::status(pid)?,
-            memory: Memory::read(pid, parent, held)?,
+            status,
+            memory,
             threads: tids
                 .iter()
                 .map(|&tid| Thread::read(pid, tid))
@@ -129,20 +302,24 @@ impl Process {
 }
 
 /// What `read_ahead` keeps of each process it read: the VMAs its children
-/// compare theirs with.
+/// compare theirs with (None while they are read: a process with
+/// children is read whole).
 pub trait HasMemory {
-    fn memory(&self) -> &Memory;
+    fn vmas(&self) -> Option<&[VmaEntry]>;
 }
 
 impl HasMemory for Memory {
-    fn memory(&self) -> &Memory {
-        self
+    fn vmas(&self) -> Option<&[VmaEntry]> {
+        Some(&self.mm.vmas)
     }
 }
 
 impl HasMemory for Process {
-    fn memory(&self) -> &Memory {
-        &self.memory
+    fn vmas(&self) -> Option<&[VmaEntry]> {
+        match &self.memory {
+            MemoryRead::Whole(m) => m.vmas(),
+            MemoryRead::Ahead(_) => None,
+        }
     }
 }
 
@@ -170,8 +347,10 @@ where
                     let r = read(i, parent);
                     // Kept only for a parent of processes still to come.
                     let has_children = tasks[i + 1..].iter().any(|&(_, pp)| pp == pid);
-                    if let (Ok(t), true) = (&r, has_children) {
-                        vmas_of.insert(pid, t.memory().mm.vmas.clone());
+                    if let (Ok(t), true) = (&r, has_children)
+                        && let Some(v) = t.vmas()
+                    {
+                        vmas_of.insert(pid, v.to_vec());
                     }
                     let failed = r.is_err();
                     // A closed channel: the body failed and is gone.

@@ -478,12 +478,35 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     }
     // --lazy-pages: each task's pages to serve once the images are written.
     let mut lazy_runs = opts.lazy_pages.as_ref().map(|_| Vec::new());
+    // A big process's pages may stream while its smaps is read
+    // (`collect::PagesAhead`) when they go straight into a pages image.
+    let stream_ahead = pages.is_local() && lazy_runs.is_none();
+    let childless = |i: usize| !order[i + 1..].iter().any(|&(_, pp)| pp == order[i].0);
+    let plan = |i: usize| crate::collect::MemoryPlan {
+        held: held.get(&order[i].0),
+        ahead: stream_ahead && childless(i),
+        parasite: None,
+    };
+    // The first process's parasite goes in before its memory is read
+    // when its pages are to stream that way: smaps then starts at once
+    // (its walk would hold up the parasite's mmap), beside the walk that
+    // finds the pages (`collect::PagesAhead`). Later processes are read
+    // while crust works in the one before.
+    let mut first = None;
+    if plan(0).ahead && plan(0).held.is_some() && memory::is_big(order[0].0) {
+        first = Some(Parasite::infect(&seized[0][0], &guardian)?);
+        fault_point("infected");
+    }
+    let first_region = first.as_ref().map(|p: &Parasite| p.region());
     let mut tables = tables.into_iter();
     crate::collect::read_ahead(
         &order,
         |i, parent| {
-            let pid = order[i].0;
-            crate::collect::Process::read(pid, &tids[i], parent, held.get(&pid))
+            let plan = crate::collect::MemoryPlan {
+                parasite: first_region.filter(|_| i == 0),
+                ..plan(i)
+            };
+            crate::collect::Process::read(order[i].0, &tids[i], parent, plan)
         },
         |i, read| {
             let fds = tables.next().expect("an fd table per process");
@@ -491,6 +514,7 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
                 &seized[i],
                 fds,
                 read,
+                if i == 0 { first.take() } else { None },
                 &mut TaskOut {
                     dir: &dir,
                     pages: &mut pages,
@@ -504,6 +528,8 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
             Ok(())
         },
     )?;
+    // (Taken by the first process's dump; the borrow of the tree ends.)
+    drop(first);
     if let Some(s) = stats.as_mut() {
         s.stage("memory and task state");
     }
@@ -805,20 +831,54 @@ struct TaskOut<'a> {
 }
 
 /// Dumps one process, given what /proc showed of it (`read`).
+/// Streams the pages `ahead` found into the process's pages image
+/// (`pages`) while its smaps is read (`collect::PagesAhead`), with the
+/// parasite that is in already (`infected`) or goes in first; then waits
+/// for its VMAs, and streams again, from the start, when they choose other
+/// pages. Returns its memory and the parasite, and when that went in.
+fn stream_ahead<'a>(
+    task: &'a SeizedTask,
+    mut ahead: crate::collect::PagesAhead,
+    infected: Option<Parasite<'a>>,
+    guardian: &'a Guardian,
+    pages: &mut crate::page_xfer::TaskPages,
+) -> Result<(crate::collect::Memory, Parasite<'a>, Instant)> {
+    let pid = task.pid.as_raw();
+    let t = Instant::now();
+    let mut parasite = match infected {
+        Some(p) => p,
+        None => {
+            let p = Parasite::infect(task, guardian)?;
+            ahead.parasite_in(p.region());
+            fault_point("infected");
+            p
+        }
+    };
+    memory::dump_pages(&mut parasite, &ahead.vmas, &ahead.runs, pages, false)?;
+    let streamed = t.elapsed();
+    let runs = std::mem::take(&mut ahead.runs);
+    let m = ahead.finish()?;
+    tracing::debug!(
+        "PID {pid}: {} MiB of pages streamed in {streamed:?} while its VMAs were read, in {:?}",
+        pages.len() >> 20,
+        m.vmas_read
+    );
+    if m.mm.pagemap != runs {
+        // Their flags leave out (or add) pages the stream holds.
+        tracing::debug!("PID {pid}: its VMAs choose other pages: streaming them again");
+        pages.restart()?;
+        memory::dump_pages(&mut parasite, &m.mm.vmas, &m.mm.pagemap, pages, false)?;
+    }
+    Ok((m, parasite, t))
+}
+
 fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
     read: crate::collect::Process,
+    mut infected: Option<Parasite>,
     out: &mut TaskOut,
 ) -> Result<()> {
-    let TaskOut {
-        dir,
-        pages: dest,
-        chain,
-        ghosts,
-        guardian,
-        lazy,
-    } = out;
     let task = &threads[0];
     let pid = task.pid.as_raw();
     let crate::collect::Process {
@@ -830,6 +890,23 @@ fn dump_task(
         loginuid,
         posix_timers,
     } = read;
+    let TaskOut {
+        dir,
+        pages: dest,
+        chain,
+        ghosts,
+        guardian,
+        lazy,
+    } = out;
+    let mut pages = dest.task(dir, pid)?;
+    // Pages found ahead of the VMAs stream first (`collect::PagesAhead`).
+    let (mem_read, early) = match mem_read {
+        crate::collect::MemoryRead::Whole(m) => (*m, None),
+        crate::collect::MemoryRead::Ahead(a) => {
+            let (m, p, t) = stream_ahead(task, a, infected.take(), guardian, &mut pages)?;
+            (m, Some((p, t)))
+        }
+    };
     let mut mm = mem_read.mm;
     memory::add_ghosts(ghosts, &mem_read.ghosts)?;
     let t_select = Instant::now();
@@ -866,9 +943,22 @@ fn dump_task(
         ..Default::default()
     };
 
-    let t = Instant::now();
-    let mut parasite = Parasite::infect(task, guardian)?;
-    fault_point("infected");
+    let streamed = early.is_some();
+    let (mut parasite, t) = match early {
+        Some(e) => e,
+        None => {
+            let t = Instant::now();
+            let p = match infected {
+                Some(p) => p,
+                None => {
+                    let p = Parasite::infect(task, guardian)?;
+                    fault_point("infected");
+                    p
+                }
+            };
+            (p, t)
+        }
+    };
     memory::dump_mlockall(pid, parasite.region(), &mut core)?;
     // What only a thread can read about itself: asked in each thread, the
     // leader first (whose answer also holds the process-wide state).
@@ -902,11 +992,14 @@ fn dump_task(
     core.threads = threads_core;
     timers::dump_posix_timers(&mut parasite, &posix_timers, &mut core)?;
 
-    // Before the page pipes: the userfaultfd borrows a pipe's slot.
+    // Before the page pipes: the userfaultfd borrows a pipe's slot. (Pages
+    // streamed ahead are of a chain tracking is not armed again in:
+    // `Chain::held_for_reading`.)
     chain.arm_task(pid, &mm.vmas, Some(&mut parasite))?;
-    let mut pages = dest.task(dir, pid)?;
-    // The parasite's last command: `cure` follows.
-    memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages, true)?;
+    if !streamed {
+        // The parasite's last command: `cure` follows.
+        memory::dump_pages(&mut parasite, &mm.vmas, &mm.pagemap, &mut pages, true)?;
+    }
     fault_point("pages-drained");
     parasite.cure()?;
     let bytes = pages.len();

@@ -551,6 +551,15 @@ impl TaskPages<'_> {
         }
     }
 
+    /// Takes back the pages streamed so far, to stream others (a page
+    /// server's cannot be taken back).
+    pub fn restart(&mut self) -> Result<()> {
+        match self {
+            TaskPages::Local(w) => w.restart(),
+            TaskPages::Remote(_) => bail!("pages sent to a page server cannot be taken back"),
+        }
+    }
+
     /// Seals the task's pages (the image's header, or CLOSE).
     pub fn finish(self) -> Result<()> {
         match self {

@@ -297,7 +297,7 @@ pub fn pre_dump(opts: &PreDumpOpts, mut stats: Option<&mut Stats>) -> Result<()>
     let order = dump::with_parents(&pids, &tree);
     crate::collect::read_ahead(
         &order,
-        |i, parent| crate::collect::Memory::read(order[i].0, parent, None),
+        |i, parent| crate::collect::Memory::read(order[i].0, parent, None, None),
         |i, read| {
             let task = &seized[i][0];
             let pid = task.pid.as_raw();

@@ -993,6 +993,43 @@ fn crust_killed_mid_pre_dump_leaves_task_untracked() {
     }
 }
 
+/// A final dump after a tracked pre-dump streams a big process's pages
+/// while its smaps is read, the parasite in before its memory is read
+/// (`collect::PagesAhead`): crust killed at each stage of it leaves the
+/// process running and unharmed.
+#[test]
+fn crust_killed_mid_final_dump_streaming_ahead_leaves_task_unharmed() {
+    for stage in [
+        "infected",
+        "pages-in-pipes",
+        "pages-drained",
+        "before-inventory",
+    ] {
+        let mut t = Spawn::new("predump").args(&["96"]).start();
+        eprintln!("stage {stage}: task {}", t.pid);
+        let out = pre_dump_cmd(t.pid, &t.work.0.join("pre1"), &[])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        let fds = fd_list(t.pid);
+        let out = t.dump_with(
+            &["--prev-images-dir", "../pre1", "--track-mem"],
+            &[("CRUST_FAULT", stage)],
+        );
+        assert!(!out.status.success(), "stage {stage}: crust was not killed");
+        if stage == "pages-drained" {
+            let log = fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+            assert!(log.contains("while its VMAs were read"), "{log}");
+        }
+        assert_unharmed(t, &maps, &fds);
+    }
+}
+
 /// A later pre-dump killed after it took over the tracking from the
 /// first one's holder: the tracking is gone with it, and a final dump on
 /// the first pre-dump stores every page again (said in its log), and

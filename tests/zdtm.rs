@@ -1880,6 +1880,41 @@ fn final_dump_after_pre_dumps_keeps_dropped_pages_dropped() {
     t.pass();
 }
 
+/// A final dump of a big process (over 64 MiB resident) whose pre-dumps
+/// tracked its writes finds its pages before its VMAs, and streams them
+/// while smaps is read (`collect::PagesAhead`); the chain restores it whole.
+#[test]
+fn final_dump_streams_pages_while_its_vmas_are_read() {
+    let mut t = Spawn::new("predump").args(&["96"]).start();
+    pre_dump_ok(&t, "pre1", &[]);
+    scatter_writes(&t, 1);
+    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    assert!(log.contains("while its VMAs were read"), "{log}");
+    assert!(!log.contains("streaming them again"), "{log}");
+    t.restore(&[]);
+    t.pass();
+}
+
+/// A MAP_DROPPABLE mapping looks like anonymous memory in /proc/PID/maps:
+/// the pages streamed ahead of the VMAs hold it, smaps leaves it out, and
+/// the dump streams its pages again, without it.
+#[test]
+fn final_dump_streams_again_when_its_vmas_choose_other_pages() {
+    let mut t = Spawn::new("predump").args(&["96", "droppable"]).start();
+    pre_dump_ok(&t, "pre1", &[]);
+    scatter_writes(&t, 1);
+    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    scatter_writes(&t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    assert!(log.contains("streaming them again"), "{log}");
+    t.restore(&[]);
+    t.pass();
+}
+
 /// After dedup the older images of the chain take less disk (st_blocks),
 /// and the chain still restores a process that verifies all its memory.
 #[test]

@@ -18,7 +18,12 @@
  * dump: each round drops one more of them, and reads it again, which
  * brings back the file's page. The chain holds what all these pages were
  * before; under write tracking the file's dropped pages even stay
- * unwritten (their protection is kept). */
+ * unwritten (their protection is kept).
+ *
+ * With argv[2] "droppable", it also holds a MAP_DROPPABLE mapping
+ * (DROP_PAGES pages of a pattern), which /proc/PID/maps does not tell
+ * from anonymous memory (smaps does): after restore each of its pages
+ * must hold the pattern or zeros (the kernel may drop them any time). */
 #include "zdtmlib.h"
 #include <stdint.h>
 #include <sys/mman.h>
@@ -36,6 +41,10 @@ static inline uint64_t pat(size_t page, uint64_t gen, size_t w)
 
 #define ZEROED UINT64_MAX /* gens[p]: the page was dropped, reads as zeros */
 #define FILE_PAGES 64
+#define DROP_PAGES 64
+#ifndef MAP_DROPPABLE
+#define MAP_DROPPABLE 0x08
+#endif
 #define FILE_SALT 0xf11e000000000000ULL
 
 static uint64_t *mem;
@@ -127,11 +136,37 @@ static void check_file(void)
 	}
 }
 
+static uint64_t *dmap;
+
+static void map_droppable(void)
+{
+	dmap = mmap(NULL, DROP_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_DROPPABLE | MAP_ANONYMOUS,
+		    -1, 0);
+	if (dmap == MAP_FAILED)
+		fail("MAP_DROPPABLE");
+	for (size_t p = 0; p < DROP_PAGES; p++)
+		for (size_t w = 0; w < WORDS; w++)
+			dmap[p * WORDS + w] = pat(p, 7, w);
+}
+
+static void check_droppable(void)
+{
+	for (size_t p = 0; p < DROP_PAGES; p++) {
+		int zeros = dmap[p * WORDS] == 0;
+		for (size_t w = 0; w < WORDS; w++) {
+			uint64_t v = dmap[p * WORDS + w];
+			if (v != (zeros ? 0 : pat(p, 7, w)))
+				fail("droppable page %zu word %zu: %#llx", p, w, (unsigned long long)v);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	size_t pages = ((argc > 1 ? strtoull(argv[1], NULL, 0) : 64) << 20) / PAGE;
 	size_t hot = pages / 16;
 	int drops = argc > 2 && !strcmp(argv[2], "drops");
+	int droppable = argc > 2 && !strcmp(argv[2], "droppable");
 	test_init();
 	struct sigaction sa = { .sa_handler = on_usr1 };
 	sigaction(SIGUSR1, &sa, NULL);
@@ -150,6 +185,8 @@ int main(int argc, char **argv)
 			mem[p * WORDS + w] = pat(p, 0, w);
 	if (drops)
 		map_file();
+	if (droppable)
+		map_droppable();
 	test_ready();
 	int rounds = 0;
 	size_t next = 0;
@@ -173,6 +210,8 @@ int main(int argc, char **argv)
 	}
 	if (drops)
 		check_file();
+	if (droppable)
+		check_droppable();
 	for (size_t p = 0; p < pages; p++) {
 		for (size_t w = 0; w < WORDS; w++) {
 			uint64_t v = mem[p * WORDS + w];

@@ -277,6 +277,17 @@ impl PagesWriter {
             .try_for_each(PartWriter::remove)
     }
 
+    /// Takes back what was streamed: the part files go, and a fresh first
+    /// part begins (with no space reserved).
+    pub fn restart(&mut self) -> Result<()> {
+        std::mem::take(&mut self.parts)
+            .into_iter()
+            .try_for_each(PartWriter::remove)?;
+        self.parts
+            .push(PartWriter::create(part_path(&self.dir, self.pid, 0))?);
+        Ok(())
+    }
+
     /// Bytes of the stream taken so far.
     pub fn len(&self) -> u64 {
         self.parts.iter().map(|p| p.len).sum()

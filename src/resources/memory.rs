@@ -115,6 +115,13 @@ pub fn add_ghosts(ghosts: &super::ghost::GhostStore, mapped: &[MappedGhost]) -> 
     Ok(())
 }
 
+/// The PROT_* bits of a mapping.
+fn prot_of(e: &MapsEntry) -> u32 {
+    (e.read as u32 * libc::PROT_READ as u32)
+        | (e.write as u32 * libc::PROT_WRITE as u32)
+        | (e.exec as u32 * libc::PROT_EXEC as u32)
+}
+
 /// Collects the address space of a task, without its pages, and the
 /// deleted files it maps. Reads /proc only (any thread of crust's may).
 pub fn read_mm(pid: i32) -> Result<(MmEntry, Vec<MappedGhost>)> {
@@ -143,9 +150,7 @@ pub fn read_mm(pid: i32) -> Result<(MmEntry, Vec<MappedGhost>)> {
         let mut v = VmaEntry {
             start: e.start,
             end: e.end,
-            prot: (e.read as u32 * libc::PROT_READ as u32)
-                | (e.write as u32 * libc::PROT_WRITE as u32)
-                | (e.exec as u32 * libc::PROT_EXEC as u32),
+            prot: prot_of(&e),
             kind: kind as i32,
             growsdown: e.has_flag("gd"),
             noreserve: e.has_flag("nr"),
@@ -343,45 +348,62 @@ pub struct Ahead {
     thread: Option<std::thread::JoinHandle<Prefetched>>,
 }
 
+/// The task's resident memory, in bytes (0 when unreadable).
+pub fn resident(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * PAGE
+}
+
+/// Whether a task is big enough for its pagemap to be read by a thread of
+/// its own (`prefetch_pagemap`, `collect::PagesAhead`).
+pub fn is_big(pid: i32) -> bool {
+    resident(pid) >= PREFETCH_MIN
+}
+
+/// Reads the task's pagemap per mapping of `maps` (its /proc/PID/maps);
+/// with `held`, finds the pages left to the chain first, and reads no
+/// entry of theirs.
+pub fn read_pagemap(pid: i32, maps: &[MapsEntry], held: Option<Ranges>) -> Prefetched {
+    let mut out = Prefetched::default();
+    let Ok(pm) = File::open(format!("/proc/{pid}/pagemap")) else {
+        return out;
+    };
+    out.left_to_chain = held.and_then(|h| left_to_chain(pid, maps, &h));
+    let skip = out.left_to_chain.clone().unwrap_or_default();
+    for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
+        let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
+        let read = super::memtrack::subtract(&[(e.start, e.end)], &skip);
+        let whole = read.iter().all(|&(s, t)| {
+            let at = ((s - e.start) / PAGE * 8) as usize;
+            let len = ((t - s) / PAGE * 8) as usize;
+            pm.read_exact_at(&mut b[at..at + len], s / PAGE * 8).is_ok()
+        });
+        if whole {
+            out.entries.insert((e.start, e.end), b);
+        }
+    }
+    out
+}
+
 /// Starts reading the task's pagemap, per mapping of /proc/PID/maps, in a
 /// thread of its own when the task is big; `prefetched` gives what it
 /// read. With `held` (the pages of the task a chain's parent holds, when
 /// tracking can say which it may keep), the pages left to the chain are
 /// found first, and no entry of theirs is read.
 pub fn prefetch_pagemap(pid: i32, held: Option<Ranges>) -> Ahead {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * PAGE;
-    if rss < PREFETCH_MIN {
+    if !is_big(pid) {
         return Ahead {
             pid,
             held,
             thread: None,
         };
     }
-    let read = move || {
-        let mut out = Prefetched::default();
-        let (Ok(maps), Ok(pm)) = (proc::maps(pid), File::open(format!("/proc/{pid}/pagemap")))
-        else {
-            return out;
-        };
-        out.left_to_chain = held.and_then(|h| left_to_chain(pid, &maps, &h));
-        let skip = out.left_to_chain.clone().unwrap_or_default();
-        for e in maps.iter().filter(|e| !e.path.starts_with("[v")) {
-            let mut b = vec![0u8; ((e.end - e.start) / PAGE * 8) as usize];
-            let read = super::memtrack::subtract(&[(e.start, e.end)], &skip);
-            let whole = read.iter().all(|&(s, t)| {
-                let at = ((s - e.start) / PAGE * 8) as usize;
-                let len = ((t - s) / PAGE * 8) as usize;
-                pm.read_exact_at(&mut b[at..at + len], s / PAGE * 8).is_ok()
-            });
-            if whole {
-                out.entries.insert((e.start, e.end), b);
-            }
-        }
-        out
+    let read = move || match proc::maps(pid) {
+        Ok(maps) => read_pagemap(pid, &maps, held),
+        Err(_) => Prefetched::default(),
     };
     Ahead {
         pid,
@@ -408,45 +430,42 @@ pub fn prefetched(a: Ahead) -> Prefetched {
     }
 }
 
-/// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
-/// (`parent`: its PID and VMAs, dumped already), a private page (anonymous, or a file's copied on write)
-/// the task still shares copy-on-write with its parent (the same frame in
-/// both) goes into `mm.parent_pages` instead: the parent's image holds it.
-///
-/// `pre`: pagemap entries `prefetch_pagemap` read meanwhile, per mapping;
-/// a mapping it did not read (or read with other bounds) is read here.
-/// Its `left_to_chain` pages go into `mm.prev_pages`, whatever their
-/// entries say: the chain's parent holds them as they are. Returns
-/// whether it had them (the chain's own choice is then made).
-pub fn scan_pages(
+/// The pages of a task to store, as `find_pages` finds them.
+#[derive(Default)]
+pub struct Found {
+    /// Runs to store, in address order.
+    pub runs: Vec<PagemapEntry>,
+    /// Runs shared copy-on-write with the parent, whose image holds them.
+    pub shared_runs: Vec<PagemapEntry>,
+    pub guards: Vec<PagemapEntry>,
+    /// Pages that hold zeros (not stored).
+    pub zeros: u64,
+    /// The VMAs looked at, (start, end).
+    visited: Vec<(u64, u64)>,
+}
+
+/// Finds the pages of `vmas` to store, from /proc/PID/pagemap (or what
+/// `pre` read of it); see `scan_pages`. Changes nothing.
+pub fn find_pages(
     pid: i32,
-    mm: &mut MmEntry,
+    vmas: &[VmaEntry],
     parent: Option<(i32, &[VmaEntry])>,
-    pre: Prefetched,
-) -> Result<bool> {
-    let Prefetched {
-        entries: mut pre,
-        left_to_chain,
-    } = pre;
-    let chained = left_to_chain.is_some();
-    let skip = left_to_chain.unwrap_or_default();
+    pre: &Prefetched,
+) -> Result<Found> {
+    let skip = pre.left_to_chain.as_deref().unwrap_or_default();
     // The next range of `skip` at or past the page looked at (pages are
     // looked at in address order).
     let mut next_skip = 0;
-    let mut visited = Vec::new();
     let pm = File::open(format!("/proc/{pid}/pagemap")).context("opening pagemap")?;
     let parent_pm = match parent {
         Some((ppid, _)) => File::open(format!("/proc/{ppid}/pagemap")).ok(),
         None => None,
     };
     let zero_pfn = zero_page_pfn();
-    let mut buf = Vec::new();
+    let mut own = Vec::new();
     let mut pbuf = Vec::new();
-    let mut runs = Vec::new();
-    let mut shared_runs = Vec::new();
-    let mut guards = Vec::new();
-    let mut zeros = 0u64;
-    for v in &mm.vmas {
+    let mut f = Found::default();
+    for v in vmas {
         // The kernel may drop the pages of a MAP_DROPPABLE mapping at any
         // time: they are not stored, and read as zeros after the restore.
         if v.droppable {
@@ -460,16 +479,17 @@ pub fn scan_pages(
         ) {
             continue;
         }
-        visited.push((v.start, v.end));
+        f.visited.push((v.start, v.end));
         let n = ((v.end - v.start) / PAGE) as usize;
-        match pre.remove(&(v.start, v.end)) {
-            Some(b) => buf = b,
+        let buf = match pre.entries.get(&(v.start, v.end)) {
+            Some(b) => b,
             None => {
-                buf.resize(n * 8, 0);
-                pm.read_exact_at(&mut buf, v.start / PAGE * 8)
+                own.resize(n * 8, 0);
+                pm.read_exact_at(&mut own, v.start / PAGE * 8)
                     .with_context(|| format!("reading pagemap of {pid}"))?;
+                &own
             }
-        }
+        };
         // The parent's entries for the same VMA, when it has one: the
         // restored task then starts from the parent's copy of it.
         let in_parent = parent.is_some_and(|(_, vmas)| vmas.iter().any(|p| same_private(p, v)));
@@ -491,7 +511,7 @@ pub fn scan_pages(
             }
             let pfn = e & PM_PFN_MASK;
             if e & PM_GUARD != 0 {
-                push_page(&mut guards, v.start, addr);
+                push_page(&mut f.guards, v.start, addr);
                 continue;
             }
             // A page never populated (or dropped) under write tracking
@@ -500,7 +520,7 @@ pub fn scan_pages(
                 (kind == VmaKind::VmaAnonPrivate && e & PM_PRESENT != 0 && Some(pfn) == zero_pfn)
                     || super::memtrack::is_unpopulated_marker(e);
             if zero {
-                zeros += 1;
+                f.zeros += 1;
             }
             if !page_needed(kind, e) || zero {
                 continue;
@@ -510,34 +530,80 @@ pub fn scan_pages(
                 pe & PM_PRESENT != 0 && pe & PM_PFN_MASK == pfn
             };
             push_page(
-                if shared { &mut shared_runs } else { &mut runs },
+                if shared {
+                    &mut f.shared_runs
+                } else {
+                    &mut f.runs
+                },
                 v.start,
                 addr,
             );
         }
     }
+    Ok(f)
+}
+
+/// Builds `mm.pagemap` from /proc/PID/pagemap. With the parent's VMAs
+/// (`parent`: its PID and VMAs, dumped already), a private page (anonymous, or a file's copied on write)
+/// the task still shares copy-on-write with its parent (the same frame in
+/// both) goes into `mm.parent_pages` instead: the parent's image holds it.
+///
+/// `pre`: pagemap entries `prefetch_pagemap` read meanwhile, per mapping;
+/// a mapping it did not read (or read with other bounds) is read here.
+/// Its `left_to_chain` pages go into `mm.prev_pages`, whatever their
+/// entries say: the chain's parent holds them as they are. Returns
+/// whether it had them (the chain's own choice is then made).
+pub fn scan_pages(
+    pid: i32,
+    mm: &mut MmEntry,
+    parent: Option<(i32, &[VmaEntry])>,
+    pre: &Prefetched,
+) -> Result<bool> {
+    let f = find_pages(pid, &mm.vmas, parent, pre)?;
     let pages = |r: &[PagemapEntry]| r.iter().map(|r| r.nr_pages).sum::<u64>();
-    crate::stats::count(&crate::stats::PAGES_ZERO, zeros);
-    crate::stats::count(&crate::stats::PAGES_PARENT, pages(&shared_runs));
+    crate::stats::count(&crate::stats::PAGES_ZERO, f.zeros);
+    crate::stats::count(&crate::stats::PAGES_PARENT, pages(&f.shared_runs));
     crate::stats::count(
         &crate::stats::PAGES_SCANNED,
-        zeros + pages(&shared_runs) + pages(&runs),
+        f.zeros + pages(&f.shared_runs) + pages(&f.runs),
     );
-    crate::stats::count(&crate::stats::PAGES_WRITTEN, pages(&runs));
-    crate::progress::add_bytes(pages(&runs) * PAGE);
-    mm.pagemap = runs;
-    mm.parent_pages = shared_runs;
-    mm.guard_pages = guards;
-    if chained {
-        // Only what lies in the VMAs looked at (the chain's pages of a
-        // mapping not stored at all, a droppable one, stay out).
-        let prev = super::memtrack::intersect(&skip, &super::memtrack::normalize(visited));
-        let n = super::memtrack::pages_in(&prev);
-        crate::stats::count(&crate::stats::PAGES_SCANNED, n);
-        crate::stats::count(&crate::stats::PAGES_IN_PREV, n);
-        mm.prev_pages = crate::images::chain::ranges_to_runs(&prev);
+    crate::stats::count(&crate::stats::PAGES_WRITTEN, pages(&f.runs));
+    crate::progress::add_bytes(pages(&f.runs) * PAGE);
+    mm.pagemap = f.runs;
+    mm.parent_pages = f.shared_runs;
+    mm.guard_pages = f.guards;
+    let Some(skip) = &pre.left_to_chain else {
+        return Ok(false);
+    };
+    // Only what lies in the VMAs looked at (the chain's pages of a
+    // mapping not stored at all, a droppable one, stay out).
+    let prev = super::memtrack::intersect(skip, &super::memtrack::normalize(f.visited));
+    let n = super::memtrack::pages_in(&prev);
+    crate::stats::count(&crate::stats::PAGES_SCANNED, n);
+    crate::stats::count(&crate::stats::PAGES_IN_PREV, n);
+    mm.prev_pages = crate::images::chain::ranges_to_runs(&prev);
+    Ok(true)
+}
+
+/// The VMAs /proc/PID/maps shows, as far as `find_pages` looks at them
+/// (bounds, protection, kind): what a dump streams pages by before smaps
+/// is read (`collect::PagesAhead`). None when a mapping is of a kind only
+/// smaps tells apart.
+pub fn maps_vmas(maps: &[MapsEntry]) -> Option<Vec<VmaEntry>> {
+    let mut out = Vec::new();
+    for e in maps {
+        let Some(kind) = classify(e).ok()? else {
+            continue;
+        };
+        out.push(VmaEntry {
+            start: e.start,
+            end: e.end,
+            prot: prot_of(e),
+            kind: kind as i32,
+            ..Default::default()
+        });
     }
-    Ok(chained)
+    Some(out)
 }
 
 /// Leaves out of the pages to store those `unchanged` (not written since
