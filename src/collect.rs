@@ -54,12 +54,23 @@ impl Memory {
     ) -> Result<Memory> {
         let t = Instant::now();
         let ahead = memory::prefetch_pagemap(pid, held.cloned());
+        Self::from_smaps(pid, parent, parasite, t, || Ok(memory::prefetched(ahead)))
+    }
+
+    /// Reads smaps, then picks the pages with the pagemap `pre` gives
+    /// (read meanwhile); `t`: when the read began.
+    fn from_smaps(
+        pid: i32,
+        parent: Option<(i32, &[VmaEntry])>,
+        parasite: Option<(u64, u64)>,
+        t: Instant,
+        pre: impl FnOnce() -> Result<memory::Prefetched>,
+    ) -> Result<Memory> {
         let (mut mm, ghosts) =
             memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
         without_parasite(&mut mm.vmas, parasite);
         let vmas_read = t.elapsed();
-        let pre = memory::prefetched(ahead);
-        let chained = memory::scan_pages(pid, &mut mm, parent, &pre)?;
+        let chained = memory::scan_pages(pid, &mut mm, parent, &pre()?)?;
         Ok(Memory {
             mm,
             ghosts,
@@ -145,21 +156,10 @@ impl PagesAhead {
                 let parasite = go_rx
                     .recv()
                     .map_err(|_| anyhow!("PID {pid}: smaps not to be read"))?;
-                let parasite = Some(parasite);
-                let (mut mm, ghosts) =
-                    memory::read_mm(pid).with_context(|| format!("PID {pid}: memory"))?;
-                without_parasite(&mut mm.vmas, parasite);
-                let vmas_read = t.elapsed();
-                let pre = pre_rx
-                    .recv()
-                    .map_err(|_| anyhow!("PID {pid}: its pagemap was not read"))?;
-                let chained = memory::scan_pages(pid, &mut mm, None, &pre)?;
-                Ok(Memory {
-                    mm,
-                    ghosts,
-                    vmas_read,
-                    pages_found: t.elapsed(),
-                    chained,
+                Memory::from_smaps(pid, None, Some(parasite), t, || {
+                    pre_rx
+                        .recv()
+                        .map_err(|_| anyhow!("PID {pid}: its pagemap was not read"))
                 })
             })
             .context("starting the thread that reads smaps")?;

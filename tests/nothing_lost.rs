@@ -951,15 +951,6 @@ fn wait_untracked(pid: i32, what: &str) {
     eprintln!("{what}: untracked after {:?}", t0.elapsed());
 }
 
-fn pre_dump_cmd(pid: i32, dir: &std::path::Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(CRUST);
-    c.args(["pre-dump", "-t", &pid.to_string(), "-D"])
-        .arg(dir)
-        .args(["-o", "pre-dump.log", "-v4"])
-        .args(extra);
-    c
-}
-
 /// A pre-dump killed at each of its stages leaves the task running,
 /// unharmed, with its fds and mappings as before and no write tracking
 /// (the userfaultfd the task made for it is closed by the guardian when
@@ -1007,14 +998,7 @@ fn crust_killed_mid_final_dump_streaming_ahead_leaves_task_unharmed() {
     ] {
         let mut t = Spawn::new("predump").args(&["96"]).start();
         eprintln!("stage {stage}: task {}", t.pid);
-        let out = pre_dump_cmd(t.pid, &t.work.0.join("pre1"), &[])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        t.pre_dump_ok("pre1", &[]);
         let maps = fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
         let fds = fd_list(t.pid);
         let out = t.dump_with(
@@ -1038,14 +1022,7 @@ fn crust_killed_mid_final_dump_streaming_ahead_leaves_task_unharmed() {
 fn tracking_lost_with_a_killed_pre_dump_falls_back_to_full_pages() {
     let mut t = Spawn::new("predump").args(&["16"]).start();
     let pid = t.pid;
-    let out = pre_dump_cmd(pid, &t.work.0.join("pre1"), &[])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    t.pre_dump_ok("pre1", &[]);
     assert!(
         tracked_by_userfaultfd(pid),
         "the pre-dump armed no tracking"
@@ -1082,16 +1059,8 @@ fn bad_chains_are_refused() {
     let mut a = Spawn::new("predump").args(&["8"]).start();
     let b = Spawn::new("predump").args(&["8"]).start();
     let w = &a.work.0.clone();
-    let ok = |c: &mut Command| {
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    ok(&mut pre_dump_cmd(a.pid, &w.join("pre1"), &[]));
-    ok(&mut pre_dump_cmd(
-        a.pid,
-        &w.join("pre2"),
-        &["--prev-images-dir", "../pre1"],
-    ));
+    a.pre_dump_ok("pre1", &[]);
+    a.pre_dump_ok("pre2", &["--prev-images-dir", "../pre1"]);
     // Another tree's pre-dump.
     let other = w.join("other");
     let (done, err) = crust(&[

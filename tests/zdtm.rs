@@ -1756,25 +1756,16 @@ fn leave_running_keeps_connection() {
     net::end_stream(server, client);
 }
 
-/// `crust pre-dump` into `work/NAME` (with `extra`); its output.
-fn pre_dump(t: &Task, name: &str, extra: &[&str]) -> std::process::Output {
-    std::process::Command::new(CRUST)
-        .args(["pre-dump", "-t", &t.pid.to_string(), "-D"])
-        .arg(t.work.0.join(name))
-        .args(["-o", "pre-dump.log", "-v4"])
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn pre_dump_ok(t: &Task, name: &str, extra: &[&str]) {
-    let out = pre_dump(t, name, extra);
-    assert!(
-        out.status.success(),
-        "crust pre-dump {name} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(t.work.0.join(name).join("pre-dump.log")).unwrap_or_default()
-    );
+/// Two pre-dumps of the predump program, the second tracked, a round of
+/// writes before each of the second and the final dump (`--track-mem`,
+/// left in the work directory's images); the final dump's log.
+fn dump_after_tracked_pre_dumps(t: &mut Task) -> String {
+    t.pre_dump_ok("pre1", &[]);
+    scatter_writes(t, 1);
+    t.pre_dump_ok("pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    scatter_writes(t, 2);
+    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
+    std::fs::read_to_string(t.work.images().join("dump.log")).unwrap()
 }
 
 /// Asks the predump test program for a round of writes all over its memory
@@ -1821,11 +1812,11 @@ fn pages_blocks(dir: &std::path::Path, pid: i32) -> u64 {
 fn pre_dumps_then_a_final_dump_store_only_what_was_written() {
     let mut t = Spawn::new("predump").args(&["160"]).start();
     let pid = t.pid;
-    pre_dump_ok(&t, "pre1", &[]);
+    t.pre_dump_ok("pre1", &[]);
     let full = pages_len(&t.work.0.join("pre1"), pid);
     assert!(full >= 64 << 20, "the first pre-dump saved {full} bytes");
     scatter_writes(&t, 1);
-    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
+    t.pre_dump_ok("pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
     let second = pages_len(&t.work.0.join("pre2"), pid);
     assert!(
         second < full / 4,
@@ -1866,12 +1857,7 @@ fn pre_dumps_then_a_final_dump_store_only_what_was_written() {
 #[test]
 fn final_dump_after_pre_dumps_keeps_dropped_pages_dropped() {
     let mut t = Spawn::new("predump").args(&["64", "drops"]).start();
-    pre_dump_ok(&t, "pre1", &[]);
-    scatter_writes(&t, 1);
-    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
-    scatter_writes(&t, 2);
-    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
-    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    let log = dump_after_tracked_pre_dumps(&mut t);
     assert!(
         log.contains("left to the chain as tracking shows them"),
         "{log}"
@@ -1886,12 +1872,7 @@ fn final_dump_after_pre_dumps_keeps_dropped_pages_dropped() {
 #[test]
 fn final_dump_streams_pages_while_its_vmas_are_read() {
     let mut t = Spawn::new("predump").args(&["96"]).start();
-    pre_dump_ok(&t, "pre1", &[]);
-    scatter_writes(&t, 1);
-    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
-    scatter_writes(&t, 2);
-    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
-    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    let log = dump_after_tracked_pre_dumps(&mut t);
     assert!(log.contains("while its VMAs were read"), "{log}");
     assert!(!log.contains("streaming them again"), "{log}");
     t.restore(&[]);
@@ -1904,12 +1885,7 @@ fn final_dump_streams_pages_while_its_vmas_are_read() {
 #[test]
 fn final_dump_streams_again_when_its_vmas_choose_other_pages() {
     let mut t = Spawn::new("predump").args(&["96", "droppable"]).start();
-    pre_dump_ok(&t, "pre1", &[]);
-    scatter_writes(&t, 1);
-    pre_dump_ok(&t, "pre2", &["--prev-images-dir", "../pre1", "--track-mem"]);
-    scatter_writes(&t, 2);
-    t.dump(&["--prev-images-dir", "../pre2", "--track-mem"]);
-    let log = std::fs::read_to_string(t.work.images().join("dump.log")).unwrap();
+    let log = dump_after_tracked_pre_dumps(&mut t);
     assert!(log.contains("streaming them again"), "{log}");
     t.restore(&[]);
     t.pass();
@@ -1921,13 +1897,9 @@ fn final_dump_streams_again_when_its_vmas_choose_other_pages() {
 fn dedup_shrinks_the_parents_and_the_chain_still_restores() {
     let mut t = Spawn::new("predump").args(&["64"]).start();
     let pid = t.pid;
-    pre_dump_ok(&t, "pre1", &[]);
+    t.pre_dump_ok("pre1", &[]);
     scatter_writes(&t, 1);
-    pre_dump_ok(
-        &t,
-        "pre2",
-        &["--prev-images-dir", "../pre1", "--auto-dedup"],
-    );
+    t.pre_dump_ok("pre2", &["--prev-images-dir", "../pre1", "--auto-dedup"]);
     let pre1 = t.work.0.join("pre1");
     let after_auto = pages_blocks(&pre1, pid);
     assert!(

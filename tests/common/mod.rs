@@ -259,7 +259,40 @@ impl<'a> Spawn<'a> {
     }
 }
 
+/// `crust pre-dump` of `pid` into `dir` (its log `pre-dump.log` there, at
+/// -v4), with `extra`.
+pub fn pre_dump_cmd(pid: i32, dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(CRUST);
+    c.args(["pre-dump", "-t", &pid.to_string(), "-D"])
+        .arg(dir)
+        .args(["-o", "pre-dump.log", "-v4"])
+        .args(extra);
+    c
+}
+
+/// Runs `c` and asserts it succeeded; else shows its stderr and `log`.
+pub fn run_ok(c: &mut Command, log: Option<&Path>) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log.and_then(|l| fs::read_to_string(l).ok())
+            .unwrap_or_default()
+    );
+}
+
 impl Task {
+    /// `crust pre-dump` of the task into `work/NAME`, with `extra`; it must
+    /// succeed.
+    pub fn pre_dump_ok(&self, name: &str, extra: &[&str]) {
+        let dir = self.work.0.join(name);
+        run_ok(
+            &mut pre_dump_cmd(self.pid, &dir, extra),
+            Some(&dir.join("pre-dump.log")),
+        );
+    }
+
     /// Waits for a file, failing early if the test died.
     fn wait_file(&mut self, p: &Path) {
         let t = Instant::now();
