@@ -114,6 +114,8 @@ impl Bounds for proc::MapsEntry {
 /// stream otherwise waits for smaps, the longest walk of a final dump).
 /// Only where tracking tells which pages a chain keeps (`held`): that walk
 /// is shorter than smaps', and the stream is all that is left to wait for.
+/// The parasite is in already: smaps' walk holds the address space's lock
+/// for reading, VMA after VMA, and the parasite's mmap would wait for it.
 ///
 /// The pages are found as `memory::scan_pages` finds them, with the
 /// mappings /proc/PID/maps shows for VMAs (`memory::maps_vmas`: what smaps
@@ -125,37 +127,30 @@ pub struct PagesAhead {
     pub runs: Vec<PagemapEntry>,
     /// The mappings they were found in.
     pub vmas: Vec<VmaEntry>,
-    /// Lets the smaps thread begin, with the parasite's region
-    /// (`parasite_in`).
-    go: Option<mpsc::Sender<(u64, u64)>>,
-    rest: std::thread::JoinHandle<Result<Memory>>,
+    smaps: std::thread::JoinHandle<Result<Memory>>,
 }
 
 impl PagesAhead {
     /// Finds the pages of `pid` to store, with `held` the pages of it a
-    /// chain's parent holds; smaps is read in a thread of its own, once
-    /// the parasite is in (`parasite`: it is already, there), and goes on
-    /// after. None for a small process, or one with a mapping only smaps
-    /// tells the kind of.
-    fn start(pid: i32, held: &Ranges, parasite: Option<(u64, u64)>) -> Result<Option<PagesAhead>> {
+    /// chain's parent holds, while a thread of its own reads smaps (and
+    /// goes on after); `parasite`: the parasite's region. None for a small
+    /// process, one with a mapping only smaps tells the kind of, or when
+    /// tracking cannot tell which pages stay (every page is then read and
+    /// the chain chooses: `Chain::select`, after the pages are found).
+    fn start(pid: i32, held: &Ranges, parasite: (u64, u64)) -> Result<Option<PagesAhead>> {
         let t = Instant::now();
         if !memory::is_big(pid) {
             return Ok(None);
         }
         let mut maps = proc::maps(pid)?;
-        without_parasite(&mut maps, parasite);
+        without_parasite(&mut maps, Some(parasite));
         let Some(vmas) = memory::maps_vmas(&maps) else {
             return Ok(None);
         };
         let (pre_tx, pre_rx) = mpsc::channel::<memory::Prefetched>();
-        let (go, go_rx) = mpsc::channel::<(u64, u64)>();
-        let rest = std::thread::Builder::new()
+        let smaps = std::thread::Builder::new()
             .name("smaps".into())
             .spawn(move || -> Result<Memory> {
-                // A sender gone: the dump failed, or found no pages.
-                let parasite = go_rx
-                    .recv()
-                    .map_err(|_| anyhow!("PID {pid}: smaps not to be read"))?;
                 Memory::from_smaps(pid, None, Some(parasite), t, || {
                     pre_rx
                         .recv()
@@ -163,42 +158,29 @@ impl PagesAhead {
                 })
             })
             .context("starting the thread that reads smaps")?;
-        if let Some(region) = parasite {
-            let _ = go.send(region);
-        }
         let pre = memory::read_pagemap(pid, &maps, Some(held.clone()));
+        if pre.left_to_chain.is_none() {
+            // (The smaps thread ends without the pagemap, unwaited for.)
+            return Ok(None);
+        }
         let found = memory::find_pages(pid, &vmas, None, &pre);
-        // The smaps thread ends when it has the pagemap, or without it.
         let _ = pre_tx.send(pre);
         match found {
             Ok(f) => Ok(Some(PagesAhead {
                 runs: f.runs,
                 vmas,
-                go: Some(go),
-                rest,
+                smaps,
             })),
             Err(e) => {
-                // (Without its go, the smaps thread reads nothing more.)
-                drop(go);
-                let _ = rest.join();
+                let _ = smaps.join();
                 Err(e)
             }
         }
     }
 
-    /// The parasite is in, at `region`: smaps may be read. Its walk holds
-    /// the address space's lock for reading, VMA after VMA, and the
-    /// parasite's mmap would wait for the whole walk.
-    pub fn parasite_in(&mut self, region: (u64, u64)) {
-        if let Some(go) = self.go.take() {
-            let _ = go.send(region);
-        }
-    }
-
-    /// The process's memory, its VMAs read (after `parasite_in`).
-    pub fn finish(mut self) -> Result<Memory> {
-        self.go = None;
-        self.rest
+    /// The process's memory, its VMAs read.
+    pub fn finish(self) -> Result<Memory> {
+        self.smaps
             .join()
             .map_err(|_| anyhow!("the thread reading smaps panicked"))?
     }
@@ -241,8 +223,9 @@ pub struct MemoryPlan<'a> {
     /// which of them stay as they are (`Chain::held_for_reading`).
     pub held: Option<&'a Ranges>,
     /// Whether its pages may be found before its VMAs are read
-    /// (`PagesAhead`, with `held`): they go into a pages image of this dump
-    /// as they come, and no process read later is its child.
+    /// (`PagesAhead`, with `held` and `parasite`): they go into a pages
+    /// image of this dump as they come, and no process read later is its
+    /// child.
     pub ahead: bool,
     /// The region of a parasite in it already: not one of its mappings.
     pub parasite: Option<(u64, u64)>,
@@ -267,8 +250,10 @@ impl Process {
         plan: MemoryPlan,
     ) -> Result<Process> {
         let status = proc::status(pid)?;
-        let early = match plan.held {
-            Some(h) if plan.ahead && parent.is_none() => PagesAhead::start(pid, h, plan.parasite)?,
+        let early = match (plan.held, plan.parasite) {
+            (Some(h), Some(region)) if plan.ahead && parent.is_none() => {
+                PagesAhead::start(pid, h, region)?
+            }
             _ => None,
         };
         let memory = match early {

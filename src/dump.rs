@@ -833,50 +833,46 @@ struct TaskOut<'a> {
 /// Dumps one process, given what /proc showed of it (`read`).
 /// Streams the pages `ahead` found into the process's pages image
 /// (`pages`) while its smaps is read (`collect::PagesAhead`), with the
-/// parasite that is in already (`infected`) or goes in first; then waits
-/// for its VMAs, and streams again, from the start, when they choose other
-/// pages. Returns its memory and the parasite, and when that went in.
-fn stream_ahead<'a>(
-    task: &'a SeizedTask,
-    mut ahead: crate::collect::PagesAhead,
-    infected: Option<Parasite<'a>>,
-    guardian: &'a Guardian,
+/// parasite that is in already; then waits for its VMAs, and streams
+/// again, from the start, when they choose other pages. Returns its
+/// memory.
+fn stream_ahead(
+    pid: i32,
+    ahead: crate::collect::PagesAhead,
+    parasite: &mut Parasite,
     pages: &mut crate::page_xfer::TaskPages,
-) -> Result<(crate::collect::Memory, Parasite<'a>, Instant)> {
-    let pid = task.pid.as_raw();
+) -> Result<crate::collect::Memory> {
     let t = Instant::now();
-    let mut parasite = match infected {
-        Some(p) => p,
-        None => {
-            let p = Parasite::infect(task, guardian)?;
-            ahead.parasite_in(p.region());
-            fault_point("infected");
-            p
-        }
-    };
-    memory::dump_pages(&mut parasite, &ahead.vmas, &ahead.runs, pages, false)?;
+    memory::dump_pages(parasite, &ahead.vmas, &ahead.runs, pages, false)?;
     let streamed = t.elapsed();
-    let runs = std::mem::take(&mut ahead.runs);
+    let runs = ahead.runs.clone();
     let m = ahead.finish()?;
     tracing::debug!(
         "PID {pid}: {} MiB of pages streamed in {streamed:?} while its VMAs were read, in {:?}",
         pages.len() >> 20,
         m.vmas_read
     );
+    // (Found ahead only where tracking told the pages the chain keeps.)
+    anyhow::ensure!(
+        m.chained,
+        "PID {pid}: its pages found ahead lost the chain's"
+    );
     if m.mm.pagemap != runs {
         // Their flags leave out (or add) pages the stream holds.
         tracing::debug!("PID {pid}: its VMAs choose other pages: streaming them again");
+        // (The bytes streamed twice count twice in the progress line.)
+        crate::progress::add_bytes(pages.len());
         pages.restart()?;
-        memory::dump_pages(&mut parasite, &m.mm.vmas, &m.mm.pagemap, pages, false)?;
+        memory::dump_pages(parasite, &m.mm.vmas, &m.mm.pagemap, pages, false)?;
     }
-    Ok((m, parasite, t))
+    Ok(m)
 }
 
 fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
     read: crate::collect::Process,
-    mut infected: Option<Parasite>,
+    infected: Option<Parasite>,
     out: &mut TaskOut,
 ) -> Result<()> {
     let task = &threads[0];
@@ -899,12 +895,20 @@ fn dump_task(
         lazy,
     } = out;
     let mut pages = dest.task(dir, pid)?;
+    let t = Instant::now();
+    let mut parasite = match infected {
+        Some(p) => p,
+        None => {
+            let p = Parasite::infect(task, guardian)?;
+            fault_point("infected");
+            p
+        }
+    };
     // Pages found ahead of the VMAs stream first (`collect::PagesAhead`).
-    let (mem_read, early) = match mem_read {
-        crate::collect::MemoryRead::Whole(m) => (*m, None),
+    let (mem_read, streamed) = match mem_read {
+        crate::collect::MemoryRead::Whole(m) => (*m, false),
         crate::collect::MemoryRead::Ahead(a) => {
-            let (m, p, t) = stream_ahead(task, a, infected.take(), guardian, &mut pages)?;
-            (m, Some((p, t)))
+            (stream_ahead(pid, a, &mut parasite, &mut pages)?, true)
         }
     };
     let mut mm = mem_read.mm;
@@ -943,22 +947,6 @@ fn dump_task(
         ..Default::default()
     };
 
-    let streamed = early.is_some();
-    let (mut parasite, t) = match early {
-        Some(e) => e,
-        None => {
-            let t = Instant::now();
-            let p = match infected {
-                Some(p) => p,
-                None => {
-                    let p = Parasite::infect(task, guardian)?;
-                    fault_point("infected");
-                    p
-                }
-            };
-            (p, t)
-        }
-    };
     memory::dump_mlockall(pid, parasite.region(), &mut core)?;
     // What only a thread can read about itself: asked in each thread, the
     // leader first (whose answer also holds the process-wide state).
