@@ -351,6 +351,30 @@ pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> io::Result<()> {
 }
 
 /// splice(2) from a pipe into a file at the file's current offset.
+/// Reads exactly `buf.len()` bytes from `from` (a pipe) into `buf`.
+pub fn read_all(from: RawFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        // SAFETY: read into the rest of `buf`, which is ours meanwhile.
+        let n = unsafe { libc::read(from, buf[at..].as_mut_ptr().cast(), buf.len() - at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "page pipe closed",
+            ));
+        }
+        at += n as usize;
+    }
+    Ok(())
+}
+
 pub fn splice_all(from: RawFd, to: RawFd, mut len: usize) -> io::Result<()> {
     while len > 0 {
         // SAFETY: plain fd-to-fd splice, no user memory involved.
