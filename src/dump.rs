@@ -673,6 +673,8 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
         t_freeze.elapsed(),
         if tree_ends { "kill" } else { "release" }
     );
+    // (Kept mapped until the tree no longer waits: `pages::SEALED`.)
+    crate::images::unmap_sealed();
     if tree_ends && fctx.holds_for_restore() {
         // What the dead tree held, crust's copies keep: connections go back
         // into repair mode before their last close, once the tree's copies

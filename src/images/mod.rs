@@ -18,7 +18,9 @@ use prost::Message;
 pub mod chain;
 mod pages;
 
-pub use pages::{MAX_PARTS, Mapping, PageSink, PagesImage, PagesWriter, verify_pages_file};
+pub use pages::{
+    MAX_PARTS, Mapping, PageSink, PagesImage, PagesWriter, unmap_sealed, verify_pages_file,
+};
 
 #[allow(clippy::all)]
 pub mod pb {

@@ -123,6 +123,19 @@ impl Window {
     }
 }
 
+/// The mappings of sealed parts (`PartWriter::seal`), unmapped by
+/// `unmap_sealed` once the tree is no longer frozen: unmapping a few
+/// hundred MiB of shared mapping takes about 20 ms here, all of it inside
+/// the freeze otherwise. (Until then, or crust's exit, they only hold
+/// crust's address space.)
+static SEALED: std::sync::Mutex<Vec<Window>> = std::sync::Mutex::new(Vec::new());
+
+/// Unmaps the sealed parts' mappings (see `SEALED`).
+pub fn unmap_sealed() {
+    let sealed = std::mem::take(&mut *SEALED.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(sealed);
+}
+
 impl Drop for Window {
     fn drop(&mut self) {
         // SAFETY: the mapping `map` made; nothing borrows it past `self`.
@@ -246,6 +259,9 @@ impl PartWriter {
     /// Writes the header (its length, checksum and the parts after it)
     /// and syncs the file.
     fn seal(mut self, more: u32) -> Result<()> {
+        if let Some(w) = self.window.take() {
+            SEALED.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        }
         self.release().with_context(|| {
             format!("giving back the space reserved in {}", self.path.display())
         })?;
