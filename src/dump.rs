@@ -480,11 +480,11 @@ pub fn dump(opts: &DumpOpts, mut stats: Option<&mut Stats>) -> Result<()> {
     let mut lazy_runs = opts.lazy_pages.as_ref().map(|_| Vec::new());
     // A big process's pages may stream while its smaps is read
     // (`collect::PagesAhead`) when they go straight into a pages image.
-    let stream_ahead = pages.is_local() && lazy_runs.is_none();
+    let into_images = pages.is_local() && lazy_runs.is_none();
     let childless = |i: usize| !order[i + 1..].iter().any(|&(_, pp)| pp == order[i].0);
     let plan = |i: usize| crate::collect::MemoryPlan {
         held: held.get(&order[i].0),
-        ahead: stream_ahead && childless(i),
+        ahead: into_images && childless(i),
         parasite: None,
     };
     // The first process's parasite goes in before its memory is read
@@ -832,7 +832,6 @@ struct TaskOut<'a> {
     lazy: Option<&'a mut Vec<(i32, Vec<crate::images::pb::PagemapEntry>)>>,
 }
 
-/// Dumps one process, given what /proc showed of it (`read`).
 /// Streams the pages `ahead` found into the process's pages image
 /// (`pages`) while its smaps is read (`collect::PagesAhead`), with the
 /// parasite that is in already; then waits for its VMAs, and streams
@@ -870,6 +869,8 @@ fn stream_ahead(
     Ok(m)
 }
 
+/// Dumps one process, given what /proc showed of it (`read`), and its
+/// parasite when it went in before that was read (`infected`).
 fn dump_task(
     threads: &[SeizedTask],
     fds: FdTable,
