@@ -78,21 +78,15 @@ fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
 /// LRU lists: the pages were written once already); read into the mapping
 /// it is one copy. A pipe drained this way takes half the time
 /// (docs/PERFORMANCE.md). Unmapped on drop.
-struct Window {
-    addr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping belongs to the one PartWriter holding the window,
-// which moves between threads with it and never shares it.
-unsafe impl Send for Window {}
+struct Window(Mapping);
 
 impl Window {
     /// Maps `len` bytes of `file` from `offset` (page-aligned), its page
     /// table filled now (MAP_POPULATE), not while the tree is frozen.
     fn map(file: &File, offset: u64, len: u64) -> std::io::Result<Window> {
         // SAFETY: a new shared mapping of our own file, of its `len`
-        // bytes from `offset`, which the file holds (written by `reserve`).
+        // bytes from `offset`, which the file holds (written by `reserve`);
+        // the Mapping returned owns it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -106,19 +100,18 @@ impl Window {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Window {
-            addr: std::ptr::NonNull::new(p.cast()).expect("mmap returned no address"),
-            len: len as usize,
-        })
+        Ok(Window(Mapping {
+            addr: p as u64,
+            len,
+        }))
     }
 
     /// Bytes [at, at + len) of the window, if it holds them.
     fn bytes(&mut self, at: u64, len: usize) -> Option<&mut [u8]> {
-        let at = usize::try_from(at).ok()?;
-        (at.checked_add(len)? <= self.len).then(|| {
-            // SAFETY: inside the mapping, which lives as long as `self`,
-            // borrowed mutably here.
-            unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr().add(at), len) }
+        (at.checked_add(len as u64)? <= self.0.len).then(|| {
+            // SAFETY: inside the writable mapping, which lives as long as
+            // `self`, borrowed mutably here.
+            unsafe { std::slice::from_raw_parts_mut((self.0.addr + at) as *mut u8, len) }
         })
     }
 }
@@ -134,13 +127,6 @@ static SEALED: std::sync::Mutex<Vec<Window>> = std::sync::Mutex::new(Vec::new())
 pub fn unmap_sealed() {
     let sealed = std::mem::take(&mut *SEALED.lock().unwrap_or_else(|e| e.into_inner()));
     drop(sealed);
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: the mapping `map` made; nothing borrows it past `self`.
-        unsafe { libc::munmap(self.addr.as_ptr().cast(), self.len) };
-    }
 }
 
 /// One part file being written: its header page, then the data spliced or
@@ -758,7 +744,8 @@ pub fn verify_pages_file(path: &Path) -> Result<Header> {
     Ok(hdr)
 }
 
-/// The stream of a `PagesImage`, mapped at one address; unmapped on drop.
+/// The stream of a `PagesImage`, mapped at one address (or a part's
+/// reserved space: `Window`); unmapped on drop.
 pub struct Mapping {
     pub addr: u64,
     pub len: u64,
@@ -778,8 +765,8 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.len > 0 {
-            // SAFETY: the mapping made by `PagesImage::map`, used by nothing
-            // else once its owner is dropped.
+            // SAFETY: the mapping made by `PagesImage::map` or
+            // `Window::map`, used by nothing else once its owner is dropped.
             unsafe { libc::munmap(self.addr as *mut _, self.len as usize) };
         }
     }
